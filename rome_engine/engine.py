@@ -59,6 +59,7 @@ class EngineInfo:
     head_version: int
     active_layers: int
     limits: EngineLimits
+    max_prompt_tokens: int  # the limit, capped by the model's context length
     load_seconds: float
     version: str
     active_streams: int
@@ -194,6 +195,7 @@ class Engine:
             head_version=self.edit_version,
             active_layers=self.active_layers,
             limits=self.limits,
+            max_prompt_tokens=self.max_prompt_tokens,
             load_seconds=m.load_seconds,
             version=__version__,
             active_streams=self._active_streams,

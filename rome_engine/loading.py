@@ -118,9 +118,12 @@ def ensure_embedded_folder(cache_dir: Path | None = None) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # a stale partial folder from an older version
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "model.safetensors").exists():  # not a concurrent converter's result
+                raise
+            log.info("another process converted the embedded model first; using its folder")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted the embedded model in %.1f s", time.perf_counter() - t0)

@@ -1,0 +1,6 @@
+"""romegw_server: the gRPC front of rome-gateway (installed from the ``server/`` folder).
+
+Modules: convert (protobuf <-> engine types), servicer (the RPC handlers),
+interceptors (engine errors -> gRPC statuses), main (wiring, health,
+reflection, shutdown), cli (the ``rome-gateway`` command), plotting.
+"""

@@ -1,0 +1,111 @@
+"""Shared fixtures: a real tokenizer, tiny random models of each family built
+from configs, the embedded model, and a real in-process gRPC server."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPTJConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+from rome_engine.engine import Engine, EngineLimits
+from rome_engine.loading import LoadedModel, ensure_embedded_folder, load_model, wrap_model
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():  # noqa: ANN201
+    """The embedded model's real tokenizer (byte-level BPE, 49152 tokens)."""
+    tok = AutoTokenizer.from_pretrained(ensure_embedded_folder())
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_config(family: str, vocab_size: int):  # noqa: ANN201
+    """A tiny random config of a supported family (4 layers, width 64)."""
+    common = {"vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    if family == "gpt2":
+        return GPT2Config(n_layer=4, n_embd=64, n_head=4, n_positions=256, **common)
+    if family == "gptj":
+        return GPTJConfig(n_layer=4, n_embd=64, n_head=4, rotary_dim=8, n_positions=256, **common)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(
+            num_hidden_layers=4, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=256, **common,
+        )
+    kw = {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "intermediate_size": 128, "max_position_embeddings": 256, **common}
+    if family == "llama":
+        return LlamaConfig(**kw)
+    if family == "mistral":
+        return MistralConfig(**kw)
+    if family == "qwen2":
+        return Qwen2Config(**kw)
+    raise ValueError(family)
+
+
+def make_tiny(family: str, tokenizer, seed: int = 0) -> LoadedModel:  # noqa: ANN001
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)), dtype=torch.float32)
+    return wrap_model(model, tokenizer, model_id=f"tiny-{family}", device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tokenizer) -> LoadedModel:  # noqa: ANN001
+    return make_tiny("gpt2", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer) -> LoadedModel:  # noqa: ANN001
+    return make_tiny("llama", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def embedded() -> LoadedModel:
+    """The embedded SmolLM2-135M-Instruct, float32 on the CPU (shared: tests must leave it unchanged)."""
+    return load_model(None, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., object]]:
+    """Start a real gRPC server on a free loopback port: ``srv = serve(loaded, limits=...)``."""
+    from romegw_server.main import ServerConfig, ServerThread
+
+    started: list[ServerThread] = []
+
+    def start(loaded: LoadedModel, limits: EngineLimits | None = None) -> ServerThread:
+        engine = Engine(loaded, limits or EngineLimits())
+        srv = ServerThread(engine, ServerConfig(host="127.0.0.1", port=0, limits=engine.limits)).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop(grace=0.5)
+        srv.engine.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
