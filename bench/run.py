@@ -1,0 +1,62 @@
+"""The benchmark suite: each figure beside its baseline, measured in the same run.
+
+    python bench/run.py            # full run, prints tables, writes bench/results.json
+    python bench/run.py --smoke    # a quick pass of every section (CI), numbers not meaningful
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import bench_generate, bench_load  # noqa: E402
+from bench.common import machine, print_table, write_json  # noqa: E402
+from rome_engine.loading import load_model  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every section runs")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    results: dict[str, object] = {"machine": machine(), "smoke": args.smoke}
+    print("machine:", results["machine"])
+
+    load = bench_load.run(first=not args.smoke)
+    results["load"] = load
+    print_table(
+        "Model load (embedded SmolLM2-135M-Instruct)",
+        [
+            ("first start, GGUF conversion (s)", f"{load.get('first_start_s', float('nan')):.1f}", "-", "-"),
+            ("cached start (s)", f"{load['cached_start_s']:.1f}", "-", "-"),
+        ],
+    )
+
+    loaded = load_model(None, device="cpu", dtype="float32")
+    gen = bench_generate.run(loaded, n_tokens=8 if args.smoke else 64, repeats=1 if args.smoke else 3)
+    results["generate_single"] = gen
+    print_table(
+        f"Generate, one stream, greedy, {gen['tokens']} tokens",
+        [
+            (
+                "tokens/s (vs model.generate)",
+                f"{gen['gateway_tps']:.1f}",
+                f"{gen['hf_generate_tps']:.1f}",
+                f"{gen['ratio']:.2f}x",
+            ),
+            ("time to first token (s)", f"{gen['gateway_ttft_s']:.3f}", "-", "-"),
+        ],
+    )
+    write_json(args.out, results)
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
