@@ -175,7 +175,7 @@ def generate_tokens(
     cache_kw = cache_kwarg(model)
     input_ids = torch.tensor([prompt_ids], device=loaded.device)
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-    past = out.past_key_values
+    past = getattr(out, cache_kw)
     for _ in range(params.max_new_tokens):
         if cancelled():
             yield chunk(tracker.flush(), [], [], FINISH_CANCELLED)
@@ -197,12 +197,13 @@ def generate_tokens(
         yield chunk(text, [token], infos, None)
         step = torch.tensor([[token]], device=loaded.device)
         out = model(input_ids=step, use_cache=True, **{cache_kw: past})
-        past = out.past_key_values
+        past = getattr(out, cache_kw)
     yield chunk(tracker.flush(), [], [], FINISH_LENGTH)  # max_new_tokens == 0
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
-    """The forward() keyword of the KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
+    """The name of the KV cache in forward() and its output: ``cache`` in recent
+    transformers, ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
