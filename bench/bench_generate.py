@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 
 import torch
-from romegw_client import Client
 
 from rome_engine.engine import Engine, EngineLimits
 from rome_engine.loading import LoadedModel
+from romegw_client import Client
 from romegw_server.main import ServerConfig, ServerThread
 
 PROMPT = "The history of the city of Rome begins"

@@ -14,7 +14,6 @@ known not to be one, so a stop sequence never reaches the client.
 from __future__ import annotations
 
 import inspect
-
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 

@@ -16,6 +16,7 @@ the forward passes that patch (the engine's model lock does).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -138,7 +139,5 @@ class stop_after:  # noqa: N801 - used like a function in a with statement
 
 def run_until_stopped(model: nn.Module, **inputs: torch.Tensor) -> None:
     """A forward pass that a ``stop_after`` hook may cut short."""
-    try:
+    with contextlib.suppress(StopForward):
         model(**inputs)
-    except StopForward:
-        pass

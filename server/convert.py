@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from romegw_client._pb import gateway_pb2 as pb
-
 from rome_engine.engine import EngineInfo
 from rome_engine.generation import (
     FINISH_CANCELLED,
@@ -14,6 +12,7 @@ from rome_engine.generation import (
     SamplingParams,
 )
 from rome_engine.scoring import ContinuationScore
+from romegw_client._pb import gateway_pb2 as pb
 
 _FINISH = {
     None: pb.FINISH_REASON_UNSPECIFIED,

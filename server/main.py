@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from romegw_client import SERVICE_NAME
-from romegw_client._pb import gateway_pb2 as pb
-from romegw_client._pb import gateway_pb2_grpc as pb_grpc
 
 from rome_engine.engine import Engine, EngineLimits
 from rome_engine.loading import load_model
+from romegw_client import SERVICE_NAME
+from romegw_client._pb import gateway_pb2 as pb
+from romegw_client._pb import gateway_pb2_grpc as pb_grpc
 
 from .interceptors import ErrorInterceptor
 from .servicer import RomeGatewayServicer

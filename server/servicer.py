@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from romegw_client._pb import gateway_pb2 as pb
-from romegw_client._pb import gateway_pb2_grpc as pb_grpc
 
 from rome_engine.engine import Engine
+from romegw_client._pb import gateway_pb2 as pb
+from romegw_client._pb import gateway_pb2_grpc as pb_grpc
 
 from . import convert
 

@@ -21,7 +21,15 @@ from .errors import (
     Unimplemented,
     from_rpc_error,
 )
-from .types import Completion, ContinuationScore, GenerateChunk, GeneratedToken, ModelInfo, ScoreResult, TokenLogprob
+from .types import (
+    Completion,
+    ContinuationScore,
+    GenerateChunk,
+    GeneratedToken,
+    ModelInfo,
+    ScoreResult,
+    TokenLogprob,
+)
 
 __version__ = "0.1.0"
 

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
+
 from ._pb import gateway_pb2 as pb
 from ._pb import gateway_pb2_grpc as pb_grpc
 from .errors import from_rpc_error

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import grpc
+import tomllib
 
 from romegw_client import GatewayError, InvalidArgument, from_rpc_error
 

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from romegw_client import Client, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from rome_engine.engine import EngineLimits
+from romegw_client import Client, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from tests.conftest import wait_until
 
 

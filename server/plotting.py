@@ -1,0 +1,132 @@
+"""Pictures of causal traces (matplotlib, Agg backend; no torch in here).
+
+``draw_trace`` draws one trace as a heatmap in the style of Figure 1 of Meng
+et al. 2022: one row per prompt token (subject tokens marked with ``*``), one
+column per layer, the colour the probability of the answer when that state is
+restored. ``draw_summary`` draws the average indirect effect by layer over
+many facts (the style of their Figure 2).
+
+    draw_trace(result.tokens, result.scores.tolist(), result.subject_range, kind="mlp",
+               answer=result.answer, clean_prob=result.clean_prob,
+               corrupted_prob=result.corrupted_prob, out_path="trace.png")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must come before pyplot is imported
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+STATE_NAMES = {"hidden": "single hidden state", "mlp": "MLP", "attn": "attention"}
+COLORS = {"hidden": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in CMAPS:
+        raise ValueError(f"kind must be one of {', '.join(CMAPS)}, got {kind!r}")
+
+
+def _plain(text: str) -> str:
+    """Text as matplotlib shows it literally: newlines and tabs escaped, no mathtext ($)."""
+    return text.replace("\n", "\\n").replace("\t", "\\t").replace("$", r"\$")
+
+
+def token_labels(tokens: Sequence[str], subject_range: tuple[int, int]) -> list[str]:
+    """Row labels: the tokens as plain text, subject tokens marked with '*'."""
+    start, end = subject_range
+    return [_plain(tok) + ("*" if start <= i < end else "") for i, tok in enumerate(tokens)]
+
+
+def draw_trace(
+    tokens: Sequence[str],
+    scores: Sequence[Sequence[float]],
+    subject_range: tuple[int, int],
+    *,
+    kind: str,
+    answer: str,
+    clean_prob: float,
+    corrupted_prob: float,
+    out_path: str | os.PathLike,
+    window: int | None = None,
+) -> None:
+    """Heatmap of restored P(answer): rows = tokens, columns = layers; written to ``out_path``
+    (the format follows its suffix: .png, .svg, .pdf)."""
+    _check_kind(kind)
+    rows = [list(r) for r in scores]  # (T, L)
+    if len(rows) != len(tokens) or not rows or any(len(r) != len(rows[0]) for r in rows):
+        raise ValueError(f"scores must be {len(tokens)} rows (one per token) of equal length")
+    num_layers = len(rows[0])
+    # the colour scale starts at the corrupted probability, so colour shows the indirect effect
+    high = max(max(map(max, rows)), clean_prob)
+    low = min(corrupted_prob, high - 1e-6)
+
+    fig, ax = plt.subplots(figsize=(min(3.5 + 0.2 * num_layers, 12), 1.2 + 0.32 * len(tokens)), dpi=150)
+    image = ax.pcolormesh(rows, cmap=CMAPS[kind], vmin=low, vmax=high)
+    ax.invert_yaxis()
+    ax.set_yticks([i + 0.5 for i in range(len(tokens))])
+    ax.set_yticklabels(token_labels(tokens, subject_range))
+    step = max(1, num_layers // 10)
+    ax.set_xticks([i + 0.5 for i in range(0, num_layers, step)])
+    ax.set_xticklabels([str(i) for i in range(0, num_layers, step)])
+    shown = _plain(answer.strip() or answer)
+    what = STATE_NAMES[kind] + (f" (window {window})" if window and kind != "hidden" else "")
+    ax.set_xlabel(f"layer of the restored {what}")
+    ax.set_title(
+        f"Restoring {what} after corrupting the subject*\n"
+        f"p({shown}): clean {clean_prob:.3f}, corrupted {corrupted_prob:.3f}",
+        fontsize=10,
+    )
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label(f"p({shown}) with the state restored")
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    log.info("wrote the %s trace to %s", kind, out_path)
+
+
+def draw_summary(
+    effects: Mapping[str, Sequence[float]],
+    *,
+    kind: str,
+    n_facts: int,
+    out_path: str | os.PathLike,
+    title: str | None = None,
+) -> None:
+    """Average indirect effect by layer, one line per token position (e.g.
+    ``{"last subject token": s.last_subject_effect, "last token": s.last_token_effect}``)."""
+    _check_kind(kind)
+    if not effects or any(len(v) == 0 for v in effects.values()):
+        raise ValueError(
+            "effects must map at least one position name to a non-empty list (one value per layer)"
+        )
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=150)
+    styles = ["-", "--", ":", "-."]
+    for i, (name, values) in enumerate(effects.items()):
+        ax.plot(
+            range(len(values)),
+            list(values),
+            styles[i % len(styles)],
+            color=COLORS[kind],
+            label=name,
+            marker=".",
+        )
+    ax.axhline(0.0, color="grey", linewidth=0.5)
+    ax.set_xlabel(f"layer of the restored {STATE_NAMES[kind]}")
+    ax.set_ylabel("average indirect effect on p(answer)")
+    ax.set_title(
+        title or f"Average indirect effect of {STATE_NAMES[kind]} states over {n_facts} facts", fontsize=10
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    log.info("wrote the %s summary to %s", kind, out_path)
