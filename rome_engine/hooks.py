@@ -1,8 +1,10 @@
 """Forward hooks as context managers that always remove themselves.
 
 PyTorch hooks are global state on a module: every forward pass through it,
-from any thread, runs them. Keep each ``with`` block to one call and serialise
-the forward passes that patch (the engine's model lock does).
+from any thread, runs them. The server runs generation streams on worker
+threads while a trace or an edit patches the same modules, so each hook here
+acts only on forward passes of the thread that installed it and lets every
+other thread's pass through untouched.
 
     with Trace(model, ["model.layers.3.mlp"]) as tr:
         model(input_ids)
@@ -17,6 +19,7 @@ the forward passes that patch (the engine's model lock does).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -57,6 +60,7 @@ class Trace:
         edit_input: EditFn | None = None,
     ) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._owner = threading.get_ident()
         self.captured: dict[str, Captured] = {}
         for name in dict.fromkeys(names):
             module = get_module(model, name)
@@ -72,6 +76,8 @@ class Trace:
 
     def _pre_hook(self, name: str, capture: bool, detach: bool, edit: EditFn | None):  # noqa: ANN202
         def hook(_module: nn.Module, args: tuple) -> tuple | None:
+            if threading.get_ident() != self._owner:
+                return None
             x = args[0]
             if edit is not None:
                 new = edit(name, x)
@@ -86,6 +92,8 @@ class Trace:
 
     def _post_hook(self, name: str, capture: bool, detach: bool, edit: EditFn | None):  # noqa: ANN202
         def hook(_module: nn.Module, _args: tuple, output: object) -> object:
+            if threading.get_ident() != self._owner:
+                return output
             y = _first(output)
             if edit is not None:
                 new = edit(name, y)
@@ -125,8 +133,11 @@ class stop_after:  # noqa: N801 - used like a function in a with statement
     """
 
     def __init__(self, model: nn.Module, name: str) -> None:
+        owner = threading.get_ident()
+
         def hook(*_: object) -> None:
-            raise StopForward
+            if threading.get_ident() == owner:
+                raise StopForward
 
         self._handle = get_module(model, name).register_forward_hook(hook)
 
