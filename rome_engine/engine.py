@@ -17,13 +17,16 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
 from . import __version__
-from .errors import InvalidRequest, ResourceExhausted, Unavailable
+from .editing import EditManager, EditView
+from .errors import FailedPrecondition, InvalidRequest, ResourceExhausted, Unavailable
+from .gate import VersionGate
 from .generation import GenerationChunk, SamplingParams, generate_tokens
 from .loading import LoadedModel
 from .scoring import ContinuationScore, encode_prompt, score_continuations
@@ -43,6 +46,8 @@ class EngineLimits:
     max_top_logprobs: int = 20
     max_continuations: int = 64
     max_prompt_chars: int = 100_000  # cheap guard before tokenizing
+    edit_drain_timeout: float = 60.0  # an edit waits this long for running streams to finish
+    max_queued_edits: int = 8  # edits waiting behind the one being computed
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,9 @@ class EngineInfo:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, limits: EngineLimits | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, limits: EngineLimits | None = None, edits: EditManager | None = None
+    ) -> None:
         self.loaded = loaded
         self.limits = limits or EngineLimits()
         context = _context_length(loaded)
@@ -77,8 +84,18 @@ class Engine:
         self._streams_lock = threading.Lock()
         self._active_streams = 0
         self._closed = False
-        self.edit_version = 0
-        self.active_layers = 0
+        self.gate = VersionGate()
+        self.edits = edits
+        self._edit_lock: asyncio.Lock | None = None
+        self._queued_edits = 0
+
+    @property
+    def edit_version(self) -> int:
+        return self.edits.head_version if self.edits else 0
+
+    @property
+    def active_layers(self) -> int:
+        return len(self.edits.active) if self.edits else 0
 
     # -- plumbing -----------------------------------------------------------
 
@@ -143,25 +160,27 @@ class Engine:
         self.validate_sampling(params)
         prompt_ids = self.encode_prompt(prompt)
         with self._stream_slot():
-            cancelled = threading.Event()
-            steps = generate_tokens(
-                self.loaded, prompt_ids, params, cancelled=cancelled.is_set, edit_version=self.edit_version
-            )
-            try:
-                while True:
-                    chunk = await self.run(_next_or_none, steps)
-                    if chunk is None:
-                        return
-                    yield chunk
-                    if chunk.finish_reason is not None:
-                        return
-            finally:
-                cancelled.set()
-                # the generator is idle (no step in flight) whenever we get here
-                with contextlib.suppress(ValueError):
-                    steps.close()
+            async with self.gate.read(self.limits.edit_drain_timeout + 5.0):
+                cancelled = threading.Event()
+                steps = generate_tokens(
+                    self.loaded, prompt_ids, params, cancelled=cancelled.is_set, edit_version=self.edit_version
+                )
+                try:
+                    while True:
+                        chunk = await self.run(_next_or_none, steps)
+                        if chunk is None:
+                            return
+                        yield chunk
+                        if chunk.finish_reason is not None:
+                            return
+                finally:
+                    cancelled.set()
+                    # the generator is idle (no step in flight) whenever we get here
+                    with contextlib.suppress(ValueError):
+                        steps.close()
 
-    async def score(self, prompt: str, continuations: list[str]) -> list[ContinuationScore]:
+    async def score(self, prompt: str, continuations: list[str]) -> tuple[list[ContinuationScore], int]:
+        """Scores of the continuations, and the edit version they were computed on."""
         if not continuations:
             raise InvalidRequest("continuations must name at least one continuation")
         if len(continuations) > self.limits.max_continuations:
@@ -177,7 +196,121 @@ class Engine:
                 f"prompt plus continuation is {len(prompt_ids) + longest} tokens, "
                 f"over the limit max_prompt_tokens={self.max_prompt_tokens}"
             )
-        return await self.run(score_continuations, self.loaded, prompt, list(continuations))
+        async with self.gate.read(self.limits.edit_drain_timeout + 5.0):
+            scores = await self.run(score_continuations, self.loaded, prompt, list(continuations))
+            return scores, self.edit_version
+
+    # -- edits ----------------------------------------------------------------
+
+    def _manager(self) -> EditManager:
+        if self.edits is None:
+            raise FailedPrecondition("this server was started without editing support")
+        return self.edits
+
+    def _check_expected(self, expected_version: int | None) -> None:
+        if expected_version is not None and expected_version != self.edit_version:
+            raise FailedPrecondition(
+                f"expected_version {expected_version} does not match the head version {self.edit_version}: "
+                "list the edits, then retry against the new head"
+            )
+
+    @contextlib.asynccontextmanager
+    async def _edit_turn(self):  # noqa: ANN202
+        """Edits are serialized; at most max_queued_edits wait behind the running one."""
+        if self._edit_lock is None:
+            self._edit_lock = asyncio.Lock()
+        if self._queued_edits >= self.limits.max_queued_edits + 1:
+            raise ResourceExhausted(
+                f"{self._queued_edits} edits are running or queued, the limit "
+                f"max_queued_edits={self.limits.max_queued_edits} is reached: retry later"
+            )
+        self._queued_edits += 1
+        try:
+            async with self._edit_lock:
+                yield
+        finally:
+            self._queued_edits -= 1
+
+    async def apply_edit(
+        self,
+        request: object,
+        *,
+        dry_run: bool = False,
+        expected_version: int | None = None,
+        author: str = "",
+        comment: str = "",
+    ) -> tuple[EditView, int]:
+        """Compute a ROME layer and (unless dry_run) make it the new head. Returns (layer, head version)."""
+        manager = self._manager()
+        self._check_expected(expected_version)
+        async with self._edit_turn():
+            self._check_expected(expected_version)
+            layer = await self.run(lambda: manager.compute_layer(request, author=author, comment=comment))
+            if dry_run:
+                return EditView(layer.header, None, False), self.edit_version
+            async with self.gate.write(self.limits.edit_drain_timeout):
+                entry = await self.run(manager.store_layer, layer)
+                await self.run(manager.activate, entry["active"], int(entry["version"]))
+            log.info(
+                "edit %s applied: version %d -> %d (%s: %r -> %r) by %r",
+                layer.edit_id, entry["parent_version"], entry["version"], layer.header["request"]["subject"],
+                layer.header["request"]["prompt"], layer.header["request"]["target"], author,
+            )
+            return EditView(layer.header, entry, True), self.edit_version
+
+    async def revert_edit(
+        self, *, to_version: int | None = None, edit_id: str | None = None, author: str = "", comment: str = ""
+    ) -> tuple[int, list[str], float]:
+        """Revert to a version, or remove one layer. Returns (head version, removed ids, seconds)."""
+        manager = self._manager()
+        t0 = time.perf_counter()
+        async with self._edit_turn():
+            version, active, removed = await self.run(
+                lambda: manager.plan_revert(to_version=to_version, edit_id=edit_id)
+            )
+            async with self.gate.write(self.limits.edit_drain_timeout):
+                await self.run(
+                    lambda: manager.record_revert(
+                        version, active, to_version=to_version, edit_id=edit_id, author=author, comment=comment
+                    )
+                )
+                await self.run(manager.activate, active, version)
+            log.info("revert by %r: head version now %d, removed %s", author, version, removed or "nothing")
+            return version, removed, time.perf_counter() - t0
+
+    async def list_edits(self, *, include_inactive: bool) -> list[EditView]:
+        return await self.run(lambda: self._manager().views(include_inactive=include_inactive))
+
+    async def get_edit(self, edit_id: str) -> EditView:
+        if not edit_id:
+            raise InvalidRequest("edit_id must not be empty")
+        return await self.run(self._manager().view, edit_id)
+
+    async def export_edits(self, from_version: int, to_version: int | None) -> list[tuple[dict, bytes]]:
+        manager = self._manager()
+        top = manager.store.manifest.max_version if to_version is None else to_version
+        if top < from_version:
+            raise InvalidRequest(f"to_version {top} is below from_version {from_version}")
+        return await self.run(manager.export_files, from_version, top)
+
+    async def import_edits(self, files: list[tuple[bytes, str | None]], *, author: str = "") -> list[EditView]:
+        """Apply layer files computed elsewhere on the same base, oldest first, each as a new version."""
+        manager = self._manager()
+        imported = []
+        async with self._edit_turn():
+            layers = []
+            for data, sha in files:
+                layer = await self.run(manager.check_import, data, sha)
+                if any(x.edit_id == layer.edit_id for x in layers):
+                    raise InvalidRequest(f"edit {layer.edit_id} is sent twice")
+                layers.append(layer)
+            async with self.gate.write(self.limits.edit_drain_timeout):
+                for layer in layers:
+                    extra = {"origin_version": layer.version, "author": author or layer.header.get("author", "")}
+                    entry = await self.run(lambda layer=layer, extra=extra: manager.store_layer(layer, op="import", extra=extra))
+                    await self.run(manager.activate, entry["active"], int(entry["version"]))
+                    imported.append(EditView(layer.header, entry, True))
+        return imported
 
     def info(self) -> EngineInfo:
         m = self.loaded

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+from rome_engine.editing import EditView
 from rome_engine.engine import EngineInfo
 from rome_engine.generation import (
     FINISH_CANCELLED,
@@ -11,6 +14,7 @@ from rome_engine.generation import (
     GenerationChunk,
     SamplingParams,
 )
+from rome_engine.rome.request import EditRequest
 from rome_engine.scoring import ContinuationScore
 from romegw_client._pb import gateway_pb2 as pb
 
@@ -91,4 +95,65 @@ def model_info(info: EngineInfo) -> pb.ModelInfo:
         load_seconds=info.load_seconds,
         server_version=info.version,
         active_streams=info.active_streams,
+    )
+
+
+# ------------------------------------------------------------------- edits
+
+
+def edit_request(spec: pb.EditSpec) -> EditRequest:
+    """The engine's request; its constructor checks the fields (InvalidRequest)."""
+    return EditRequest(
+        prompt=spec.prompt,
+        subject=spec.subject,
+        target=spec.target,
+        layer=spec.layer if spec.HasField("layer") else None,
+        hparams=dict(spec.hparams),
+    )
+
+
+def edit_layer(view: EditView) -> pb.EditLayer:
+    h = view.header
+    req = h.get("request", {})
+    probs = h.get("probabilities", {})
+    entry = view.entry or {}
+    return pb.EditLayer(
+        edit_id=h["edit_id"],
+        version=view.version,
+        parent_version=int(entry.get("parent_version", h.get("parent_version", 0))),
+        created_at=h.get("created_at", ""),
+        author=h.get("author", ""),
+        comment=h.get("comment", ""),
+        edit=pb.EditSpec(
+            prompt=req.get("prompt", ""),
+            subject=req.get("subject", ""),
+            target=req.get("target", ""),
+            layer=int(req.get("layer", h.get("layer", 0))),
+            hparams={k: float(v) for k, v in req.get("hparams", {}).items() if isinstance(v, (int, float))},
+        ),
+        layer=int(h.get("layer", 0)),
+        matrices=[
+            pb.TouchedMatrix(name=m["name"], shape=m["shape"], update_norm=m["update_norm"])
+            for m in h.get("matrices", [])
+        ],
+        probabilities=pb.FactProbabilities(
+            target_before=probs.get("target_before", 0.0),
+            target_after=probs.get("target_after", 0.0),
+            old_before=probs.get("old_before", 0.0),
+            old_after=probs.get("old_after", 0.0),
+            old_object=probs.get("old_object", ""),
+        ),
+        compute_seconds=h.get("compute_seconds", 0.0),
+        active=view.active,
+        header_json=json.dumps(h, sort_keys=True),
+    )
+
+
+def layer_file(entry: dict, data: bytes) -> pb.EditLayerFile:
+    return pb.EditLayerFile(
+        filename=entry["file"].rsplit("/", 1)[-1],
+        content=data,
+        version=int(entry["version"]),
+        edit_id=entry["edit_id"],
+        sha256=entry["sha256"],
     )

@@ -13,15 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rome_engine.edit_store import EditStore
+from rome_engine.editing import EditManager, rome_compute
 from rome_engine.engine import Engine, EngineLimits
-from rome_engine.loading import load_model
+from rome_engine.loading import LoadedModel, load_model
 from romegw_client import SERVICE_NAME
 from romegw_client._pb import gateway_pb2 as pb
 from romegw_client._pb import gateway_pb2_grpc as pb_grpc
@@ -42,6 +46,21 @@ class ServerConfig:
     limits: EngineLimits = field(default_factory=EngineLimits)
     max_message_bytes: int = 16 * 1024 * 1024
     grace_seconds: float = 10.0
+    edit_store: Path | None = None  # None: a temporary folder, edits do not survive a restart
+    cache_dir: Path | None = None  # None: $ROMEGW_CACHE_DIR or ~/.cache/rome-gateway
+    corpus: Path | None = None  # text for the covariance statistics; None: text sampled from the model
+
+
+def build_engine(loaded: LoadedModel, config: ServerConfig) -> Engine:
+    """The engine with its edit manager; the stored edit stack is re-applied here."""
+    store_dir = config.edit_store
+    if store_dir is None:
+        store_dir = Path(tempfile.mkdtemp(prefix="romegw-edits-"))
+        log.warning("no --edit-store given: edits go to %s and will not survive a restart", store_dir)
+    store = EditStore(store_dir, loaded.model_id)
+    manager = EditManager(loaded, store, rome_compute(config.cache_dir, config.corpus))
+    manager.restore()
+    return Engine(loaded, config.limits, manager)
 
 
 def build_server(engine: Engine, config: ServerConfig) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
@@ -98,7 +117,7 @@ async def serve(config: ServerConfig) -> None:
         loaded.dtype_name,
         loaded.load_seconds,
     )
-    engine = Engine(loaded, config.limits)
+    engine = build_engine(loaded, config)
     server, health_servicer, port = await start(engine, config)
     log.info("listening on %s:%d (gRPC service %s; health and reflection enabled)", config.host, port, SERVICE_NAME)
     stop = asyncio.Event()

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from rome_engine.engine import Engine
+from rome_engine.errors import InvalidRequest
 from romegw_client._pb import gateway_pb2 as pb
 from romegw_client._pb import gateway_pb2_grpc as pb_grpc
 
@@ -25,38 +26,84 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
             yield convert.generate_response(chunk)
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:  # noqa: N802
-        scores = await self.engine.score(request.prompt, list(request.continuations))
-        return convert.score_response(scores, self.engine.edit_version)
+        scores, version = await self.engine.score(request.prompt, list(request.continuations))
+        return convert.score_response(scores, version)
 
     async def GetModelInfo(  # noqa: N802
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         return convert.model_info(self.engine.info())
 
+    # -- edits ----------------------------------------------------------------
+
+    async def ApplyEdit(  # noqa: N802
+        self, request: pb.ApplyEditRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApplyEditResponse:
+        view, head = await self.engine.apply_edit(
+            convert.edit_request(request.edit),
+            dry_run=request.dry_run,
+            expected_version=request.expected_version if request.HasField("expected_version") else None,
+            author=request.author,
+            comment=request.comment,
+        )
+        return pb.ApplyEditResponse(layer=convert.edit_layer(view), dry_run=request.dry_run, head_version=head)
+
+    async def RevertEdit(  # noqa: N802
+        self, request: pb.RevertEditRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevertEditResponse:
+        target = request.WhichOneof("target")
+        if target is None:
+            raise InvalidRequest("set to_version (a version to return to) or edit_id (one layer to remove)")
+        version, removed, seconds = await self.engine.revert_edit(
+            to_version=request.to_version if target == "to_version" else None,
+            edit_id=request.edit_id if target == "edit_id" else None,
+            author=request.author,
+            comment=request.comment,
+        )
+        return pb.RevertEditResponse(
+            head_version=version, removed_edit_ids=removed, active_layers=self.engine.active_layers, seconds=seconds
+        )
+
+    async def ListEdits(  # noqa: N802
+        self, request: pb.ListEditsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListEditsResponse:
+        size = request.page_size or 50
+        if not 0 < size <= 1000:
+            raise InvalidRequest(f"page_size must be in [1, 1000], got {request.page_size}")
+        try:
+            start = int(request.page_token or 0)
+        except ValueError:
+            raise InvalidRequest(f"page_token {request.page_token!r} is not one this server gave out") from None
+        views = await self.engine.list_edits(include_inactive=request.include_inactive)
+        page = views[start : start + size]
+        more = start + size < len(views)
+        return pb.ListEditsResponse(
+            edits=[convert.edit_layer(v) for v in page],
+            next_page_token=str(start + size) if more else "",
+            head_version=self.engine.edit_version,
+        )
+
+    async def GetEdit(self, request: pb.GetEditRequest, context: grpc.aio.ServicerContext) -> pb.EditLayer:  # noqa: N802
+        return convert.edit_layer(await self.engine.get_edit(request.edit_id))
+
+    async def ExportEdits(  # noqa: N802
+        self, request: pb.ExportEditsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EditLayerFile]:
+        to_version = request.to_version if request.HasField("to_version") else None
+        for entry, data in await self.engine.export_edits(request.from_version, to_version):
+            yield convert.layer_file(entry, data)
+
+    async def ImportEdits(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.EditLayerFile], context: grpc.aio.ServicerContext
+    ) -> pb.ImportEditsResponse:
+        files = [(m.content, m.sha256 or None) async for m in request_iterator]
+        views = await self.engine.import_edits(files)
+        return pb.ImportEditsResponse(
+            imported=[convert.edit_layer(v) for v in views], head_version=self.engine.edit_version
+        )
+
     # -- RPCs of later milestones: a clear UNIMPLEMENTED until they land ------
 
-    async def _unimplemented(self, context: grpc.aio.ServicerContext, name: str) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by this server version yet")
-
     async def Trace(self, request, context):  # noqa: N802, ANN001, ANN201
-        await self._unimplemented(context, "Trace")
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Trace is not implemented by this server version yet")
         yield pb.TraceResponse()  # pragma: no cover - unreachable, makes this an async generator
-
-    async def ApplyEdit(self, request, context):  # noqa: N802, ANN001, ANN201
-        await self._unimplemented(context, "ApplyEdit")
-
-    async def RevertEdit(self, request, context):  # noqa: N802, ANN001, ANN201
-        await self._unimplemented(context, "RevertEdit")
-
-    async def ListEdits(self, request, context):  # noqa: N802, ANN001, ANN201
-        await self._unimplemented(context, "ListEdits")
-
-    async def GetEdit(self, request, context):  # noqa: N802, ANN001, ANN201
-        await self._unimplemented(context, "GetEdit")
-
-    async def ExportEdits(self, request, context):  # noqa: N802, ANN001, ANN201
-        await self._unimplemented(context, "ExportEdits")
-        yield pb.EditLayerFile()  # pragma: no cover
-
-    async def ImportEdits(self, request_iterator, context):  # noqa: N802, ANN001, ANN201
-        await self._unimplemented(context, "ImportEdits")

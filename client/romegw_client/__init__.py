@@ -34,6 +34,13 @@ from .types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApplyResult",
+    "EditInfo",
+    "EditPage",
+    "LayerFile",
+    "RevertResult",
+    "TraceProgress",
+    "TraceResult",
     "SERVICE_NAME",
     "AsyncClient",
     "Cancelled",

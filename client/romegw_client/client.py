@@ -23,9 +23,21 @@ import grpc
 
 from ._pb import gateway_pb2 as pb
 from ._pb import gateway_pb2_grpc as pb_grpc
-from .errors import from_rpc_error
+from .errors import GatewayError, from_rpc_error
 from .health import STATUS_NAMES, HealthCheckRequest, check_method
-from .types import Completion, GenerateChunk, ModelInfo, ScoreResult
+from .types import (
+    ApplyResult,
+    Completion,
+    EditInfo,
+    EditPage,
+    GenerateChunk,
+    LayerFile,
+    ModelInfo,
+    RevertResult,
+    ScoreResult,
+    TraceProgress,
+    TraceResult,
+)
 
 SERVICE_NAME = "romegw.v1.RomeGateway"
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -63,6 +75,78 @@ def channel_credentials(
 ) -> grpc.ChannelCredentials:
     """TLS credentials: the server's CA (None: system roots), and a client key pair for mutual TLS."""
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def apply_edit_request(
+    prompt: str,
+    subject: str,
+    target: str,
+    *,
+    layer: int | None = None,
+    hparams: dict[str, float] | None = None,
+    dry_run: bool = False,
+    expected_version: int | None = None,
+    author: str = "",
+    comment: str = "",
+) -> pb.ApplyEditRequest:
+    spec = pb.EditSpec(prompt=prompt, subject=subject, target=target, hparams=hparams or {})
+    if layer is not None:
+        spec.layer = layer
+    req = pb.ApplyEditRequest(edit=spec, dry_run=dry_run, author=author, comment=comment)
+    if expected_version is not None:
+        req.expected_version = expected_version
+    return req
+
+
+def revert_edit_request(
+    *, to_version: int | None = None, edit_id: str | None = None, author: str = "", comment: str = ""
+) -> pb.RevertEditRequest:
+    if (to_version is None) == (edit_id is None):
+        raise ValueError("give exactly one of to_version and edit_id")
+    req = pb.RevertEditRequest(author=author, comment=comment)
+    if to_version is not None:
+        req.to_version = to_version
+    else:
+        req.edit_id = edit_id
+    return req
+
+
+_TRACE_KINDS = {"hidden": pb.TRACE_KIND_HIDDEN, "mlp": pb.TRACE_KIND_MLP, "attn": pb.TRACE_KIND_ATTN}
+
+
+def trace_request(
+    prompt: str,
+    subject: str,
+    *,
+    answer: str | None = None,
+    kind: str = "hidden",
+    noise: float | None = None,
+    samples: int | None = None,
+    window: int | None = None,
+    seed: int | None = None,
+) -> pb.TraceRequest:
+    if kind not in _TRACE_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(_TRACE_KINDS)}, got {kind!r}")
+    req = pb.TraceRequest(prompt=prompt, subject=subject, kind=_TRACE_KINDS[kind])
+    for name, value in (("answer", answer), ("noise", noise), ("samples", samples), ("window", window), ("seed", seed)):
+        if value is not None:
+            setattr(req, name, value)
+    return req
+
+
+def _trace_event(m: pb.TraceResponse) -> TraceProgress | TraceResult:
+    if m.WhichOneof("event") == "result":
+        return TraceResult.from_pb(m.result)
+    return TraceProgress(m.progress.done, m.progress.total, m.progress.message)
+
+
+def _layer_file(m: pb.EditLayerFile) -> LayerFile:
+    return LayerFile(m.filename, m.content, m.version, m.edit_id, m.sha256)
+
+
+def _layer_file_pb(f: LayerFile) -> pb.EditLayerFile:
+    return pb.EditLayerFile(filename=f.filename, content=f.content, version=f.version, edit_id=f.edit_id,
+                            sha256=f.sha256)
 
 
 class _Base:
@@ -136,6 +220,68 @@ class Client(_Base):
         reply = self._unary(self._health_check, HealthCheckRequest(service=service), timeout)
         return STATUS_NAMES.get(reply.status, str(reply.status))
 
+    # -- edits ----------------------------------------------------------------
+
+    def apply_edit(self, prompt: str, subject: str, target: str, *, timeout: float | None = None,
+                   **options: Any) -> ApplyResult:
+        """Rewrite a fact. Options: layer, hparams, dry_run, expected_version, author, comment."""
+        req = apply_edit_request(prompt, subject, target, **options)
+        reply = self._unary(self.stub.ApplyEdit, req, timeout)
+        return ApplyResult(EditInfo.from_pb(reply.layer), reply.head_version, reply.dry_run)
+
+    def revert_edit(self, *, to_version: int | None = None, edit_id: str | None = None, author: str = "",
+                    comment: str = "", timeout: float | None = None) -> RevertResult:
+        req = revert_edit_request(to_version=to_version, edit_id=edit_id, author=author, comment=comment)
+        reply = self._unary(self.stub.RevertEdit, req, timeout)
+        return RevertResult(reply.head_version, tuple(reply.removed_edit_ids), reply.active_layers, reply.seconds)
+
+    def list_edits(self, *, page_size: int = 0, page_token: str = "", include_inactive: bool = False,
+                   timeout: float | None = None) -> EditPage:
+        req = pb.ListEditsRequest(page_size=page_size, page_token=page_token, include_inactive=include_inactive)
+        reply = self._unary(self.stub.ListEdits, req, timeout)
+        return EditPage(tuple(EditInfo.from_pb(e) for e in reply.edits), reply.next_page_token, reply.head_version)
+
+    def get_edit(self, edit_id: str, *, timeout: float | None = None) -> EditInfo:
+        return EditInfo.from_pb(self._unary(self.stub.GetEdit, pb.GetEditRequest(edit_id=edit_id), timeout))
+
+    def export_edits(self, from_version: int = 0, to_version: int | None = None, *,
+                     timeout: float | None = None) -> list[LayerFile]:
+        req = pb.ExportEditsRequest(from_version=from_version)
+        if to_version is not None:
+            req.to_version = to_version
+        try:
+            return [_layer_file(m) for m in self.stub.ExportEdits(req, **self._kw(timeout))]
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def import_edits(self, files: Sequence[LayerFile], *, timeout: float | None = None) -> list[EditInfo]:
+        messages = iter([_layer_file_pb(f) for f in files])
+        reply = self._unary(self.stub.ImportEdits, messages, timeout)
+        return [EditInfo.from_pb(e) for e in reply.imported]
+
+    # -- tracing --------------------------------------------------------------
+
+    def trace(self, prompt: str, subject: str, *, timeout: float | None = None,
+              **options: Any) -> Iterator[TraceProgress | TraceResult]:
+        """Progress messages, then one TraceResult. Options: answer, kind, noise, samples, window, seed."""
+        call = self.stub.Trace(trace_request(prompt, subject, **options), **self._kw(timeout))
+        try:
+            for m in call:
+                yield _trace_event(m)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def trace_result(self, prompt: str, subject: str, *, timeout: float | None = None, **options: Any) -> TraceResult:
+        result = None
+        for event in self.trace(prompt, subject, timeout=timeout, **options):
+            if isinstance(event, TraceResult):
+                result = event
+        if result is None:
+            raise GatewayError("the Trace stream ended without a result")
+        return result
+
     def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
             return method(request, **self._kw(timeout))
@@ -190,6 +336,44 @@ class AsyncClient(_Base):
     async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
         reply = await self._unary(self._health_check, HealthCheckRequest(service=service), timeout)
         return STATUS_NAMES.get(reply.status, str(reply.status))
+
+    # -- edits ----------------------------------------------------------------
+
+    async def apply_edit(self, prompt: str, subject: str, target: str, *, timeout: float | None = None,
+                         **options: Any) -> ApplyResult:
+        req = apply_edit_request(prompt, subject, target, **options)
+        reply = await self._unary(self.stub.ApplyEdit, req, timeout)
+        return ApplyResult(EditInfo.from_pb(reply.layer), reply.head_version, reply.dry_run)
+
+    async def revert_edit(self, *, to_version: int | None = None, edit_id: str | None = None, author: str = "",
+                          comment: str = "", timeout: float | None = None) -> RevertResult:
+        req = revert_edit_request(to_version=to_version, edit_id=edit_id, author=author, comment=comment)
+        reply = await self._unary(self.stub.RevertEdit, req, timeout)
+        return RevertResult(reply.head_version, tuple(reply.removed_edit_ids), reply.active_layers, reply.seconds)
+
+    async def list_edits(self, *, page_size: int = 0, page_token: str = "", include_inactive: bool = False,
+                         timeout: float | None = None) -> EditPage:
+        req = pb.ListEditsRequest(page_size=page_size, page_token=page_token, include_inactive=include_inactive)
+        reply = await self._unary(self.stub.ListEdits, req, timeout)
+        return EditPage(tuple(EditInfo.from_pb(e) for e in reply.edits), reply.next_page_token, reply.head_version)
+
+    async def get_edit(self, edit_id: str, *, timeout: float | None = None) -> EditInfo:
+        return EditInfo.from_pb(await self._unary(self.stub.GetEdit, pb.GetEditRequest(edit_id=edit_id), timeout))
+
+    async def trace_result(self, prompt: str, subject: str, *, timeout: float | None = None,
+                           **options: Any) -> TraceResult:
+        call = self.stub.Trace(trace_request(prompt, subject, **options), **self._kw(timeout))
+        result = None
+        try:
+            async for m in call:
+                event = _trace_event(m)
+                if isinstance(event, TraceResult):
+                    result = event
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        if result is None:
+            raise GatewayError("the Trace stream ended without a result")
+        return result
 
     async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:

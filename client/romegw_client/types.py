@@ -162,3 +162,144 @@ class ModelInfo:
             server_version=m.server_version,
             active_streams=m.active_streams,
         )
+
+
+@dataclass(frozen=True)
+class EditInfo:
+    """One edit layer: what was changed, by whom, when, and whether it is live."""
+
+    edit_id: str
+    version: int
+    parent_version: int
+    created_at: str
+    author: str
+    comment: str
+    prompt: str
+    subject: str
+    target: str
+    layer: int
+    matrices: tuple[tuple[str, tuple[int, ...], float], ...]  # (name, shape, update norm)
+    target_before: float
+    target_after: float
+    old_object: str
+    old_before: float
+    old_after: float
+    compute_seconds: float
+    active: bool
+    header: dict
+
+    @classmethod
+    def from_pb(cls, m: pb.EditLayer) -> EditInfo:
+        import json
+
+        p = m.probabilities
+        return cls(
+            edit_id=m.edit_id,
+            version=m.version,
+            parent_version=m.parent_version,
+            created_at=m.created_at,
+            author=m.author,
+            comment=m.comment,
+            prompt=m.edit.prompt,
+            subject=m.edit.subject,
+            target=m.edit.target,
+            layer=m.layer,
+            matrices=tuple((x.name, tuple(x.shape), x.update_norm) for x in m.matrices),
+            target_before=p.target_before,
+            target_after=p.target_after,
+            old_object=p.old_object,
+            old_before=p.old_before,
+            old_after=p.old_after,
+            compute_seconds=m.compute_seconds,
+            active=m.active,
+            header=json.loads(m.header_json) if m.header_json else {},
+        )
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    edit: EditInfo
+    head_version: int
+    dry_run: bool
+
+
+@dataclass(frozen=True)
+class RevertResult:
+    head_version: int
+    removed_edit_ids: tuple[str, ...]
+    active_layers: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EditPage:
+    edits: tuple[EditInfo, ...]
+    next_page_token: str
+    head_version: int
+
+
+@dataclass(frozen=True)
+class LayerFile:
+    """An exported layer file (safetensors bytes), ready to import elsewhere or save to disk."""
+
+    filename: str
+    content: bytes
+    version: int
+    edit_id: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TraceProgress:
+    done: int
+    total: int
+    message: str
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    tokens: tuple[str, ...]
+    subject_range: tuple[int, int]
+    answer: str
+    answer_token_id: int
+    clean_prob: float
+    corrupted_prob: float
+    num_layers: int
+    scores: tuple[tuple[float, ...], ...]  # [tokens][layers] restored probabilities
+    kind: str
+    noise: float
+    samples: int
+    window: int
+    edit_version: int
+    seconds: float
+
+    @classmethod
+    def from_pb(cls, m: pb.TraceResult) -> TraceResult:
+        n = m.num_layers
+        flat = list(m.scores)
+        kinds = {pb.TRACE_KIND_HIDDEN: "hidden", pb.TRACE_KIND_MLP: "mlp", pb.TRACE_KIND_ATTN: "attn"}
+        return cls(
+            tokens=tuple(m.tokens),
+            subject_range=(m.subject_start, m.subject_end),
+            answer=m.answer,
+            answer_token_id=m.answer_token_id,
+            clean_prob=m.clean_prob,
+            corrupted_prob=m.corrupted_prob,
+            num_layers=n,
+            scores=tuple(tuple(flat[i * n : (i + 1) * n]) for i in range(len(m.tokens))),
+            kind=kinds.get(m.kind, "hidden"),
+            noise=m.noise,
+            samples=m.samples,
+            window=m.window,
+            edit_version=m.edit_version,
+            seconds=m.seconds,
+        )
+
+    @property
+    def peak(self) -> tuple[int, int]:
+        """(token index, layer) of the largest restored probability."""
+        best = max(
+            ((t, layer) for t in range(len(self.tokens)) for layer in range(self.num_layers)),
+            key=lambda tl: self.scores[tl[0]][tl[1]],
+        )
+        return best

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from romegw_client import Client, InvalidArgument, Unimplemented
+from romegw_client import Client, FailedPrecondition, InvalidArgument
 
 
 def test_score_matches_a_direct_forward_pass(tiny_llama, serve) -> None:  # noqa: ANN001
@@ -60,9 +60,7 @@ def test_health_serving(tiny_gpt2, serve) -> None:  # noqa: ANN001
         assert c.health("romegw.v1.RomeGateway") == "SERVING"
 
 
-def test_later_rpcs_are_unimplemented_with_a_message(tiny_gpt2, serve) -> None:  # noqa: ANN001
-    from romegw_client._pb import gateway_pb2 as pb
-
+def test_edits_without_an_edit_manager_are_failed_precondition(tiny_gpt2, serve) -> None:  # noqa: ANN001
     srv = serve(tiny_gpt2)
-    with Client(srv.target) as c, pytest.raises(Unimplemented, match="ListEdits"):
-        c._unary(c.stub.ListEdits, pb.ListEditsRequest(), 5)
+    with Client(srv.target) as c, pytest.raises(FailedPrecondition, match="without editing support"):
+        c.list_edits()

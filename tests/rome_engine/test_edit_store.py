@@ -1,0 +1,188 @@
+"""The edit store's on-disk format and the layer weights, with real rank-one factors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+
+import pytest
+import torch
+
+from rome_engine.edit_store import (
+    FORMAT_VERSION,
+    EditLayer,
+    EditStore,
+    RankOneFactor,
+    decode_layer,
+    encode_layer,
+    read_layer_header,
+    tensor_sha256,
+)
+from rome_engine.editing import EditManager
+from rome_engine.errors import FailedPrecondition, NotFound
+from rome_engine.layers import LayerWeights, rank_one_patch
+
+
+def param_hashes(model: torch.nn.Module) -> dict[str, str]:
+    return {n: hashlib.sha256(p.detach().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+            for n, p in model.named_parameters()}
+
+
+def random_layer(loaded, weights: LayerWeights, layer_index: int, seed: int, version: int = 1) -> EditLayer:  # noqa: ANN001
+    g = torch.Generator().manual_seed(seed)
+    name = loaded.spec.mlp_out_weight_name(layer_index)
+    out_dim, in_dim = loaded.spec.as_out_in(weights.parameter(name)).shape
+    f = RankOneFactor(name, torch.randn(out_dim, generator=g) * 0.1, torch.randn(in_dim, generator=g) * 0.1)
+    header = {
+        "format_version": FORMAT_VERSION, "edit_id": str(uuid.uuid4()), "version": version, "parent_version": 0,
+        "created_at": "2026-01-01T00:00:00Z", "author": "test", "comment": "",
+        "request": {"prompt": "{} is in", "subject": "X", "target": " Y", "layer": layer_index, "hparams": {}},
+        "layer": layer_index, "matrices": [{"name": name, "shape": [out_dim, in_dim], "update_norm": f.norm}],
+        "base_fingerprint": weights.fingerprint([name]), "probabilities": {}, "compute_seconds": 0.0,
+    }
+    return EditLayer(header, (f,))
+
+
+@pytest.fixture
+def model_copy(request):  # noqa: ANN001, ANN201
+    """A private copy of a tiny model (these tests change weights)."""
+    from tests.conftest import make_tiny
+
+    return make_tiny(request.param, request.getfixturevalue("tokenizer"))
+
+
+@pytest.mark.parametrize("model_copy", ["gpt2", "llama"], indirect=True)
+def test_materialize_is_bit_exact_and_order_stable(model_copy) -> None:  # noqa: ANN001
+    loaded = model_copy
+    before = param_hashes(loaded.model)
+    w = LayerWeights(loaded)
+    layers = [random_layer(loaded, w, i % 2, seed=i) for i in range(3)]  # two layers touch matrix 0
+    w.materialize(layers)
+    after3 = param_hashes(loaded.model)
+    assert after3 != before
+    w.materialize([layers[0], layers[2]])
+    w.materialize(layers)
+    assert param_hashes(loaded.model) == after3  # the same list, the same bits
+    w.materialize([])
+    assert param_hashes(loaded.model) == before  # the base back, bit for bit
+
+
+@pytest.mark.parametrize("model_copy", ["gpt2", "llama"], indirect=True)
+def test_delta_orientation_and_patch_equivalence(model_copy) -> None:  # noqa: ANN001
+    """W' x = W x + u (v . x) in (out, in) terms, for Conv1D (GPT-2) and Linear (Llama) storage."""
+    loaded = model_copy
+    w = LayerWeights(loaded)
+    layer = random_layer(loaded, w, 1, seed=3)
+    f = layer.factors[0]
+    ids = torch.tensor([[5, 9, 11, 20]])
+    with torch.no_grad():
+        base = loaded.model(ids).logits
+        with rank_one_patch(loaded, [f]):
+            patched = loaded.model(ids).logits
+    W0 = loaded.spec.as_out_in(w.parameter(f.param)).detach().clone()
+    w.materialize([layer])
+    W1 = loaded.spec.as_out_in(w.parameter(f.param)).detach()
+    assert torch.allclose(W1 - W0, torch.outer(f.u, f.v), atol=1e-6)
+    with torch.no_grad():
+        applied = loaded.model(ids).logits
+    assert not torch.allclose(base, applied)
+    assert torch.allclose(patched, applied, atol=1e-4)
+    w.materialize([])
+
+
+def test_layer_file_roundtrip_and_tamper_detection(tiny_llama) -> None:  # noqa: ANN001
+    w = LayerWeights(tiny_llama)
+    layer = random_layer(tiny_llama, w, 2, seed=1)
+    data = encode_layer(layer)
+    back = decode_layer(data)
+    assert back.header == layer.header
+    assert torch.equal(back.factors[0].u, layer.factors[0].u)
+    assert torch.equal(back.factors[0].v, layer.factors[0].v)
+    with pytest.raises(ValueError):
+        decode_layer(data[: len(data) // 2])
+
+
+def test_store_manifest_revert_and_restart(tiny_llama, tmp_path, caplog) -> None:  # noqa: ANN001
+    loaded = tiny_llama
+    before = param_hashes(loaded.model)
+    store = EditStore(tmp_path, loaded.model_id)
+    m = EditManager(loaded, store, compute=lambda *_: None)
+    m.restore()
+    entries = []
+    for i in range(3):
+        layer = random_layer(loaded, m.weights, i, seed=i, version=i + 1)
+        e = m.store_layer(layer)
+        m.activate(e["active"], e["version"])
+        entries.append(e)
+    assert [e["version"] for e in entries] == [1, 2, 3]
+    at3 = param_hashes(loaded.model)
+    ids = [e["edit_id"] for e in entries]
+    # the layer file's header is readable alone, and the manifest names every active layer
+    assert read_layer_header(tmp_path / entries[0]["file"])["edit_id"] == ids[0]
+    doc = json.loads((tmp_path / "manifest.json").read_text())
+    assert doc["entries"][-1]["active"] == ids
+
+    # remove the middle layer: a new version without it
+    version, active, removed = m.plan_revert(to_version=None, edit_id=ids[1])
+    m.record_revert(version, active, to_version=None, edit_id=ids[1], author="a", comment="")
+    m.activate(active, version)
+    assert (version, active, removed) == (4, [ids[0], ids[2]], [ids[1]])
+
+    # revert to version 3: bit for bit what it was
+    version, active, _ = m.plan_revert(to_version=3, edit_id=None)
+    m.record_revert(version, active, to_version=3, edit_id=None, author="a", comment="")
+    m.activate(active, version)
+    assert param_hashes(loaded.model) == at3
+    with pytest.raises(NotFound):
+        m.plan_revert(to_version=99, edit_id=None)
+
+    # a restart on the same store re-applies version 3
+    m.activate([], 0)
+    assert param_hashes(loaded.model) == before
+    m2 = EditManager(loaded, EditStore(tmp_path, loaded.model_id), compute=lambda *_: None)
+    assert m2.restore() == 3
+    assert param_hashes(loaded.model) == at3
+
+    # alter the third layer's file: the server falls back to the newest consistent version and says so
+    m2.activate([], 0)
+    path = tmp_path / entries[2]["file"]
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    m3 = EditManager(loaded, EditStore(tmp_path, loaded.model_id), compute=lambda *_: None)
+    with caplog.at_level(logging.ERROR):
+        version = m3.restore()
+    assert version == 2
+    assert m3.active == ids[:2]
+    assert "does not match its checksum" in caplog.text
+    assert json.loads((tmp_path / "manifest.json").read_text())["entries"][-1]["op"] == "recover"
+    m3.activate([], 0)
+    assert param_hashes(loaded.model) == before
+
+
+def test_store_refuses_another_models_store_and_orphans_are_removed(tiny_llama, tmp_path) -> None:  # noqa: ANN001
+    store = EditStore(tmp_path, tiny_llama.model_id)
+    m = EditManager(tiny_llama, store, compute=lambda *_: None)
+    layer = random_layer(tiny_llama, m.weights, 0, seed=0)
+    m.store_layer(layer)
+    m.activate([], 0)
+    with pytest.raises(FailedPrecondition, match="belongs to model"):
+        EditStore(tmp_path, "another-model")
+    orphan = tmp_path / "layers" / f"{uuid.uuid4()}.safetensors"
+    orphan.write_bytes(b"partial")
+    EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=lambda *_: None).restore()
+    assert not orphan.exists()
+    LayerWeights(tiny_llama).materialize([])
+
+
+def test_import_refuses_a_layer_for_another_base(tiny_llama, tokenizer, tmp_path) -> None:  # noqa: ANN001
+    from tests.conftest import make_tiny
+
+    other = make_tiny("llama", tokenizer, seed=1)  # same shapes, other weights
+    layer = random_layer(other, LayerWeights(other), 0, seed=0)
+    m = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=lambda *_: None)
+    with pytest.raises(FailedPrecondition, match="another base model"):
+        m.check_import(encode_layer(layer), None)
+    assert tensor_sha256(torch.zeros(2)) == tensor_sha256(torch.zeros(2))
