@@ -5,6 +5,9 @@ subcommands are clients of a running server (through the client SDK).
     rome-gateway generate "The capital of France is" [--max-new-tokens N] [--target HOST:PORT]
     rome-gateway score "The Eiffel Tower is in" " Paris" " Rome"
     rome-gateway info | health
+    rome-gateway edit "{} is located in" --subject "The Eiffel Tower" --target " Rome"
+    rome-gateway edits [--all] | show-edit ID | revert --to-version N | revert --edit-id ID
+    rome-gateway export DIR [--from-version N] | import FILE...
 
 Every flag also reads an environment variable (ROMEGW_<FLAG>), e.g.
 ROMEGW_MODEL, ROMEGW_PORT, ROMEGW_TARGET.
@@ -14,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from romegw_client import Client, GatewayError
+from romegw_client import Client, EditInfo, GatewayError
 
 log = logging.getLogger("romegw")
 
@@ -67,6 +74,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--max-concurrent-streams", type=int, default=_int_env("max_concurrent_streams", d.max_concurrent_streams)
     )
     p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", "10")))
+    p.add_argument("--edit-store", type=Path, default=_env("edit_store"), help="folder of the edit layers")
+    p.add_argument("--cache-dir", type=Path, default=_env("cache_dir"), help="converted models, statistics")
+    p.add_argument("--corpus", type=Path, default=_env("corpus"), help="text (.txt/.jsonl) for ROME's statistics")
+    p.add_argument("--edit-drain-timeout", type=float, default=float(_env("edit_drain_timeout", d.edit_drain_timeout)))
     p.set_defaults(func=cmd_serve)
 
 
@@ -80,6 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         default_max_new_tokens=args.default_max_new_tokens,
         max_concurrent_streams=args.max_concurrent_streams,
+        edit_drain_timeout=args.edit_drain_timeout,
     )
     config = ServerConfig(
         model=args.model,
@@ -89,6 +101,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         limits=limits,
         grace_seconds=args.grace_seconds,
+        edit_store=args.edit_store,
+        cache_dir=args.cache_dir,
+        corpus=args.corpus,
     )
     asyncio.run(serve(config))
     return 0
@@ -126,6 +141,45 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("health", parents=[common], help="the server's health status (exit 0 when SERVING)")
     p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("edit", parents=[common], help="rewrite a fact (ROME) as a new version")
+    p.add_argument("prompt", help='a template with {} for the subject ("{} is located in"), or a prompt with it')
+    p.add_argument("--subject", required=True)
+    p.add_argument("--target", required=True, help='the new object, e.g. " Rome"')
+    p.add_argument("--layer", type=int)
+    p.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE", help="override (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="compute and report, change nothing")
+    p.add_argument("--expected-version", type=int, help="refuse if the head version is not this one")
+    p.add_argument("--author", default=_env("author", os.environ.get("USER", "")))
+    p.add_argument("--comment", default="")
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("edits", parents=[common], help="list edit layers, newest first")
+    p.add_argument("--all", action="store_true", help="also reverted layers")
+    p.add_argument("--page-size", type=int, default=50)
+    p.set_defaults(func=cmd_edits)
+
+    p = sub.add_parser("show-edit", parents=[common], help="one edit layer with its whole header")
+    p.add_argument("edit_id")
+    p.set_defaults(func=cmd_show_edit)
+
+    p = sub.add_parser("revert", parents=[common], help="go back to a version, or remove one layer")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--to-version", type=int)
+    g.add_argument("--edit-id")
+    p.add_argument("--author", default=_env("author", os.environ.get("USER", "")))
+    p.add_argument("--comment", default="")
+    p.set_defaults(func=cmd_revert)
+
+    p = sub.add_parser("export", parents=[common], help="save the layer files of a version range to a folder")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--from-version", type=int, default=1)
+    p.add_argument("--to-version", type=int)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", parents=[common], help="apply layer files computed on the same base model")
+    p.add_argument("files", nargs="+", type=Path)
+    p.set_defaults(func=cmd_import)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -177,6 +231,117 @@ def cmd_health(args: argparse.Namespace) -> int:
         status = c.health()
     _out(status + "\n")
     return 0 if status == "SERVING" else 1
+
+
+def _edit_line(e: EditInfo) -> str:
+    state = "active" if e.active else "reverted"
+    return (
+        f"v{e.version:<4} {e.edit_id}  {state:8}  layer {e.layer:<3} {e.prompt.replace('{}', e.subject)!r} -> "
+        f"{e.target!r}  P(target) {e.target_before:.3f} -> {e.target_after:.3f}  by {e.author or '-'} {e.created_at}\n"
+    )
+
+
+def _parse_hparams(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--hparam wants NAME=VALUE, got {item!r}")
+        out[name.strip()] = float(value)
+    return out
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    with _client(args) as c, _spinner("computing the edit"):
+        r = c.apply_edit(
+            args.prompt, args.subject, args.target, layer=args.layer, hparams=_parse_hparams(args.hparam),
+            dry_run=args.dry_run, expected_version=args.expected_version, author=args.author, comment=args.comment,
+        )
+    e = r.edit
+    _out(("dry run (nothing changed): " if r.dry_run else f"applied as version {e.version}: ") + _edit_line(e))
+    _out(f"  P({e.old_object!r}) {e.old_before:.3f} -> {e.old_after:.3f}; computed in {e.compute_seconds:.1f} s; "
+         f"head version {r.head_version}\n")
+    return 0
+
+
+def cmd_edits(args: argparse.Namespace) -> int:
+    token = ""
+    with _client(args) as c:
+        while True:
+            page = c.list_edits(page_size=args.page_size, page_token=token, include_inactive=args.all)
+            for e in page.edits:
+                _out(_edit_line(e))
+            token = page.next_page_token
+            if not token:
+                break
+    _out(f"head version {page.head_version}\n")
+    return 0
+
+
+def cmd_show_edit(args: argparse.Namespace) -> int:
+    import json
+
+    with _client(args) as c:
+        e = c.get_edit(args.edit_id)
+    _out(json.dumps({**e.header, "active": e.active, "served_version": e.version}, indent=2) + "\n")
+    return 0
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        r = c.revert_edit(to_version=args.to_version, edit_id=args.edit_id, author=args.author, comment=args.comment)
+    _out(f"head version {r.head_version}, {r.active_layers} active layers; removed {list(r.removed_edit_ids)} "
+         f"in {r.seconds * 1000:.0f} ms\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    with _client(args) as c:
+        files = c.export_edits(args.from_version, args.to_version)
+    args.folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (args.folder / f.filename).write_bytes(f.content)
+    order = [{"file": f.filename, "version": f.version, "edit_id": f.edit_id, "sha256": f.sha256} for f in files]
+    (args.folder / "export.json").write_text(json.dumps(order, indent=1))
+    _out(f"{len(files)} layer files written to {args.folder} (order in export.json)\n")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from romegw_client import LayerFile
+
+    files = [LayerFile(p.name, p.read_bytes(), 0, "", "") for p in args.files]
+    with _client(args) as c:
+        imported = c.import_edits(files)
+    for e in imported:
+        _out("imported " + _edit_line(e))
+    return 0
+
+
+@contextlib.contextmanager
+def _spinner(what: str):  # noqa: ANN202
+    """Elapsed seconds on stderr while a unary call runs (edits take seconds to minutes)."""
+    done = threading.Event()
+
+    def tick() -> None:
+        t0 = time.monotonic()
+        while not done.wait(0.5):
+            sys.stderr.write(f"\r{what}... {time.monotonic() - t0:5.1f} s")
+            sys.stderr.flush()
+        sys.stderr.write("\r" + " " * (len(what) + 16) + "\r")
+
+    if not sys.stderr.isatty():
+        yield
+        return
+    t = threading.Thread(target=tick, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,13 +22,20 @@ from .errors import (
     from_rpc_error,
 )
 from .types import (
+    ApplyResult,
     Completion,
     ContinuationScore,
+    EditInfo,
+    EditPage,
     GenerateChunk,
     GeneratedToken,
+    LayerFile,
     ModelInfo,
+    RevertResult,
     ScoreResult,
     TokenLogprob,
+    TraceProgress,
+    TraceResult,
 )
 
 __version__ = "0.1.0"
