@@ -5,7 +5,7 @@ subcommands are clients of a running server (through the client SDK).
     rome-gateway generate "The capital of France is" [--max-new-tokens N] [--target HOST:PORT]
     rome-gateway score "The Eiffel Tower is in" " Paris" " Rome"
     rome-gateway info | health
-    rome-gateway edit "{} is located in" --subject "The Eiffel Tower" --target " Rome"
+    rome-gateway edit "{} is located in" --subject "The Eiffel Tower" --object " Rome"
     rome-gateway edits [--all] | show-edit ID | revert --to-version N | revert --edit-id ID
     rome-gateway export DIR [--from-version N] | import FILE...
 
@@ -145,7 +145,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("edit", parents=[common], help="rewrite a fact (ROME) as a new version")
     p.add_argument("prompt", help='a template with {} for the subject ("{} is located in"), or a prompt with it')
     p.add_argument("--subject", required=True)
-    p.add_argument("--target", required=True, help='the new object, e.g. " Rome"')
+    p.add_argument("--object", required=True, dest="new_object", help="the new object, e.g. \" Rome\"")
     p.add_argument("--layer", type=int)
     p.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE", help="override (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="compute and report, change nothing")
@@ -254,7 +254,7 @@ def _parse_hparams(items: list[str]) -> dict[str, float]:
 def cmd_edit(args: argparse.Namespace) -> int:
     with _client(args) as c, _spinner("computing the edit"):
         r = c.apply_edit(
-            args.prompt, args.subject, args.target, layer=args.layer, hparams=_parse_hparams(args.hparam),
+            args.prompt, args.subject, args.new_object, layer=args.layer, hparams=_parse_hparams(args.hparam),
             dry_run=args.dry_run, expected_version=args.expected_version, author=args.author, comment=args.comment,
         )
     e = r.edit
