@@ -14,6 +14,8 @@ only inside its version gate, when no stream is running.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import time
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .edit_store import FORMAT_VERSION, EditLayer, EditStore, RankOneFactor, decode_layer, sha256_bytes, utc_now
-from .errors import FailedPrecondition, InvalidRequest, NotFound
+from .errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, Unavailable
 from .layers import LayerWeights, rank_one_patch
 from .loading import LoadedModel
 from .scoring import score_continuations
@@ -162,9 +164,22 @@ class EditManager:
 
     def store_layer(self, layer: EditLayer, *, op: str = "apply", extra: dict | None = None) -> dict:
         """Make the layer durable (file, then manifest entry); the weights do not change yet."""
-        entry = self.store.add_layer(layer, active=[*self.active, layer.edit_id], op=op, extra=extra)
+        with self._storage_errors():
+            entry = self.store.add_layer(layer, active=[*self.active, layer.edit_id], op=op, extra=extra)
         self._layers[layer.edit_id] = layer
         return entry
+
+    @contextlib.contextmanager
+    def _storage_errors(self):  # noqa: ANN202
+        """Disk failures become errors that say nothing changed (the write is atomic)."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise ResourceExhausted(
+                    f"the edit store's disk is full ({self.store.root}): free space, then retry; nothing was changed"
+                ) from e
+            raise Unavailable(f"cannot write the edit store {self.store.root}: {e}; nothing was changed") from e
 
     def activate(self, active: list[str], version: int) -> None:
         """Swap the live weights to a version (call only while no stream runs)."""
@@ -195,10 +210,11 @@ class EditManager:
     def record_revert(
         self, version: int, active: list[str], *, to_version: int | None, edit_id: str | None, author: str, comment: str
     ) -> dict:
-        return self.store.add_state(
-            "revert", version=version, active=active, to_version=to_version, edit_id=edit_id,
-            author=author, comment=comment,
-        )
+        with self._storage_errors():
+            return self.store.add_state(
+                "revert", version=version, active=active, to_version=to_version, edit_id=edit_id,
+                author=author, comment=comment,
+            )
 
     # -- reading ------------------------------------------------------------
 

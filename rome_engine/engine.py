@@ -30,6 +30,8 @@ from .gate import VersionGate
 from .generation import GenerationChunk, SamplingParams, generate_tokens
 from .loading import LoadedModel
 from .scoring import ContinuationScore, encode_prompt, score_continuations
+from .tracing import NoiseCache, TraceRequest, TraceResult
+from .tracing import trace as trace_grid
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,6 +50,23 @@ class EngineLimits:
     max_prompt_chars: int = 100_000  # cheap guard before tokenizing
     edit_drain_timeout: float = 60.0  # an edit waits this long for running streams to finish
     max_queued_edits: int = 8  # edits waiting behind the one being computed
+    max_trace_cells: int = 20_000  # tokens x layers of one trace grid
+    max_trace_samples: int = 64
+
+
+@dataclass(frozen=True)
+class TraceProgress:
+    done: int  # grid cells computed
+    total: int
+
+
+@dataclass(frozen=True)
+class TraceDone:
+    result: TraceResult
+    edit_version: int
+
+
+TraceEvent = TraceProgress | TraceDone
 
 
 @dataclass(frozen=True)
@@ -88,6 +107,7 @@ class Engine:
         self.edits = edits
         self._edit_lock: asyncio.Lock | None = None
         self._queued_edits = 0
+        self.noise_cache = NoiseCache()
 
     @property
     def edit_version(self) -> int:
@@ -136,9 +156,7 @@ class Engine:
         if any(len(s) == 0 or len(s) > lim.max_stop_length for s in params.stop):
             raise InvalidRequest(f"stop sequences must be 1..{lim.max_stop_length} characters long")
         if not 0 <= params.top_logprobs <= lim.max_top_logprobs:
-            raise InvalidRequest(
-                f"top_logprobs must be in [0, {lim.max_top_logprobs}], got {params.top_logprobs}"
-            )
+            raise InvalidRequest(f"top_logprobs must be in [0, {lim.max_top_logprobs}], got {params.top_logprobs}")
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Tokenize a prompt, enforcing the prompt limits."""
@@ -200,6 +218,50 @@ class Engine:
             scores = await self.run(score_continuations, self.loaded, prompt, list(continuations))
             return scores, self.edit_version
 
+    # -- tracing --------------------------------------------------------------
+
+    async def trace(self, request: TraceRequest) -> AsyncIterator[TraceEvent]:
+        """Progress events while the grid is computed, then the result (on one version)."""
+        lim = self.limits
+        if request.samples > lim.max_trace_samples:
+            raise InvalidRequest(
+                f"samples {request.samples} exceeds the limit max_trace_samples={lim.max_trace_samples}"
+            )
+        n_tokens = len(self.encode_prompt(request.prompt))
+        cells = n_tokens * self.loaded.num_layers
+        if cells > lim.max_trace_cells:
+            raise InvalidRequest(
+                f"the trace grid has {n_tokens} tokens x {self.loaded.num_layers} layers = {cells} cells, "
+                f"over the limit max_trace_cells={lim.max_trace_cells}: shorten the prompt"
+            )
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TraceProgress] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def progress(done: int, total: int) -> None:
+            if cancelled.is_set():
+                raise Unavailable("trace cancelled")
+            loop.call_soon_threadsafe(events.put_nowait, TraceProgress(done, total))
+
+        async with self.gate.read(lim.edit_drain_timeout + 5.0):
+            version = self.edit_version
+            job = asyncio.ensure_future(
+                self.run(lambda: trace_grid(self.loaded, request, noise_cache=self.noise_cache, progress=progress))
+            )
+            try:
+                while not job.done():
+                    getter = asyncio.ensure_future(events.get())
+                    await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield getter.result()
+                    else:
+                        getter.cancel()
+                while not events.empty():
+                    yield events.get_nowait()
+                yield TraceDone(job.result(), version)
+            finally:
+                cancelled.set()
+
     # -- edits ----------------------------------------------------------------
 
     def _manager(self) -> EditManager:
@@ -253,8 +315,13 @@ class Engine:
                 await self.run(manager.activate, entry["active"], int(entry["version"]))
             log.info(
                 "edit %s applied: version %d -> %d (%s: %r -> %r) by %r",
-                layer.edit_id, entry["parent_version"], entry["version"], layer.header["request"]["subject"],
-                layer.header["request"]["prompt"], layer.header["request"]["target"], author,
+                layer.edit_id,
+                entry["parent_version"],
+                entry["version"],
+                layer.header["request"]["subject"],
+                layer.header["request"]["prompt"],
+                layer.header["request"]["target"],
+                author,
             )
             return EditView(layer.header, entry, True), self.edit_version
 
@@ -307,7 +374,9 @@ class Engine:
             async with self.gate.write(self.limits.edit_drain_timeout):
                 for layer in layers:
                     extra = {"origin_version": layer.version, "author": author or layer.header.get("author", "")}
-                    entry = await self.run(lambda layer=layer, extra=extra: manager.store_layer(layer, op="import", extra=extra))
+                    entry = await self.run(
+                        lambda layer=layer, extra=extra: manager.store_layer(layer, op="import", extra=extra)
+                    )
                     await self.run(manager.activate, entry["active"], int(entry["version"]))
                     imported.append(EditView(layer.header, entry, True))
         return imported

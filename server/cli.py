@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from romegw_client import Client, EditInfo, GatewayError
+from romegw_client import Client, EditInfo, GatewayError, TraceResult
 
 log = logging.getLogger("romegw")
 
@@ -142,6 +142,18 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("health", parents=[common], help="the server's health status (exit 0 when SERVING)")
     p.set_defaults(func=cmd_health)
 
+    p = sub.add_parser("trace", parents=[common], help="causal trace of a fact, drawn as a heatmap")
+    p.add_argument("prompt")
+    p.add_argument("--subject", required=True, help="the words of the prompt to corrupt")
+    p.add_argument("--answer", help="the answer to trace (default: the model's greedy next token)")
+    p.add_argument("--kind", choices=["hidden", "mlp", "attn"], default="hidden")
+    p.add_argument("--samples", type=int)
+    p.add_argument("--window", type=int)
+    p.add_argument("--noise", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", type=Path, default=Path("trace.png"), help="the heatmap (PNG)")
+    p.set_defaults(func=cmd_trace)
+
     p = sub.add_parser("edit", parents=[common], help="rewrite a fact (ROME) as a new version")
     p.add_argument("prompt", help='a template with {} for the subject ("{} is located in"), or a prompt with it')
     p.add_argument("--subject", required=True)
@@ -231,6 +243,36 @@ def cmd_health(args: argparse.Namespace) -> int:
         status = c.health()
     _out(status + "\n")
     return 0 if status == "SERVING" else 1
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .plotting import draw_trace
+
+    options = {k: getattr(args, k) for k in ("answer", "kind", "samples", "window", "noise", "seed")}
+    result = None
+    with _client(args) as c, tqdm(total=None, unit="cell", desc=f"tracing ({args.kind})", file=sys.stderr) as bar:
+        for event in c.trace(args.prompt, args.subject, **options):
+            if isinstance(event, TraceResult):
+                result = event
+            else:
+                bar.total = event.total
+                bar.update(event.done - bar.n)
+    if result is None:
+        raise SystemExit("the server sent no trace result")
+    draw_trace(
+        result.tokens, result.scores, result.subject_range, kind=result.kind, answer=result.answer,
+        clean_prob=result.clean_prob, corrupted_prob=result.corrupted_prob, out_path=args.out, window=result.window,
+    )
+    token, layer = result.peak
+    _out(
+        f"answer {result.answer!r}: clean p={result.clean_prob:.3f}, corrupted p={result.corrupted_prob:.3f}\n"
+        f"peak: token {token} ({result.tokens[token]!r}) at layer {layer}, "
+        f"restored p={result.scores[token][layer]:.3f}\n"
+        f"heatmap written to {args.out} ({result.seconds:.1f} s on the server, edit version {result.edit_version})\n"
+    )
+    return 0
 
 
 def _edit_line(e: EditInfo) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from rome_engine.editing import EditView
-from rome_engine.engine import EngineInfo
+from rome_engine.engine import EngineInfo, TraceEvent, TraceProgress
+from rome_engine.errors import InvalidRequest
 from rome_engine.generation import (
     FINISH_CANCELLED,
     FINISH_EOS,
@@ -16,6 +17,7 @@ from rome_engine.generation import (
 )
 from rome_engine.rome.request import EditRequest
 from rome_engine.scoring import ContinuationScore
+from rome_engine.tracing import TraceRequest
 from romegw_client._pb import gateway_pb2 as pb
 
 _FINISH = {
@@ -156,4 +158,55 @@ def layer_file(entry: dict, data: bytes) -> pb.EditLayerFile:
         version=int(entry["version"]),
         edit_id=entry["edit_id"],
         sha256=entry["sha256"],
+    )
+
+
+# ------------------------------------------------------------------- trace
+
+_KINDS = {pb.TRACE_KIND_UNSPECIFIED: "hidden", pb.TRACE_KIND_HIDDEN: "hidden", pb.TRACE_KIND_MLP: "mlp",
+          pb.TRACE_KIND_ATTN: "attn"}
+_KIND_PB = {"hidden": pb.TRACE_KIND_HIDDEN, "mlp": pb.TRACE_KIND_MLP, "attn": pb.TRACE_KIND_ATTN}
+
+
+def trace_request(req: pb.TraceRequest) -> TraceRequest:
+    if req.kind not in _KINDS:
+        raise InvalidRequest(f"unknown trace kind {req.kind}: use hidden, mlp or attn")
+    return TraceRequest(
+        prompt=req.prompt,
+        subject=req.subject,
+        answer=req.answer if req.HasField("answer") else None,
+        kind=_KINDS[req.kind],
+        noise=req.noise if req.HasField("noise") else None,
+        samples=req.samples if req.HasField("samples") else 10,
+        window=req.window if req.HasField("window") else 10,
+        seed=req.seed if req.HasField("seed") else 0,
+    )
+
+
+def trace_event(event: TraceEvent) -> pb.TraceResponse:
+    if isinstance(event, TraceProgress):
+        return pb.TraceResponse(
+            progress=pb.TraceProgress(
+                done=event.done, total=event.total, message=f"{event.done}/{event.total} cells restored"
+            )
+        )
+    r = event.result
+    return pb.TraceResponse(
+        result=pb.TraceResult(
+            tokens=r.tokens,
+            subject_start=r.subject_range[0],
+            subject_end=r.subject_range[1],
+            answer=r.answer,
+            answer_token_id=r.answer_id,
+            clean_prob=r.clean_prob,
+            corrupted_prob=r.corrupted_prob,
+            num_layers=int(r.scores.shape[1]),
+            scores=r.scores.reshape(-1).tolist(),
+            kind=_KIND_PB[r.kind],
+            noise=r.noise,
+            samples=r.samples,
+            window=r.window,
+            edit_version=event.edit_version,
+            seconds=r.seconds,
+        )
     )

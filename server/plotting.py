@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 log = logging.getLogger(__name__)
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
-STATE_NAMES = {"hidden": "single hidden state", "mlp": "MLP", "attn": "attention"}
+STATE_NAMES = {"hidden": "hidden state", "mlp": "MLP output", "attn": "attention output"}
 COLORS = {"hidden": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}
 
 
@@ -65,10 +65,10 @@ def draw_trace(
     if len(rows) != len(tokens) or not rows or any(len(r) != len(rows[0]) for r in rows):
         raise ValueError(f"scores must be {len(tokens)} rows (one per token) of equal length")
     num_layers = len(rows[0])
-    # the colour scale starts at the corrupted probability, so colour shows the indirect effect
-    high = max(max(map(max, rows)), clean_prob)
-    low = min(corrupted_prob, high - 1e-6)
-
+    # as in the paper, the colour runs from the corrupted probability (no effect) to the
+    # best restoration, so the indirect effect shows even where it is small
+    high = max(map(max, rows))
+    low = min(corrupted_prob, high - 1e-9)
     fig, ax = plt.subplots(figsize=(min(3.5 + 0.2 * num_layers, 12), 1.2 + 0.32 * len(tokens)), dpi=150)
     image = ax.pcolormesh(rows, cmap=CMAPS[kind], vmin=low, vmax=high)
     ax.invert_yaxis()
@@ -78,15 +78,18 @@ def draw_trace(
     ax.set_xticks([i + 0.5 for i in range(0, num_layers, step)])
     ax.set_xticklabels([str(i) for i in range(0, num_layers, step)])
     shown = _plain(answer.strip() or answer)
-    what = STATE_NAMES[kind] + (f" (window {window})" if window and kind != "hidden" else "")
-    ax.set_xlabel(f"layer of the restored {what}")
+    if kind == "hidden" or not window or window == 1:
+        restored, xlabel = f"one {STATE_NAMES[kind]}", f"layer of the restored {STATE_NAMES[kind]}"
+    else:
+        restored, xlabel = f"{STATE_NAMES[kind]}s of {window} layers", f"centre layer of the {window} restored"
+    ax.set_xlabel(xlabel)
     ax.set_title(
-        f"Restoring {what} after corrupting the subject*\n"
-        f"p({shown}): clean {clean_prob:.3f}, corrupted {corrupted_prob:.3f}",
+        f"Restoring {restored} after corrupting the subject*\n"
+        f"p({shown}): clean {clean_prob:.3g}, corrupted {corrupted_prob:.3g}, best restored {high:.3g}",
         fontsize=10,
     )
     bar = fig.colorbar(image, ax=ax)
-    bar.set_label(f"p({shown}) with the state restored")
+    bar.set_label(f"p({shown}) restored")
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)
@@ -105,9 +108,7 @@ def draw_summary(
     ``{"last subject token": s.last_subject_effect, "last token": s.last_token_effect}``)."""
     _check_kind(kind)
     if not effects or any(len(v) == 0 for v in effects.values()):
-        raise ValueError(
-            "effects must map at least one position name to a non-empty list (one value per layer)"
-        )
+        raise ValueError("effects must map at least one position name to a non-empty list (one value per layer)")
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=150)
     styles = ["-", "--", ":", "-."]
     for i, (name, values) in enumerate(effects.items()):
@@ -122,9 +123,7 @@ def draw_summary(
     ax.axhline(0.0, color="grey", linewidth=0.5)
     ax.set_xlabel(f"layer of the restored {STATE_NAMES[kind]}")
     ax.set_ylabel("average indirect effect on p(answer)")
-    ax.set_title(
-        title or f"Average indirect effect of {STATE_NAMES[kind]} states over {n_facts} facts", fontsize=10
-    )
+    ax.set_title(title or f"Average indirect effect of {STATE_NAMES[kind]} states over {n_facts} facts", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_path)

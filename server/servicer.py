@@ -102,8 +102,10 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
             imported=[convert.edit_layer(v) for v in views], head_version=self.engine.edit_version
         )
 
-    # -- RPCs of later milestones: a clear UNIMPLEMENTED until they land ------
+    # -- tracing --------------------------------------------------------------
 
-    async def Trace(self, request, context):  # noqa: N802, ANN001, ANN201
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Trace is not implemented by this server version yet")
-        yield pb.TraceResponse()  # pragma: no cover - unreachable, makes this an async generator
+    async def Trace(  # noqa: N802
+        self, request: pb.TraceRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TraceResponse]:
+        async for event in self.engine.trace(convert.trace_request(request)):
+            yield convert.trace_event(event)

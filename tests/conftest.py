@@ -84,15 +84,34 @@ def embedded() -> LoadedModel:
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[..., object]]:
-    """Start a real gRPC server on a free loopback port: ``srv = serve(loaded, limits=...)``."""
-    from romegw_server.main import ServerConfig, ServerThread
+def serve(tmp_path_factory) -> Iterator[Callable[..., object]]:  # noqa: ANN001
+    """Start a real gRPC server on a free loopback port: ``srv = serve(loaded, limits=...)``.
+
+    ``edits=True`` gives it an edit manager over ``edit_store`` (default: a fresh
+    temporary folder) with ROME caches under ``cache_dir`` (default: a fresh one;
+    pass ``default_cache_dir()`` to share statistics of the embedded model).
+    """
+    from romegw_server.main import ServerConfig, ServerThread, build_engine
 
     started: list[ServerThread] = []
 
-    def start(loaded: LoadedModel, limits: EngineLimits | None = None) -> ServerThread:
-        engine = Engine(loaded, limits or EngineLimits())
-        srv = ServerThread(engine, ServerConfig(host="127.0.0.1", port=0, limits=engine.limits)).start()
+    def start(
+        loaded: LoadedModel,
+        limits: EngineLimits | None = None,
+        *,
+        edits: bool = False,
+        edit_store: Path | None = None,
+        cache_dir: Path | None = None,
+    ) -> ServerThread:
+        config = ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            limits=limits or EngineLimits(),
+            edit_store=edit_store or tmp_path_factory.mktemp("edits"),
+            cache_dir=cache_dir or tmp_path_factory.mktemp("cache"),
+        )
+        engine = build_engine(loaded, config) if edits else Engine(loaded, config.limits)
+        srv = ServerThread(engine, config).start()
         started.append(srv)
         return srv
 
@@ -100,6 +119,8 @@ def serve() -> Iterator[Callable[..., object]]:
     for srv in started:
         srv.stop(grace=0.5)
         srv.engine.close()
+        if srv.engine.edits is not None:  # leave shared models as they were found
+            srv.engine.edits.activate([], 0)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:

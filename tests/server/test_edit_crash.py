@@ -1,0 +1,166 @@
+"""Crash safety: the server dies during ApplyEdit, at chosen disk writes and at random
+moments (SIGKILL); after each restart the edit is wholly there or wholly absent and
+nothing earlier is lost. Also: a full disk while writing a layer loses nothing."""
+
+from __future__ import annotations
+
+import errno
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from romegw_client import Client, GatewayError, ResourceExhausted
+from tests.conftest import make_tiny
+
+HERE = Path(__file__).resolve().parent
+FAST = {"v_num_grad_steps": 3, "mom2_n_tokens": 2000, "ctx_n_short": 1, "ctx_n_long": 1}
+FACTS = [("{} lives in", f"Person {i}", f" City{i}") for i in range(40)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: Path, store: Path, cache: Path, log: Path, crash: tuple[int, str] = (0, "")) -> None:
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        args = ["serve", "--model", str(model_dir), "--edit-store", str(store), "--cache-dir", str(cache),
+                "--port", str(self.port), "--device", "cpu"]
+        cmd = [sys.executable, str(HERE / "crashing_server.py"), str(crash[0]), crash[1] or "none", "--", *args]
+        self.log = log
+        with log.open("a") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parents[1])
+
+    def wait_serving(self, timeout: float = 120) -> None:
+        end = time.monotonic() + timeout
+        with Client(self.target, timeout=2) as c:
+            while time.monotonic() < end:
+                assert self.proc.poll() is None, self.log.read_text()[-3000:]
+                try:
+                    if c.health() == "SERVING":
+                        return
+                except GatewayError:
+                    pass
+                time.sleep(0.2)
+        raise AssertionError("server did not start: " + self.log.read_text()[-3000:])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+def store_state(store: Path) -> tuple[int, list[str]]:
+    doc = json.loads((store / "manifest.json").read_text()) if (store / "manifest.json").exists() else {"entries": []}
+    entries = doc["entries"]
+    return (entries[-1]["version"] if entries else 0), [e["edit_id"] for e in entries if e["op"] == "apply"]
+
+
+def check_consistent(c: Client, store: Path, before_ids: list[str]) -> list[str]:
+    """The store after a restart: every earlier edit is there; a new one is complete; no stray files."""
+    version, ids = store_state(store)
+    assert ids[: len(before_ids)] == before_ids, "an earlier edit was lost"
+    assert len(ids) - len(before_ids) in (0, 1)
+    listed = [e.edit_id for e in c.list_edits(include_inactive=True).edits][::-1]
+    assert listed == ids
+    for edit_id in ids:
+        assert c.get_edit(edit_id).header["edit_id"] == edit_id  # readable, checksum verified
+    on_disk = sorted(p.stem for p in (store / "layers").iterdir())
+    assert on_disk == sorted(ids), "a partial or orphaned layer file was left"
+    assert c.model_info().head_version == version
+    return ids
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory) -> Path:  # noqa: ANN001
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny = make_tiny("llama", tokenizer)
+    tiny.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_sigkill_during_apply_edit(model_dir, tmp_path) -> None:  # noqa: ANN001
+    store, cache, log = tmp_path / "store", tmp_path / "cache", tmp_path / "server.log"
+    rng = random.Random(1234)
+    facts = iter(FACTS)
+    # crashes at the exact writes (the layer file, then the manifest), then random SIGKILLs
+    plans: list[tuple[int, str] | float] = [
+        (1, "partial"), (1, "before-rename"), (1, "after-rename"),
+        (2, "partial"), (2, "before-rename"), (2, "after-rename"),
+    ] + [rng.uniform(0.0, 1.0) for _ in range(6)]
+    ids: list[str] = []
+    apply_seconds = 1.0
+    for plan in plans:
+        srv = Server(model_dir, store, cache, log, crash=plan if isinstance(plan, tuple) else (0, ""))
+        srv.wait_serving()
+        prompt, subject, target = next(facts)
+        errors: list[BaseException] = []
+
+        def apply(target_addr: str = srv.target) -> None:
+            try:
+                with Client(target_addr, timeout=120) as c:
+                    c.apply_edit(prompt, subject, target, hparams=FAST)
+            except GatewayError as e:
+                errors.append(e)
+
+        t0 = time.monotonic()
+        worker = threading.Thread(target=apply)
+        worker.start()
+        if isinstance(plan, float):
+            time.sleep(plan * apply_seconds * 1.2)
+            srv.kill()
+        worker.join(timeout=120)
+        if srv.proc.poll() is None:  # the edit finished before the kill
+            apply_seconds = max(apply_seconds, time.monotonic() - t0)
+        srv.kill()
+
+        srv = Server(model_dir, store, cache, log)
+        srv.wait_serving()
+        with Client(srv.target, timeout=60) as c:
+            new_ids = check_consistent(c, store, ids)
+            if isinstance(plan, tuple) and plan[0] == 1:
+                assert new_ids == ids, "a crash while writing the layer file must leave the edit absent"
+            if plan == (2, "after-rename"):
+                assert len(new_ids) == len(ids) + 1, "a renamed manifest holds the edit"
+            ids = new_ids
+            assert c.generate_text("Hello", max_new_tokens=3).completion_tokens >= 1
+        srv.kill()
+    assert len(ids) >= 2
+
+
+def test_full_disk_while_writing_a_layer_loses_nothing(tiny_llama, serve, monkeypatch) -> None:  # noqa: ANN001
+    from rome_engine import edit_store
+
+    srv = serve(tiny_llama, edits=True)
+    store = srv.engine.edits.store.root
+    with Client(srv.target, timeout=120) as c:
+        first = c.apply_edit(*FACTS[0], hparams=FAST).edit
+        text_v1 = c.generate_text("Hello", max_new_tokens=5)
+        real = edit_store.atomic_write
+
+        def full_disk(path: Path, data: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        monkeypatch.setattr(edit_store, "atomic_write", full_disk)
+        with pytest.raises(ResourceExhausted, match="disk is full"):
+            c.apply_edit(*FACTS[1], hparams=FAST)
+        monkeypatch.setattr(edit_store, "atomic_write", real)
+        info = c.model_info()
+        assert (info.head_version, info.active_layers) == (1, 1)
+        assert c.generate_text("Hello", max_new_tokens=5) == text_v1
+        assert [e.edit_id for e in c.list_edits().edits] == [first.edit_id]
+        assert sorted(p.stem for p in (store / "layers").iterdir()) == [first.edit_id]
+        second = c.apply_edit(*FACTS[1], hparams=FAST)
+        assert second.head_version == 2
