@@ -1,7 +1,7 @@
 """The benchmark suite: each figure beside its baseline, measured in the same run.
 
-    python bench/run.py            # full run, prints tables, writes bench/results.json
-    python bench/run.py --smoke    # a quick pass of every section (CI), numbers not meaningful
+python bench/run.py            # full run, prints tables, writes bench/results.json
+python bench/run.py --smoke    # a quick pass of every section (CI), numbers not meaningful
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import bench_generate, bench_load  # noqa: E402
+from bench import bench_edits, bench_generate, bench_load  # noqa: E402
 from bench.common import machine, print_table, write_json  # noqa: E402
 from rome_engine.loading import load_model  # noqa: E402
 
@@ -51,6 +51,33 @@ def main(argv: list[str] | None = None) -> int:
                 f"{gen['ratio']:.2f}x",
             ),
             ("time to first token (s)", f"{gen['gateway_ttft_s']:.3f}", "-", "-"),
+        ],
+    )
+    edits = bench_edits.run(loaded, reverts=2 if args.smoke else 5, stream_tokens=4 if args.smoke else 16)
+    results["edits"] = edits
+    print_table(
+        "Edits under traffic (embedded model, C cached)",
+        [
+            (
+                "ApplyEdit, seconds (compute)",
+                f"{edits['apply_seconds']:.1f} ({edits['compute_seconds']:.1f})",
+                "-",
+                "-",
+            ),
+            ("layer file size (bytes)", f"{edits['layer_file_bytes']}", "-", "-"),
+            (
+                "RevertEdit latency, median / max (ms)",
+                f"{edits['revert_ms_median']:.1f} / {edits['revert_ms_max']:.1f}",
+                "-",
+                "-",
+            ),
+            ("gate closed to new streams (s)", f"{edits['gate_closed_seconds']:.3f}", "-", "-"),
+            (
+                "longest token gap of a stream: during the edit vs before (s)",
+                f"{edits['stream_max_gap_during_edit_s']:.3f}",
+                f"{edits['stream_max_gap_before_s']:.3f}",
+                f"{edits['stream_max_gap_during_edit_s'] / edits['stream_max_gap_before_s']:.1f}x",
+            ),
         ],
     )
     write_json(args.out, results)
