@@ -26,6 +26,7 @@ from .errors import Unavailable
 class VersionGate:
     def __init__(self) -> None:
         self._readers = 0
+        self._waiting = 0
         self._writer = False
         self._cond: asyncio.Condition | None = None
         self.last_pause_seconds = 0.0  # how long the gate was closed to new readers by the last writer
@@ -39,14 +40,22 @@ class VersionGate:
     def readers(self) -> int:
         return self._readers
 
+    @property
+    def waiting(self) -> int:
+        """Readers queued behind a writer."""
+        return self._waiting
+
     @contextlib.asynccontextmanager
     async def read(self, timeout: float | None = None) -> AsyncIterator[None]:
         cond = self._condition()
         async with cond:
+            self._waiting += 1
             try:
                 await asyncio.wait_for(cond.wait_for(lambda: not self._writer), timeout)
             except TimeoutError:
                 raise Unavailable(f"an edit is being applied; still waiting after {timeout:.0f} s: retry") from None
+            finally:
+                self._waiting -= 1
             self._readers += 1
         try:
             yield

@@ -10,7 +10,8 @@ subcommands are clients of a running server (through the client SDK).
     rome-gateway export DIR [--from-version N] | import FILE...
 
 Every flag also reads an environment variable (ROMEGW_<FLAG>), e.g.
-ROMEGW_MODEL, ROMEGW_PORT, ROMEGW_TARGET.
+ROMEGW_MODEL, ROMEGW_PORT, ROMEGW_TARGET. Client commands send the bearer
+token of $ROMEGW_TOKEN (never a flag: command lines end up in logs).
 """
 
 from __future__ import annotations
@@ -77,14 +78,47 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edit-store", type=Path, default=_env("edit_store"), help="folder of the edit layers")
     p.add_argument("--cache-dir", type=Path, default=_env("cache_dir"), help="converted models, statistics")
     p.add_argument("--corpus", type=Path, default=_env("corpus"), help="text (.txt/.jsonl) for ROME's statistics")
+    p.add_argument("--metrics-port", type=int, default=_opt_int("metrics_port"), help="Prometheus /metrics port")
+    p.add_argument(
+        "--tokens-file",
+        type=Path,
+        default=_env("tokens_file"),
+        help="bearer tokens with roles (see server/auth.py); also $ROMEGW_TOKENS",
+    )
+    p.add_argument("--tls-cert", type=Path, default=_env("tls_cert"), help="server certificate chain (PEM)")
+    p.add_argument("--tls-key", type=Path, default=_env("tls_key"), help="server private key (PEM)")
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=_env("tls_client_ca"),
+        help="CA of client certificates: turns on mutual TLS",
+    )
+    p.add_argument(
+        "--insecure-allow-remote",
+        action="store_true",
+        default=_env("insecure_allow_remote", "") in ("1", "true", "yes"),
+        help="serve a non-loopback address without tokens",
+    )
     p.add_argument("--edit-drain-timeout", type=float, default=float(_env("edit_drain_timeout", d.edit_drain_timeout)))
     p.set_defaults(func=cmd_serve)
+
+
+def _opt_int(name: str) -> int | None:
+    value = _env(name)
+    return int(value) if value else None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from rome_engine.engine import EngineLimits
 
-    from .main import ServerConfig, serve
+    from .auth import load_tokens
+    from .main import ServerConfig, TlsConfig, serve
+
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise SystemExit("--tls-cert and --tls-key go together")
+        tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
 
     limits = EngineLimits(
         max_prompt_tokens=args.max_prompt_tokens,
@@ -104,8 +138,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         edit_store=args.edit_store,
         cache_dir=args.cache_dir,
         corpus=args.corpus,
+        metrics_port=args.metrics_port,
+        tokens=load_tokens(args.tokens_file),
+        tls=tls,
+        insecure_allow_remote=args.insecure_allow_remote,
     )
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     return 0
 
 
@@ -113,13 +155,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.target, token=_env("token"), timeout=args.timeout)
+    from romegw_client import channel_credentials
+
+    credentials = None
+    if args.tls_ca or args.tls:
+        credentials = channel_credentials(args.tls_ca.read_bytes() if args.tls_ca else None)
+    return Client(args.target, token=_env("token"), timeout=args.timeout, credentials=credentials)
 
 
 def add_client_commands(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--target", default=_env("target", "127.0.0.1:50051"), help="the server's host:port")
     common.add_argument("--timeout", type=float, default=600.0, help="deadline of the call, seconds")
+    common.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
+    common.add_argument("--tls-ca", type=Path, default=_env("tls_ca"), help="CA certificate of the server (PEM)")
 
     p = sub.add_parser("generate", parents=[common], help="stream a completion to the terminal")
     p.add_argument("prompt")
@@ -157,7 +206,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("edit", parents=[common], help="rewrite a fact (ROME) as a new version")
     p.add_argument("prompt", help='a template with {} for the subject ("{} is located in"), or a prompt with it')
     p.add_argument("--subject", required=True)
-    p.add_argument("--object", required=True, dest="new_object", help="the new object, e.g. \" Rome\"")
+    p.add_argument("--object", required=True, dest="new_object", help='the new object, e.g. " Rome"')
     p.add_argument("--layer", type=int)
     p.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE", help="override (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="compute and report, change nothing")
@@ -262,8 +311,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if result is None:
         raise SystemExit("the server sent no trace result")
     draw_trace(
-        result.tokens, result.scores, result.subject_range, kind=result.kind, answer=result.answer,
-        clean_prob=result.clean_prob, corrupted_prob=result.corrupted_prob, out_path=args.out, window=result.window,
+        result.tokens,
+        result.scores,
+        result.subject_range,
+        kind=result.kind,
+        answer=result.answer,
+        clean_prob=result.clean_prob,
+        corrupted_prob=result.corrupted_prob,
+        out_path=args.out,
+        window=result.window,
     )
     token, layer = result.peak
     _out(
@@ -296,13 +352,22 @@ def _parse_hparams(items: list[str]) -> dict[str, float]:
 def cmd_edit(args: argparse.Namespace) -> int:
     with _client(args) as c, _spinner("computing the edit"):
         r = c.apply_edit(
-            args.prompt, args.subject, args.new_object, layer=args.layer, hparams=_parse_hparams(args.hparam),
-            dry_run=args.dry_run, expected_version=args.expected_version, author=args.author, comment=args.comment,
+            args.prompt,
+            args.subject,
+            args.new_object,
+            layer=args.layer,
+            hparams=_parse_hparams(args.hparam),
+            dry_run=args.dry_run,
+            expected_version=args.expected_version,
+            author=args.author,
+            comment=args.comment,
         )
     e = r.edit
     _out(("dry run (nothing changed): " if r.dry_run else f"applied as version {e.version}: ") + _edit_line(e))
-    _out(f"  P({e.old_object!r}) {e.old_before:.3f} -> {e.old_after:.3f}; computed in {e.compute_seconds:.1f} s; "
-         f"head version {r.head_version}\n")
+    _out(
+        f"  P({e.old_object!r}) {e.old_before:.3f} -> {e.old_after:.3f}; computed in {e.compute_seconds:.1f} s; "
+        f"head version {r.head_version}\n"
+    )
     return 0
 
 
@@ -332,8 +397,10 @@ def cmd_show_edit(args: argparse.Namespace) -> int:
 def cmd_revert(args: argparse.Namespace) -> int:
     with _client(args) as c:
         r = c.revert_edit(to_version=args.to_version, edit_id=args.edit_id, author=args.author, comment=args.comment)
-    _out(f"head version {r.head_version}, {r.active_layers} active layers; removed {list(r.removed_edit_ids)} "
-         f"in {r.seconds * 1000:.0f} ms\n")
+    _out(
+        f"head version {r.head_version}, {r.active_layers} active layers; removed {list(r.removed_edit_ids)} "
+        f"in {r.seconds * 1000:.0f} ms\n"
+    )
     return 0
 
 

@@ -163,8 +163,12 @@ def layer_file(entry: dict, data: bytes) -> pb.EditLayerFile:
 
 # ------------------------------------------------------------------- trace
 
-_KINDS = {pb.TRACE_KIND_UNSPECIFIED: "hidden", pb.TRACE_KIND_HIDDEN: "hidden", pb.TRACE_KIND_MLP: "mlp",
-          pb.TRACE_KIND_ATTN: "attn"}
+_KINDS = {
+    pb.TRACE_KIND_UNSPECIFIED: "hidden",
+    pb.TRACE_KIND_HIDDEN: "hidden",
+    pb.TRACE_KIND_MLP: "mlp",
+    pb.TRACE_KIND_ATTN: "attn",
+}
 _KIND_PB = {"hidden": pb.TRACE_KIND_HIDDEN, "mlp": pb.TRACE_KIND_MLP, "attn": pb.TRACE_KIND_ATTN}
 
 

@@ -1,13 +1,16 @@
-"""Server interceptors: engine errors become gRPC statuses, in one place.
+"""Server interceptors: authentication, then errors -> statuses and RPC metrics.
 
 Handlers carry no try/except: an ``EngineError`` raised anywhere under them
 is turned into its status code with the error's message; anything else is
 logged with a traceback and answered INTERNAL with a short reference id.
+Every RPC of the gateway service is counted and timed by method and code.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,7 +19,15 @@ import grpc
 
 from rome_engine import errors
 
+from .auth import TokenTable
+from .metrics import Metrics
+
 log = logging.getLogger(__name__)
+
+SERVICE_PREFIX = "/romegw.v1.RomeGateway/"
+
+# who made the current call (for audit lines): a token's name, or "anonymous"
+caller: contextvars.ContextVar[str] = contextvars.ContextVar("romegw_caller", default="anonymous")
 
 STATUS_OF: dict[type[errors.EngineError], grpc.StatusCode] = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -35,47 +46,91 @@ def status_for(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+class _Outcome:
+    """The status code a call ended with, as seen by the wrapper."""
+
+    def __init__(self) -> None:
+        self.code = grpc.StatusCode.OK
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception, outcome: _Outcome) -> None:
     code = status_for(exc)
     if code is None:
         ref = uuid.uuid4().hex[:12]
         log.exception("internal error in %s (ref %s)", method, ref)
+        outcome.code = grpc.StatusCode.INTERNAL
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see the server log")
     log.info("%s -> %s: %s", method, code.name, exc)
+    outcome.code = code
     await context.abort(code, str(exc))
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _code_of(context: grpc.aio.ServicerContext, outcome: _Outcome) -> grpc.StatusCode:
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - older grpcio have no code() on aio contexts
+        code = None
+    return code if isinstance(code, grpc.StatusCode) else outcome.code
+
+
+def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]], metrics: Metrics | None):  # noqa: ANN202
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        outcome, t0 = _Outcome(), time.perf_counter()
         try:
             return await behavior(request_or_iterator, context)
         except errors.EngineError as e:
-            await _abort(context, method, e)
+            await _abort(context, method, e, outcome)
         except (grpc.aio.AbortError, grpc.aio.UsageError):
+            outcome.code = grpc.StatusCode.UNKNOWN
             raise
         except Exception as e:  # noqa: BLE001 - the one place that turns bugs into INTERNAL
-            await _abort(context, method, e)
+            await _abort(context, method, e, outcome)
+        finally:
+            if metrics is not None:
+                metrics.observe_rpc(method, _code_of(context, outcome).name, time.perf_counter() - t0)
 
     return handler
 
 
-def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]], metrics: Metrics | None):  # noqa: ANN202
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        outcome, t0 = _Outcome(), time.perf_counter()
         try:
             async for item in behavior(request_or_iterator, context):
                 yield item
         except errors.EngineError as e:
-            await _abort(context, method, e)
+            await _abort(context, method, e, outcome)
         except (grpc.aio.AbortError, grpc.aio.UsageError):
+            outcome.code = grpc.StatusCode.UNKNOWN
+            raise
+        except GeneratorExit:  # the client went away (cancelled, deadline)
+            outcome.code = grpc.StatusCode.CANCELLED
             raise
         except Exception as e:  # noqa: BLE001
-            await _abort(context, method, e)
+            await _abort(context, method, e, outcome)
+        finally:
+            if metrics is not None:
+                metrics.observe_rpc(method, _code_of(context, outcome).name, time.perf_counter() - t0)
 
     return handler
 
 
+def _rebuild(handler: grpc.RpcMethodHandler, wrap_unary: Callable, wrap_stream: Callable) -> grpc.RpcMethodHandler:
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **kw)
+    return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **kw)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions escaping a handler to gRPC statuses."""
+    """Maps exceptions escaping a handler to gRPC statuses, and counts and times every RPC."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
 
     async def intercept_service(
         self,
@@ -83,19 +138,74 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith("/romegw."):
+        if handler is None or not details.method.startswith(SERVICE_PREFIX):
             return handler
-        method = details.method.rsplit("/", 1)[-1]
-        kw = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, handler.unary_unary), **kw)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream(method, handler.unary_stream), **kw)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap_unary(method, handler.stream_unary), **kw)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(_wrap_stream(method, handler.stream_stream), **kw)
-        return handler
+        method = details.method.removeprefix(SERVICE_PREFIX)
+        return _rebuild(
+            handler,
+            lambda b: _wrap_unary(method, b, self.metrics),
+            lambda b: _wrap_stream(method, b, self.metrics),
+        )
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Bearer tokens with roles: missing or unknown -> UNAUTHENTICATED, wrong role -> PERMISSION_DENIED.
+
+    Health and reflection stay open (load balancers and grpcurl need them).
+    """
+
+    def __init__(self, tokens: TokenTable, metrics: Metrics | None = None) -> None:
+        self.tokens = tokens
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if not details.method.startswith(SERVICE_PREFIX):
+            return await continuation(details)
+        method = details.method.removeprefix(SERVICE_PREFIX)
+        header = dict(details.invocation_metadata or ()).get("authorization", "")
+        decision = self.tokens.authorize(header, method)
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        if decision.code is None:
+            name = decision.name
+
+            def bind(behavior: Callable) -> Callable:
+                async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    caller.set(name)
+                    return await behavior(request, context)
+
+                return unary
+
+            def bind_stream(behavior: Callable) -> Callable:
+                async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                    caller.set(name)
+                    async for item in behavior(request, context):
+                        yield item
+
+                return stream
+
+            return _rebuild(handler, bind, bind_stream)
+        code, message = decision.code, decision.message
+        log.warning("%s refused: %s (%s)", method, code.name, message)
+        if self.metrics is not None:
+            self.metrics.observe_rpc(method, code.name, 0.0)
+
+        def deny(_behavior: Callable) -> Callable:
+            async def unary(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await context.abort(code, message)
+
+            return unary
+
+        def deny_stream(_behavior: Callable) -> Callable:
+            async def stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await context.abort(code, message)
+                yield  # pragma: no cover
+
+            return stream
+
+        return _rebuild(handler, deny, deny_stream)

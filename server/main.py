@@ -1,5 +1,6 @@
 """Wiring: the aio gRPC server with the gateway service, health, reflection,
-interceptors, and graceful shutdown.
+interceptors (auth, errors, metrics), TLS, the metrics HTTP endpoint, and
+graceful shutdown.
 
     config = ServerConfig(model=None, port=50051)
     asyncio.run(serve(config))                    # blocks until SIGINT/SIGTERM
@@ -11,6 +12,7 @@ interceptors, and graceful shutdown.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import tempfile
@@ -21,6 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from rome_engine.edit_store import EditStore
 from rome_engine.editing import EditManager, rome_compute
@@ -30,10 +33,25 @@ from romegw_client import SERVICE_NAME
 from romegw_client._pb import gateway_pb2 as pb
 from romegw_client._pb import gateway_pb2_grpc as pb_grpc
 
-from .interceptors import ErrorInterceptor
+from .auth import TokenTable
+from .interceptors import AuthInterceptor, ErrorInterceptor
+from .metrics import Metrics
 from .servicer import RomeGatewayServicer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path  # server certificate chain (PEM)
+    key: Path  # its private key (PEM)
+    client_ca: Path | None = None  # set: clients must present a certificate signed by this CA (mutual TLS)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        ca = self.client_ca.read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials(
+            [(self.key.read_bytes(), self.cert.read_bytes())], root_certificates=ca, require_client_auth=ca is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,35 @@ class ServerConfig:
     edit_store: Path | None = None  # None: a temporary folder, edits do not survive a restart
     cache_dir: Path | None = None  # None: $ROMEGW_CACHE_DIR or ~/.cache/rome-gateway
     corpus: Path | None = None  # text for the covariance statistics; None: text sampled from the model
+    metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
+    metrics_host: str | None = None  # None: the gRPC host
+    tokens: TokenTable = field(default_factory=lambda: TokenTable([]))
+    tls: TlsConfig | None = None
+    insecure_allow_remote: bool = False  # serve a non-loopback address without tokens
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: ServerConfig) -> None:
+    """With no tokens configured, refuse to listen beyond loopback unless told to."""
+    if not config.tokens.enabled and not is_loopback(config.host) and not config.insecure_allow_remote:
+        raise ValueError(
+            f"refusing to serve {config.host} without authentication: configure tokens (--tokens-file or "
+            "ROMEGW_TOKENS), bind a loopback address, or pass --insecure-allow-remote"
+        )
+
+
+def _transport(config: ServerConfig) -> str:
+    if config.tls is None:
+        return "plaintext"
+    return "TLS with client certificates" if config.tls.client_ca else "TLS"
 
 
 def build_engine(loaded: LoadedModel, config: ServerConfig) -> Engine:
@@ -63,16 +110,22 @@ def build_engine(loaded: LoadedModel, config: ServerConfig) -> Engine:
     return Engine(loaded, config.limits, manager)
 
 
-def build_server(engine: Engine, config: ServerConfig) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A configured but not yet started server, and its health servicer (NOT_SERVING)."""
+def build_server(
+    engine: Engine, config: ServerConfig, metrics: Metrics | None = None
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A configured but not yet started server, and its health servicer."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if config.tokens.enabled:
+        interceptors.append(AuthInterceptor(config.tokens, metrics))
+    interceptors.append(ErrorInterceptor(metrics))
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ],
     )
-    pb_grpc.add_RomeGatewayServicer_to_server(RomeGatewayServicer(engine), server)
+    pb_grpc.add_RomeGatewayServicer_to_server(RomeGatewayServicer(engine, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -88,25 +141,58 @@ async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool)
         await health_servicer.set(name, status)
 
 
-async def start(engine: Engine, config: ServerConfig) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    server, health_servicer = build_server(engine, config)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+@dataclass
+class Running:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    metrics: Metrics | None
+    metrics_port: int | None
+    metrics_httpd: object | None
+
+
+def make_metrics(engine: Engine) -> Metrics:
+    m = engine.loaded
+    metrics = Metrics(model_id=m.model_id, dtype=m.dtype_name, device=str(m.device), load_seconds=m.load_seconds)
+    metrics.bind(engine)
+    return metrics
+
+
+async def start(engine: Engine, config: ServerConfig) -> Running:
+    check_exposure(config)
+    metrics = make_metrics(engine)
+    server, health_servicer = build_server(engine, config, metrics)
+    address = f"{config.host}:{config.port}"
+    if config.tls is not None:
+        port = server.add_secure_port(address, config.tls.credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}")
+        raise OSError(f"cannot listen on {address}")
+    httpd, metrics_port = None, None
+    if config.metrics_port is not None:
+        httpd, _ = start_http_server(
+            config.metrics_port, addr=config.metrics_host or config.host, registry=metrics.registry
+        )
+        metrics_port = httpd.server_port
     await server.start()
     await set_serving(health_servicer, True)
-    return server, health_servicer, port
+    return Running(server, health_servicer, port, metrics, metrics_port, httpd)
 
 
-async def shutdown(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, grace: float) -> None:
+async def shutdown(running: Running, grace: float) -> None:
     """Health goes NOT_SERVING, then in-flight calls get ``grace`` seconds to finish."""
-    await set_serving(health_servicer, False)
-    await server.stop(grace)
+    await set_serving(running.health, False)
+    await running.server.stop(grace)
+    if running.metrics_httpd is not None:
+        running.metrics_httpd.shutdown()
+        running.metrics_httpd.server_close()
 
 
 async def serve(config: ServerConfig) -> None:
     """Load the model, serve until SIGINT/SIGTERM, shut down gracefully."""
-    loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+    check_exposure(config)
+    loaded = load_model(config.model, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir)
     log.info(
         "model %s (%s, %d layers): %.1fM parameters, device=%s, dtype=%s, loaded in %.1f s",
         loaded.model_id,
@@ -118,15 +204,26 @@ async def serve(config: ServerConfig) -> None:
         loaded.load_seconds,
     )
     engine = build_engine(loaded, config)
-    server, health_servicer, port = await start(engine, config)
-    log.info("listening on %s:%d (gRPC service %s; health and reflection enabled)", config.host, port, SERVICE_NAME)
+    running = await start(engine, config)
+    log.info(
+        "listening on %s:%d (%s; gRPC service %s, health and reflection; auth %s)",
+        config.host,
+        running.port,
+        "TLS" + (" with client certificates" if config.tls and config.tls.client_ca else "")
+        if config.tls
+        else "plaintext",
+        SERVICE_NAME,
+        f"on, {len(config.tokens)} tokens" if config.tokens.enabled else "off",
+    )
+    if running.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host or config.host, running.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: health NOT_SERVING, %.0f s grace for in-flight calls", config.grace_seconds)
-    await shutdown(server, health_servicer, config.grace_seconds)
+    await shutdown(running, config.grace_seconds)
     engine.close()
     log.info("stopped")
 
@@ -140,26 +237,30 @@ class ServerThread:
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="romegw-server", daemon=True)
-        self._server: grpc.aio.Server | None = None
-        self._health: health.aio.HealthServicer | None = None
+        self.running: Running | None = None
 
     @property
     def target(self) -> str:
         return f"{self.config.host}:{self.port}"
 
+    @property
+    def metrics_url(self) -> str:
+        assert self.running is not None and self.running.metrics_port is not None
+        return f"http://{self.config.host}:{self.running.metrics_port}/metrics"
+
     def start(self) -> ServerThread:
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(start(self.engine, self.config), self._loop)
-        self._server, self._health, self.port = future.result(timeout=30)
+        self.running = future.result(timeout=30)
+        self.port = self.running.port
         return self
 
     def stop(self, grace: float = 1.0) -> None:
-        if self._server is not None:
-            asyncio.run_coroutine_threadsafe(shutdown(self._server, self._health, grace), self._loop).result(
-                timeout=grace + 30
-            )
-            self._server = None
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self.running is not None:
+            asyncio.run_coroutine_threadsafe(shutdown(self.running, grace), self._loop).result(timeout=grace + 30)
+            self.running = None
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 
     def __enter__(self) -> ServerThread:
@@ -167,4 +268,3 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-

@@ -2,27 +2,49 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
-from rome_engine.engine import Engine
+from rome_engine.engine import Engine, TraceDone
 from rome_engine.errors import InvalidRequest
 from romegw_client._pb import gateway_pb2 as pb
 from romegw_client._pb import gateway_pb2_grpc as pb_grpc
 
 from . import convert
+from .interceptors import caller
+from .metrics import Metrics, StreamTimer
+
+audit = logging.getLogger("romegw.audit")
 
 
 class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics | None = None) -> None:
         self.engine = engine
+        self.metrics = metrics
+
+    def _audit(self, what: str, before: int, **detail: object) -> None:
+        """One line per mutating RPC: who, what, the version before and after."""
+        extra = " ".join(f"{k}={v!r}" for k, v in detail.items())
+        audit.info(
+            "who=%s what=%s version_before=%d version_after=%d %s",
+            caller.get(),
+            what,
+            before,
+            self.engine.edit_version,
+            extra,
+        )
 
     async def Generate(  # noqa: N802 - gRPC method names
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         params = convert.sampling_params(request, self.engine.limits.default_max_new_tokens)
+        timer = StreamTimer(self.metrics)
         async for chunk in self.engine.generate(request.prompt, params):
+            timer.token(len(chunk.token_ids))
+            if chunk.finish_reason is not None:
+                timer.done(chunk.prompt_tokens)
             yield convert.generate_response(chunk)
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:  # noqa: N802
@@ -39,6 +61,7 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
     async def ApplyEdit(  # noqa: N802
         self, request: pb.ApplyEditRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApplyEditResponse:
+        before = self.engine.edit_version
         view, head = await self.engine.apply_edit(
             convert.edit_request(request.edit),
             dry_run=request.dry_run,
@@ -46,6 +69,22 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
             author=request.author,
             comment=request.comment,
         )
+        if self.metrics is not None:
+            self.metrics.edit_compute.observe(view.header["compute_seconds"])
+            source = "cache" if view.header.get("covariance_from_cache") else "computed"
+            self.metrics.covariance.labels(source).inc()
+            if not request.dry_run:
+                self.metrics.edits_applied.inc()
+        if not request.dry_run:
+            self._audit(
+                "ApplyEdit",
+                before,
+                edit_id=view.header["edit_id"],
+                subject=request.edit.subject,
+                target=request.edit.target,
+                author=request.author,
+                comment=request.comment,
+            )
         return pb.ApplyEditResponse(layer=convert.edit_layer(view), dry_run=request.dry_run, head_version=head)
 
     async def RevertEdit(  # noqa: N802
@@ -54,11 +93,17 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
         target = request.WhichOneof("target")
         if target is None:
             raise InvalidRequest("set to_version (a version to return to) or edit_id (one layer to remove)")
+        before = self.engine.edit_version
         version, removed, seconds = await self.engine.revert_edit(
             to_version=request.to_version if target == "to_version" else None,
             edit_id=request.edit_id if target == "edit_id" else None,
             author=request.author,
             comment=request.comment,
+        )
+        if self.metrics is not None:
+            self.metrics.edits_reverted.inc()
+        self._audit(
+            "RevertEdit", before, target=target, removed=removed, author=request.author, comment=request.comment
         )
         return pb.RevertEditResponse(
             head_version=version, removed_edit_ids=removed, active_layers=self.engine.active_layers, seconds=seconds
@@ -97,7 +142,11 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
         self, request_iterator: AsyncIterator[pb.EditLayerFile], context: grpc.aio.ServicerContext
     ) -> pb.ImportEditsResponse:
         files = [(m.content, m.sha256 or None) async for m in request_iterator]
+        before = self.engine.edit_version
         views = await self.engine.import_edits(files)
+        if self.metrics is not None:
+            self.metrics.edits_applied.inc(len(views))
+        self._audit("ImportEdits", before, edit_ids=[v.header["edit_id"] for v in views])
         return pb.ImportEditsResponse(
             imported=[convert.edit_layer(v) for v in views], head_version=self.engine.edit_version
         )
@@ -108,4 +157,7 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
         self, request: pb.TraceRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TraceResponse]:
         async for event in self.engine.trace(convert.trace_request(request)):
+            if self.metrics is not None and isinstance(event, TraceDone):
+                self.metrics.trace_seconds.observe(event.result.seconds)
+                self.metrics.trace_forward_passes.inc(event.result.forward_passes)
             yield convert.trace_event(event)

@@ -102,13 +102,15 @@ def serve(tmp_path_factory) -> Iterator[Callable[..., object]]:  # noqa: ANN001
         edits: bool = False,
         edit_store: Path | None = None,
         cache_dir: Path | None = None,
+        **extra: object,
     ) -> ServerThread:
         config = ServerConfig(
-            host="127.0.0.1",
+            host=extra.pop("host", "127.0.0.1"),
             port=0,
             limits=limits or EngineLimits(),
             edit_store=edit_store or tmp_path_factory.mktemp("edits"),
             cache_dir=cache_dir or tmp_path_factory.mktemp("cache"),
+            **extra,
         )
         engine = build_engine(loaded, config) if edits else Engine(loaded, config.limits)
         srv = ServerThread(engine, config).start()

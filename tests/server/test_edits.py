@@ -7,8 +7,8 @@ import hashlib
 import pytest
 import torch
 
-from romegw_client import Client, FailedPrecondition, InvalidArgument, NotFound
 from rome_engine.loading import default_cache_dir
+from romegw_client import Client, FailedPrecondition, InvalidArgument, NotFound
 
 pytestmark = pytest.mark.embedded
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from romegw_client import Client, InvalidArgument, TraceProgress, TraceResult
 from rome_engine.engine import EngineLimits
 from rome_engine.tracing import TraceRequest, trace
+from romegw_client import Client, InvalidArgument, TraceProgress, TraceResult
 
 
 def test_trace_streams_progress_then_the_grid(tiny_llama, serve) -> None:  # noqa: ANN001
