@@ -108,12 +108,12 @@ def test_sigkill_during_apply_edit(model_dir, tmp_path) -> None:  # noqa: ANN001
         prompt, subject, target = next(facts)
         errors: list[BaseException] = []
 
-        def apply(target_addr: str = srv.target) -> None:
+        def apply(target_addr: str = srv.target, fact: tuple = (prompt, subject, target), errs: list = errors) -> None:
             try:
                 with Client(target_addr, timeout=120) as c:
-                    c.apply_edit(prompt, subject, target, hparams=FAST)
+                    c.apply_edit(*fact, hparams=FAST)
             except GatewayError as e:
-                errors.append(e)
+                errs.append(e)
 
         t0 = time.monotonic()
         worker = threading.Thread(target=apply)
