@@ -335,6 +335,8 @@ class Engine:
             version, active, removed = await self.run(
                 lambda: manager.plan_revert(to_version=to_version, edit_id=edit_id)
             )
+            if version == self.edit_version:
+                return version, [], time.perf_counter() - t0  # already there: nothing to record
             async with self.gate.write(self.limits.edit_drain_timeout):
                 await self.run(
                     lambda: manager.record_revert(

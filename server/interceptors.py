@@ -46,6 +46,42 @@ def status_for(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+class _Malformed:
+    """What the guarded deserializer returns for bytes that are not the request message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+            return _Malformed(e)
+
+    return parse
+
+
+def _check_request(request: Any) -> Any:
+    """Malformed bytes become INVALID_ARGUMENT (gRPC itself would answer UNKNOWN)."""
+    if isinstance(request, _Malformed):
+        raise errors.InvalidRequest(f"malformed request message: {request.error}")
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request)
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for item in requests:
+        if isinstance(item, _Malformed):
+            raise errors.InvalidRequest(f"malformed request message in the stream: {item.error}")
+        yield item
+
+
 class _Outcome:
     """The status code a call ended with, as seen by the wrapper."""
 
@@ -77,7 +113,7 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]], metrics: M
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         outcome, t0 = _Outcome(), time.perf_counter()
         try:
-            return await behavior(request_or_iterator, context)
+            return await behavior(_check_request(request_or_iterator), context)
         except errors.EngineError as e:
             await _abort(context, method, e, outcome)
         except (grpc.aio.AbortError, grpc.aio.UsageError):
@@ -96,7 +132,7 @@ def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]], metri
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         outcome, t0 = _Outcome(), time.perf_counter()
         try:
-            async for item in behavior(request_or_iterator, context):
+            async for item in behavior(_check_request(request_or_iterator), context):
                 yield item
         except errors.EngineError as e:
             await _abort(context, method, e, outcome)
@@ -115,8 +151,11 @@ def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]], metri
     return handler
 
 
-def _rebuild(handler: grpc.RpcMethodHandler, wrap_unary: Callable, wrap_stream: Callable) -> grpc.RpcMethodHandler:
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+def _rebuild(
+    handler: grpc.RpcMethodHandler, wrap_unary: Callable, wrap_stream: Callable, *, guard: bool = False
+) -> grpc.RpcMethodHandler:
+    deserializer = _guarded(handler.request_deserializer) if guard else handler.request_deserializer
+    kw = {"request_deserializer": deserializer, "response_serializer": handler.response_serializer}
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kw)
     if handler.unary_stream:
@@ -145,6 +184,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             handler,
             lambda b: _wrap_unary(method, b, self.metrics),
             lambda b: _wrap_stream(method, b, self.metrics),
+            guard=True,
         )
 
 
