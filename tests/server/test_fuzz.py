@@ -12,10 +12,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rome_engine.engine import EngineLimits
 from romegw_client._pb import gateway_pb2 as pb
 from romegw_client._pb import gateway_pb2_grpc as pb_grpc
 from romegw_server.auth import TokenTable
-from rome_engine.engine import EngineLimits
 
 GEN = "fuzz-generate-token-000000000000"
 EDIT = "fuzz-edit-token-0000000000000000"
