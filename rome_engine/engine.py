@@ -96,6 +96,7 @@ class Engine:
         self.loaded = loaded
         self.limits = limits or EngineLimits()
         context = _context_length(loaded)
+        self.context_length = context
         self.max_prompt_tokens = min(self.limits.max_prompt_tokens, context - 1)
         self._pool = ThreadPoolExecutor(
             max_workers=self.limits.max_concurrent_streams + 4, thread_name_prefix="romegw-torch"
@@ -177,6 +178,11 @@ class Engine:
         """Stream the completion of ``prompt``; the last chunk has a finish_reason."""
         self.validate_sampling(params)
         prompt_ids = self.encode_prompt(prompt)
+        if len(prompt_ids) + params.max_new_tokens > self.context_length:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"model's context length of {self.context_length} tokens: lower max_new_tokens"
+            )
         with self._stream_slot():
             async with self.gate.read(self.limits.edit_drain_timeout + 5.0):
                 cancelled = threading.Event()

@@ -17,7 +17,13 @@ Each probability is a mean over ``samples`` noise draws. Sample s uses the same
 noise for every restoration, so a cell's score does not depend on how cells are
 batched: ``trace`` packs many (cell, sample) rows into one forward pass, and
 ``trace_per_position`` (one forward pass per cell, the samples as the batch) is
-the plain reference it is tested against.
+the plain reference it is tested against. ``trace`` also skips work that
+causal attention makes redundant: positions before the restored token are
+computed once per sample and shared through the KV cache, and cells before the
+subject (which the noise never reaches) score ``corrupted_prob`` without a pass.
+
+Hooks are global state on the model: callers serialise traces with every other
+forward pass on the same model (the engine's model lock).
 
     req = TraceRequest("The Eiffel Tower is in", "The Eiffel Tower", kind="mlp")
     result = trace(loaded, req, noise_cache=NoiseCache())
@@ -63,6 +69,7 @@ Progress = Callable[[int, int], None]  # (done, total); may raise to abort the w
 
 # Well-known entities whose token embeddings set the default noise level
 # (the paper uses the subjects of its 1,209 known facts; any broad sample works).
+# fmt: off
 DEFAULT_NOISE_SUBJECTS: tuple[str, ...] = (
     "Eiffel Tower", "Barack Obama", "Microsoft", "Albert Einstein", "Mount Everest",
     "Amazon River", "William Shakespeare", "Toyota", "Leonardo da Vinci", "Great Wall of China",
@@ -75,6 +82,7 @@ DEFAULT_NOISE_SUBJECTS: tuple[str, ...] = (
     "Abraham Lincoln", "Louvre", "BMW", "Cleopatra", "Golden Gate Bridge",
     "Michael Jordan", "Intel", "Frida Kahlo", "Stonehenge", "Harvard University",
 )
+# fmt: on
 
 
 # -- requests and results ---------------------------------------------------
@@ -180,8 +188,8 @@ def noise_level(loaded: LoadedModel, subjects: Sequence[str] | None = None) -> f
 class NoiseCache:
     """Default noise levels by model, computed once each; the engine holds one.
 
-        cache = NoiseCache()
-        cache.get(loaded)   # computed on the first call, remembered after
+    cache = NoiseCache()
+    cache.get(loaded)   # computed on the first call, remembered after
     """
 
     def __init__(self, subjects: Sequence[str] | None = None) -> None:
@@ -229,7 +237,7 @@ def _state_names(spec: ArchSpec, kind: str, num_layers: int) -> list[str]:
 
 @dataclass
 class _Prepared:
-    """Everything shared by the corrupted runs of one request."""
+    """Everything the corrupted runs of one request share."""
 
     input_ids: torch.Tensor  # (1, T)
     tokens: list[str]
@@ -238,18 +246,39 @@ class _Prepared:
     answer_id: int
     clean_prob: float
     clean: dict[str, torch.Tensor]  # module name -> its clean output, (T, D)
-    noise: torch.Tensor  # (S, E, D) scaled noise of each sample on the E subject tokens
+    noise: torch.Tensor  # (S, E, D): the scaled noise of each sample on the E subject tokens
     noise_std: float
     modules_by_layer: list[list[str]]  # layer -> modules a restoration at that layer sets back
+    corrupted_prob: float = math.nan
     forward_passes: int = 0
 
+    @property
+    def num_samples(self) -> int:
+        return self.noise.shape[0]
 
-def _last_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the last position only, (B, V) (skips the lm_head on earlier positions)."""
-    kwargs: dict[str, object] = {"use_cache": False}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = 1
-    return model(input_ids=ids, **kwargs).logits[:, -1]
+
+def _forward(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    start: int = 0,
+    cache: object | None = None,
+    keep_cache: bool = False,
+) -> tuple[torch.Tensor, object | None]:
+    """Forward pass over positions start .. start + ids.shape[1] - 1, after an optional KV cache
+    of positions 0 .. start - 1. Returns the last position's logits (B, V) and the new cache."""
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
+    kwargs: dict[str, object] = {"use_cache": keep_cache or cache is not None}
+    if cache is not None:
+        kwargs[cache_arg] = cache
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1  # skip the unembedding of earlier positions
+    positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)  # (1, T')
+    out = model(input_ids=ids, position_ids=positions, **kwargs)
+    if not keep_cache:
+        return out.logits[:, -1], None
+    new_cache = out.get("cache", None)
+    return out.logits[:, -1], new_cache if new_cache is not None else out.get("past_key_values", None)
 
 
 def _answer_probs(logits: torch.Tensor, answer_id: int) -> torch.Tensor:
@@ -265,7 +294,7 @@ def _prepare(loaded: LoadedModel, req: TraceRequest, noise_std: float) -> _Prepa
     num_layers = spec.num_layers(model)
     names = _state_names(spec, req.kind, num_layers)
     with Trace(model, names) as tr:
-        logits = _last_logits(model, input_ids)  # (1, V)
+        logits, _ = _forward(model, input_ids)  # (1, V)
     if req.answer is None:
         answer_id = int(torch.argmax(logits[0]))
     else:
@@ -275,8 +304,8 @@ def _prepare(loaded: LoadedModel, req: TraceRequest, noise_std: float) -> _Prepa
         answer_id = cont[0]
     start, end = subject_range
     gen = torch.Generator(device="cpu").manual_seed(req.seed)
-    dim = tr[names[0]].output.shape[-1]
-    # sample s adds noise[s] to the subject's embeddings in every row it is used for
+    dim = spec.embedding(model).embedding_dim
+    # sample s adds noise[s] to the subject's embeddings in every row that uses it
     noise = noise_std * torch.randn((req.samples, end - start, dim), generator=gen)  # (S, E, D)
     return _Prepared(
         input_ids=input_ids,
@@ -288,30 +317,60 @@ def _prepare(loaded: LoadedModel, req: TraceRequest, noise_std: float) -> _Prepa
         clean={n: tr[n].output[0] for n in names},  # (T, D) each
         noise=noise.to(device=loaded.device, dtype=loaded.dtype),
         noise_std=noise_std,
-        modules_by_layer=[restored_modules(spec, req.kind, l, req.window, num_layers) for l in range(num_layers)],
+        modules_by_layer=[
+            restored_modules(spec, req.kind, layer, req.window, num_layers) for layer in range(num_layers)
+        ],
         forward_passes=1,
     )
 
 
-def _corrupt_embeddings(prep: _Prepared, sample_of_row: torch.Tensor):  # noqa: ANN202
-    """An edit_output hook adding each row's noise sample to the subject's token embeddings."""
+def _corrupt_embeddings(prep: _Prepared, sample_of_row: torch.Tensor, offset: int = 0):  # noqa: ANN202
+    """An edit_output hook adding each row's noise sample to the subject's token embeddings,
+    for a pass whose first position is ``offset``."""
     start, end = prep.subject_range
     noise = prep.noise[sample_of_row]  # (B, E, D)
 
-    def corrupt(_name: str, emb: torch.Tensor) -> torch.Tensor:  # emb: (B, T, D)
+    def corrupt(_name: str, emb: torch.Tensor) -> torch.Tensor:  # emb: (B, T', D), T' positions from offset
+        lo, hi = max(start, offset), min(end, offset + emb.shape[1])  # subject positions in this pass
+        if lo >= hi:
+            return emb
         emb = emb.clone()
-        emb[:, start:end] += noise
+        emb[:, lo - offset : hi - offset] += noise[:, lo - start : hi - start]
         return emb
 
     return corrupt
 
 
 def _run_rows(
-    loaded: LoadedModel, prep: _Prepared, samples: Sequence[int], cells: Sequence[tuple[int, int] | None]
+    loaded: LoadedModel,
+    prep: _Prepared,
+    samples: Sequence[int],
+    cells: Sequence[tuple[int, int] | None],
+    start: int = 0,
 ) -> torch.Tensor:
-    """One forward pass; row i uses noise sample ``samples[i]`` and restores ``cells[i]``
-    ((token, layer), or None for a plain corrupted row). Returns P(answer) per row, (B,)."""
+    """P(answer) of corrupted rows, (B,): row i uses noise sample ``samples[i]`` and restores
+    ``cells[i]`` = (token, layer) (None: nothing).
+
+    With ``start`` > 0 (every restored token >= start), positions before ``start``
+    are not recomputed for every row: they do not depend on the restoration
+    (causal attention), so one pass over them per noise sample fills a KV
+    cache that the rows share.
+    """
     model, spec = loaded.model, loaded.spec
+    sample_of_row = torch.tensor(list(samples), device=loaded.device)
+    cache = None
+    if start > 0:
+        all_samples = torch.arange(prep.num_samples, device=loaded.device)
+        prefix = prep.input_ids[:, :start].expand(prep.num_samples, -1)  # (S, start)
+        with Trace(model, [spec.embed], capture_output=False, edit_output=_corrupt_embeddings(prep, all_samples)):
+            _, cache = _forward(model, prefix, keep_cache=True)
+        prep.forward_passes += 1
+        if hasattr(cache, "batch_select_indices"):
+            cache.batch_select_indices(sample_of_row)  # (S, ...) -> (B, ...): each row's sample
+        else:  # a cache type we cannot reorder: recompute the prefix in every row
+            log.debug("no reorderable KV cache (%s): full passes", type(cache).__name__)
+            cache, start = None, 0
+
     rows_by_module: dict[str, tuple[list[int], list[int]]] = {}
     for row, cell in enumerate(cells):
         if cell is None:
@@ -326,25 +385,25 @@ def _run_rows(
         for name, (rows, positions) in rows_by_module.items()
     }
 
-    def restore(name: str, out: torch.Tensor) -> torch.Tensor:  # out: (B, T, D)
+    def restore(name: str, out: torch.Tensor) -> torch.Tensor:  # out: (B, T - start, D)
         rows, positions = index[name]
         out = out.clone()
-        out[rows, positions] = prep.clean[name][positions]  # (n, D)
+        out[rows, positions - start] = prep.clean[name][positions]  # (n, D)
         return out
 
-    sample_of_row = torch.tensor(list(samples), device=loaded.device)
-    ids = prep.input_ids.expand(len(cells), -1)  # (B, T)
+    ids = prep.input_ids[:, start:].expand(len(cells), -1)  # (B, T - start)
+    corrupt = _corrupt_embeddings(prep, sample_of_row, offset=start)
     with (
-        Trace(model, [spec.embed], capture_output=False, edit_output=_corrupt_embeddings(prep, sample_of_row)),
+        Trace(model, [spec.embed], capture_output=False, edit_output=corrupt),
         Trace(model, index, capture_output=False, edit_output=restore),
     ):
-        logits = _last_logits(model, ids)  # (B, V)
+        logits, _ = _forward(model, ids, start, cache)  # (B, V)
     prep.forward_passes += 1
     return _answer_probs(logits, prep.answer_id)
 
 
 def _corrupted_prob(loaded: LoadedModel, prep: _Prepared) -> float:
-    samples = range(prep.noise.shape[0])
+    samples = range(prep.num_samples)
     return float(_run_rows(loaded, prep, samples, [None] * len(samples)).mean())
 
 
@@ -356,34 +415,50 @@ def _restore_cells(
     max_batch_rows: int,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Mean restored P(answer) of each cell, (C,): rows (cell, sample) packed into batches."""
-    num_samples = prep.noise.shape[0]
-    total_rows = len(cells) * num_samples
-    sums = torch.zeros(len(cells), dtype=torch.float32)
-    for first in range(0, total_rows, max_batch_rows):
-        rows = range(first, min(first + max_batch_rows, total_rows))
-        cell_of_row = [r // num_samples for r in rows]  # row r = (cell r // S, sample r % S)
-        probs = _run_rows(loaded, prep, [r % num_samples for r in rows], [cells[c] for c in cell_of_row])
-        sums.index_add_(0, torch.tensor(cell_of_row), probs.float().cpu())
-        if progress is not None:
-            progress(rows.stop // num_samples, len(cells))
-    return sums / num_samples
+    """Mean restored P(answer) of each (token, layer) cell, (C,).
+
+    Rows (cell, sample) of the same token share batches of at most
+    ``max_batch_rows`` rows. A state before the subject is the same in the
+    clean and corrupted runs (the noise has not reached it), so those cells
+    score ``corrupted_prob`` without a pass.
+    """
+    num_samples, subject_start = prep.num_samples, prep.subject_range[0]
+    scores = torch.full((len(cells),), prep.corrupted_prob)
+    by_token: dict[int, list[int]] = {}
+    for i, (token, _layer) in enumerate(cells):
+        if token >= subject_start:
+            by_token.setdefault(token, []).append(i)
+    done_rows = (len(cells) - sum(map(len, by_token.values()))) * num_samples
+    sums = torch.zeros(len(cells))
+    for token, cell_ids in sorted(by_token.items()):
+        rows = [(c, s) for c in cell_ids for s in range(num_samples)]
+        n_batches = -(-len(rows) // max_batch_rows)
+        size = -(-len(rows) // n_batches)  # even batches: 300 rows by 128 -> 100, 100, 100
+        for first in range(0, len(rows), size):
+            batch = rows[first : first + size]
+            probs = _run_rows(loaded, prep, [s for _, s in batch], [cells[c] for c, _ in batch], start=token)
+            sums.index_add_(0, torch.tensor([c for c, _ in batch]), probs.float().cpu())
+            done_rows += len(batch)
+            if progress is not None:
+                progress(done_rows // num_samples, len(cells))
+        scores[cell_ids] = sums[cell_ids] / num_samples
+    return scores
 
 
-def _resolve_noise(loaded: LoadedModel, req: TraceRequest, noise_cache: NoiseCache | None) -> float:
-    if req.noise is not None:
-        return req.noise
+def _resolve_noise(loaded: LoadedModel, noise: float | None, noise_cache: NoiseCache | None) -> float:
+    if noise is not None:
+        return noise
     return noise_cache.get(loaded) if noise_cache is not None else noise_level(loaded)
 
 
-def _result(req: TraceRequest, prep: _Prepared, corrupted: float, scores: torch.Tensor, t0: float) -> TraceResult:
+def _result(req: TraceRequest, prep: _Prepared, scores: torch.Tensor, t0: float) -> TraceResult:
     return TraceResult(
         tokens=prep.tokens,
         subject_range=prep.subject_range,
         answer=prep.answer,
         answer_id=prep.answer_id,
         clean_prob=prep.clean_prob,
-        corrupted_prob=corrupted,
+        corrupted_prob=prep.corrupted_prob,
         scores=scores,
         kind=req.kind,
         noise=prep.noise_std,
@@ -412,47 +487,51 @@ def trace(
         raise InvalidRequest(f"max_batch_rows must be >= 1, got {max_batch_rows}")
     t0 = time.perf_counter()
     with torch.inference_mode():
-        prep = _prepare(loaded, req, _resolve_noise(loaded, req, noise_cache))
-        corrupted = _corrupted_prob(loaded, prep)
+        prep = _prepare(loaded, req, _resolve_noise(loaded, req.noise, noise_cache))
+        prep.corrupted_prob = _corrupted_prob(loaded, prep)
         num_tokens, num_layers = len(prep.tokens), len(prep.modules_by_layer)
-        cells = [(t, l) for t in range(num_tokens) for l in range(num_layers)]
+        cells = [(t, layer) for t in range(num_tokens) for layer in range(num_layers)]
         scores = _restore_cells(loaded, prep, cells, max_batch_rows=max_batch_rows, progress=progress)
-    result = _result(req, prep, corrupted, scores.view(num_tokens, num_layers), t0)
+    result = _result(req, prep, scores.view(num_tokens, num_layers), t0)
     log.info(
         "traced %s over %d x %d cells in %.2f s (%d forward passes)",
-        req.kind, num_tokens, num_layers, result.seconds, result.forward_passes,
+        req.kind,
+        num_tokens,
+        num_layers,
+        result.seconds,
+        result.forward_passes,
     )
     return result
 
 
 def trace_per_position(loaded: LoadedModel, req: TraceRequest, *, noise_cache: NoiseCache | None = None) -> TraceResult:
-    """Reference implementation of ``trace``: one forward pass per (token, layer) cell,
-    the ``samples`` noise draws as the batch. Slow; for tests and benchmarks."""
+    """Reference implementation of ``trace``: one full forward pass per (token, layer)
+    cell, the ``samples`` noise draws as the batch. Slow; for tests and benchmarks."""
     t0 = time.perf_counter()
     model, spec = loaded.model, loaded.spec
     with torch.inference_mode():
-        prep = _prepare(loaded, req, _resolve_noise(loaded, req, noise_cache))
-        corrupted = _corrupted_prob(loaded, prep)
-        sample_ids = torch.arange(req.samples, device=loaded.device)
+        prep = _prepare(loaded, req, _resolve_noise(loaded, req.noise, noise_cache))
+        prep.corrupted_prob = _corrupted_prob(loaded, prep)
+        corrupt = _corrupt_embeddings(prep, torch.arange(req.samples, device=loaded.device))
         ids = prep.input_ids.expand(req.samples, -1)  # (S, T)
         num_tokens, num_layers = len(prep.tokens), len(prep.modules_by_layer)
         scores = torch.zeros(num_tokens, num_layers)
         for t in range(num_tokens):
             for layer in range(num_layers):
 
-                def restore(name: str, out: torch.Tensor, t: int = t) -> torch.Tensor:  # (S, T, D)
+                def restore(name: str, out: torch.Tensor, t: int = t) -> torch.Tensor:  # out: (S, T, D)
                     out = out.clone()
                     out[:, t] = prep.clean[name][t]
                     return out
 
                 with (
-                    Trace(model, [spec.embed], capture_output=False, edit_output=_corrupt_embeddings(prep, sample_ids)),
+                    Trace(model, [spec.embed], capture_output=False, edit_output=corrupt),
                     Trace(model, prep.modules_by_layer[layer], capture_output=False, edit_output=restore),
                 ):
-                    logits = _last_logits(model, ids)  # (S, V)
+                    logits, _ = _forward(model, ids)  # (S, V)
                 prep.forward_passes += 1
                 scores[t, layer] = _answer_probs(logits, prep.answer_id).mean()
-    return _result(req, prep, corrupted, scores, t0)
+    return _result(req, prep, scores, t0)
 
 
 # -- many facts (the paper's Figure 2) --------------------------------------
@@ -498,6 +577,29 @@ class TraceSummary:
         return max(range(self.num_layers), key=self.last_subject_effect.__getitem__)
 
 
+def _trace_two_tokens(
+    loaded: LoadedModel, req: TraceRequest, noise_std: float, min_clean_prob: float, max_batch_rows: int
+) -> tuple[_Prepared | None, torch.Tensor | None]:
+    """Restored P(answer) at the last subject token and the last token, (2, L); None when
+    the fact cannot be traced (no prep) or its clean P(answer) is below ``min_clean_prob``."""
+    try:
+        with torch.inference_mode():
+            prep = _prepare(loaded, req, noise_std)
+    except InvalidRequest as e:
+        log.warning("skipping a fact: %s", e)
+        return None, None
+    if prep.clean_prob < min_clean_prob:
+        log.debug("skipping %r: P(answer) %.3f < %.3f", req.prompt, prep.clean_prob, min_clean_prob)
+        return prep, None
+    num_layers = len(prep.modules_by_layer)
+    rows = (prep.subject_range[1] - 1, len(prep.tokens) - 1)
+    with torch.inference_mode():
+        prep.corrupted_prob = _corrupted_prob(loaded, prep)
+        cells = [(t, layer) for t in rows for layer in range(num_layers)]
+        scores = _restore_cells(loaded, prep, cells, max_batch_rows=max_batch_rows)
+    return prep, scores.view(2, num_layers)
+
+
 def trace_summary(
     loaded: LoadedModel,
     facts: Sequence[tuple[str, str, str | None]],
@@ -508,6 +610,7 @@ def trace_summary(
     noise: float | None = None,
     seed: int = 0,
     min_clean_prob: float = 0.0,
+    max_facts: int | None = None,
     noise_cache: NoiseCache | None = None,
     progress: Progress | None = None,
     max_batch_rows: int = 128,
@@ -516,14 +619,12 @@ def trace_summary(
 
     Only those two token rows of each fact's grid are computed. Facts whose
     subject is missing from the prompt, or whose clean P(answer) is below
-    ``min_clean_prob``, are skipped (and counted). ``progress(done_facts, total_facts)``
-    runs after each fact, e.g. with tqdm: ``progress=lambda d, n: bar.update(d - bar.n)``.
+    ``min_clean_prob``, are skipped (and counted); the work stops once ``max_facts``
+    facts are averaged. ``progress(done_facts, total_facts)`` runs after each fact,
+    e.g. with tqdm: ``progress=lambda d, n: bar.update(d - bar.n)``.
     """
     t0 = time.perf_counter()
-    if noise is not None:
-        noise_std = noise
-    else:
-        noise_std = noise_cache.get(loaded) if noise_cache is not None else noise_level(loaded)
+    noise_std = _resolve_noise(loaded, noise, noise_cache)
     num_layers = loaded.spec.num_layers(loaded.model)
     subject_sum = torch.zeros(num_layers)
     last_sum = torch.zeros(num_layers)
@@ -532,31 +633,20 @@ def trace_summary(
     for i, (prompt, subject, answer) in enumerate(facts):
         # each fact gets its own noise draws (seed + i); a bad kind/samples/window raises here
         req = TraceRequest(prompt, subject, answer, kind, noise_std, samples, window, seed + i)
-        try:
-            with torch.inference_mode():
-                prep = _prepare(loaded, req, noise_std)
-        except InvalidRequest as e:
-            log.warning("skipping fact %d: %s", i, e)
+        prep, scores = _trace_two_tokens(loaded, req, noise_std, min_clean_prob, max_batch_rows)
+        passes += prep.forward_passes if prep is not None else 0
+        if prep is None or scores is None:
             skipped += 1
-            continue
-        if prep.clean_prob < min_clean_prob:
-            passes += prep.forward_passes
-            skipped += 1
-            log.debug("skipping fact %d: P(answer) %.3f < %.3f", i, prep.clean_prob, min_clean_prob)
         else:
-            with torch.inference_mode():
-                corrupted = _corrupted_prob(loaded, prep)
-                last_subject, last = prep.subject_range[1] - 1, len(prep.tokens) - 1
-                cells = [(t, l) for t in (last_subject, last) for l in range(num_layers)]
-                scores = _restore_cells(loaded, prep, cells, max_batch_rows=max_batch_rows)
-            subject_sum += scores[:num_layers] - corrupted
-            last_sum += scores[num_layers:] - corrupted
+            subject_sum += scores[0] - prep.corrupted_prob
+            last_sum += scores[1] - prep.corrupted_prob
             clean_sum += prep.clean_prob
-            corrupted_sum += corrupted
-            passes += prep.forward_passes
+            corrupted_sum += prep.corrupted_prob
             used += 1
         if progress is not None:
             progress(i + 1, len(facts))
+        if max_facts is not None and used >= max_facts:
+            break
     if used == 0:
         raise InvalidRequest(
             f"none of the {len(facts)} facts could be traced (subject missing from the prompt, "
@@ -579,6 +669,10 @@ def trace_summary(
     )
     log.info(
         "trace summary (%s) over %d facts (%d skipped) in %.1f s: peak at layer %d",
-        kind, used, skipped, summary.seconds, summary.peak_layer,
+        kind,
+        used,
+        skipped,
+        summary.seconds,
+        summary.peak_layer,
     )
     return summary

@@ -50,8 +50,9 @@ def tiny_config(family: str, vocab_size: int):  # noqa: ANN201
             num_hidden_layers=4, hidden_size=64, num_attention_heads=4, intermediate_size=128,
             max_position_embeddings=256, **common,
         )
+    # rotary models have no position table: a long context lets tests run long streams
     kw = {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "intermediate_size": 128, "max_position_embeddings": 256, **common}
+          "intermediate_size": 128, "max_position_embeddings": 1 << 20, **common}
     if family == "llama":
         return LlamaConfig(**kw)
     if family == "mistral":

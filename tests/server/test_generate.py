@@ -100,6 +100,14 @@ def test_bad_generate_input_is_invalid_argument(tiny_llama, serve, prompt, param
     assert fragment in err.value.message
 
 
+def test_prompt_plus_new_tokens_must_fit_the_context(tiny_gpt2, serve) -> None:  # noqa: ANN001
+    srv = serve(tiny_gpt2, EngineLimits(max_new_tokens=1000))
+    with Client(srv.target) as c:
+        with pytest.raises(InvalidArgument, match="context length of 256 tokens"):
+            c.generate_text("Hi there", max_new_tokens=255)
+        assert c.generate_text("Hi there", max_new_tokens=250).finish_reason in ("length", "eos")
+
+
 def test_cancel_frees_the_stream(tiny_llama, serve) -> None:  # noqa: ANN001
     srv = serve(tiny_llama, EngineLimits(max_new_tokens=4000))
     with Client(srv.target) as c:
