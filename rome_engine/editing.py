@@ -99,7 +99,8 @@ class EditManager:
                 layer, _ = self.store.read_layer(edit_id)
             except (ValueError, NotFound) as e:
                 return f"layer {edit_id}: {e}"
-            problem = self.weights.check_shapes(layer) or self.weights.check_fingerprint(layer.header["base_fingerprint"])
+            fingerprint = layer.header["base_fingerprint"]
+            problem = self.weights.check_shapes(layer) or self.weights.check_fingerprint(fingerprint)
             if problem:
                 return f"layer {edit_id} does not fit this model: {problem}"
             self._layers[edit_id] = layer
@@ -111,7 +112,8 @@ class EditManager:
         """Compute a ROME edit on the current weights (which it leaves unchanged) as a layer."""
         t0 = time.perf_counter()
         result = self.compute(self.loaded, request)
-        factor = RankOneFactor(result.param_name, result.left.detach().float().cpu(), result.right.detach().float().cpu())
+        left, right = result.left.detach().float().cpu(), result.right.detach().float().cpu()
+        factor = RankOneFactor(result.param_name, left, right)
         probs = self._probabilities(request, result, factor)
         header = {
             "format_version": FORMAT_VERSION,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from . import __version__
+from .batching import BatchScheduler
 from .editing import EditManager, EditView
 from .errors import FailedPrecondition, InvalidRequest, ResourceExhausted, Unavailable
 from .gate import VersionGate
@@ -43,6 +44,7 @@ class EngineLimits:
     max_new_tokens: int = 1024
     default_max_new_tokens: int = 64
     max_concurrent_streams: int = 16
+    max_batch_size: int = 32  # streams decoded together per forward pass; 0: each stream on its own thread
     max_stop_sequences: int = 8
     max_stop_length: int = 128
     max_top_logprobs: int = 20
@@ -104,6 +106,11 @@ class Engine:
         self._streams_lock = threading.Lock()
         self._active_streams = 0
         self._closed = False
+        self.scheduler = (
+            BatchScheduler(loaded, max_batch_size=self.limits.max_batch_size)
+            if self.limits.max_batch_size > 0
+            else None
+        )
         self.gate = VersionGate()
         self.edits = edits
         self._edit_lock: asyncio.Lock | None = None
@@ -132,6 +139,8 @@ class Engine:
 
     def close(self) -> None:
         self._closed = True
+        if self.scheduler is not None:
+            self.scheduler.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- requests -----------------------------------------------------------
@@ -185,23 +194,55 @@ class Engine:
             )
         with self._stream_slot():
             async with self.gate.read(self.limits.edit_drain_timeout + 5.0):
-                cancelled = threading.Event()
-                steps = generate_tokens(
-                    self.loaded, prompt_ids, params, cancelled=cancelled.is_set, edit_version=self.edit_version
-                )
-                try:
-                    while True:
-                        chunk = await self.run(_next_or_none, steps)
-                        if chunk is None:
-                            return
+                if self.scheduler is not None:
+                    stream = self._batched(prompt_ids, params)
+                else:
+                    stream = self._alone(prompt_ids, params)
+                async with contextlib.aclosing(stream):
+                    async for chunk in stream:
                         yield chunk
-                        if chunk.finish_reason is not None:
-                            return
-                finally:
-                    cancelled.set()
-                    # the generator is idle (no step in flight) whenever we get here
-                    with contextlib.suppress(ValueError):
-                        steps.close()
+
+    async def _batched(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+        """One row of the continuous batch."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(item: GenerationChunk | BaseException) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody listens any more
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        self.scheduler.submit(prompt_ids, params, emit=emit, cancelled=cancelled.is_set, edit_version=self.edit_version)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            cancelled.set()  # the scheduler drops the row at its next step
+
+    async def _alone(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+        """The stream decoded on its own, one worker-thread step per token."""
+        cancelled = threading.Event()
+        steps = generate_tokens(
+            self.loaded, prompt_ids, params, cancelled=cancelled.is_set, edit_version=self.edit_version
+        )
+        try:
+            while True:
+                chunk = await self.run(_next_or_none, steps)
+                if chunk is None:
+                    return
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            cancelled.set()
+            # the generator is idle (no step in flight) whenever we get here
+            with contextlib.suppress(ValueError):
+                steps.close()
 
     async def score(self, prompt: str, continuations: list[str]) -> tuple[list[ContinuationScore], int]:
         """Scores of the continuations, and the edit version they were computed on."""

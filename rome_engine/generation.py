@@ -143,6 +143,59 @@ def _token_info(tokenizer: object, logits: torch.Tensor, token_id: int, top_n: i
     return TokenInfo(token_id, tokenizer.decode([token_id]), float(logprobs[token_id]), top)
 
 
+class DecodeState:
+    """One sequence's decoding bookkeeping: sampling, text deltas, stop rules, finish reason.
+
+    ``step(logits)`` picks the next token from the model's logits for this
+    sequence and returns the chunk to send; after a chunk with a
+    ``finish_reason`` the sequence is done. Shared by the single-stream loop
+    below and the batch scheduler.
+    """
+
+    def __init__(self, loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams, edit_version: int = 0):
+        self.tokenizer = loaded.tokenizer
+        self.params = params
+        self.eos_ids = _eos_ids(loaded)
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=loaded.device)
+            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        self.tracker = _TextTracker(self.tokenizer, params.stop)
+        self.completion: list[int] = []
+        self.n_prompt = len(prompt_ids)
+        self.edit_version = edit_version
+        self.finished = False
+
+    def _chunk(self, text: str, ids: list[int], infos: list[TokenInfo], reason: str | None) -> GenerationChunk:
+        if reason is not None:
+            self.finished = True
+        return GenerationChunk(text, ids, infos, reason, self.n_prompt, len(self.completion), self.edit_version)
+
+    @property
+    def last_token(self) -> int:
+        return self.completion[-1]
+
+    def step(self, logits: torch.Tensor) -> GenerationChunk:
+        """Consume the logits (V,) for the next position."""
+        params = self.params
+        if params.max_new_tokens <= len(self.completion):
+            return self._chunk(self.tracker.flush(), [], [], FINISH_LENGTH)
+        token = sample_next(logits, params, self.generator)
+        if token in self.eos_ids:
+            return self._chunk(self.tracker.flush(), [], [], FINISH_EOS)
+        self.completion.append(token)
+        infos = [_token_info(self.tokenizer, logits, token, params.top_logprobs)] if params.logprobs else []
+        text, stopped = self.tracker.update(self.completion)
+        if stopped:
+            return self._chunk(text, [token], infos, FINISH_STOP)
+        if len(self.completion) == params.max_new_tokens:
+            return self._chunk(text + self.tracker.flush(), [token], infos, FINISH_LENGTH)
+        return self._chunk(text, [token], infos, None)
+
+    def cancel(self) -> GenerationChunk:
+        return self._chunk(self.tracker.flush(), [], [], FINISH_CANCELLED)
+
+
 @torch.inference_mode()
 def generate_tokens(
     loaded: LoadedModel,
@@ -152,52 +205,28 @@ def generate_tokens(
     cancelled: Callable[[], bool] = lambda: False,
     edit_version: int = 0,
 ) -> Iterator[GenerationChunk]:
-    """Decode ``params.max_new_tokens`` tokens at most, one chunk per step.
+    """Decode ``params.max_new_tokens`` tokens at most, one chunk per step (one sequence alone).
 
     Chunks with no new text (a held-back partial character or stop prefix)
     are still yielded, so a caller sees every step; the last chunk has a
     ``finish_reason``.
     """
-    model, tokenizer = loaded.model, loaded.tokenizer
-    eos_ids = _eos_ids(loaded)
-    generator = None
-    if not params.greedy:
-        generator = torch.Generator(device=loaded.device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-    tracker = _TextTracker(tokenizer, params.stop)
-    completion: list[int] = []
-    n_prompt = len(prompt_ids)
-
-    def chunk(text: str, ids: list[int], infos: list[TokenInfo], reason: str | None) -> GenerationChunk:
-        return GenerationChunk(text, ids, infos, reason, n_prompt, len(completion), edit_version)
-
+    model = loaded.model
+    state = DecodeState(loaded, prompt_ids, params, edit_version)
     cache_kw = cache_kwarg(model)
-    input_ids = torch.tensor([prompt_ids], device=loaded.device)
-    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=torch.tensor([prompt_ids], device=loaded.device), use_cache=True, logits_to_keep=1)
     past = getattr(out, cache_kw)
-    for _ in range(params.max_new_tokens):
+    while True:
         if cancelled():
-            yield chunk(tracker.flush(), [], [], FINISH_CANCELLED)
+            yield state.cancel()
             return
-        logits = out.logits[0, -1]  # (V,)
-        token = sample_next(logits, params, generator)
-        if token in eos_ids:
-            yield chunk(tracker.flush(), [], [], FINISH_EOS)
+        chunk = state.step(out.logits[0, -1])
+        yield chunk
+        if state.finished:
             return
-        completion.append(token)
-        infos = [_token_info(tokenizer, logits, token, params.top_logprobs)] if params.logprobs else []
-        text, stopped = tracker.update(completion)
-        if stopped:
-            yield chunk(text, [token], infos, FINISH_STOP)
-            return
-        if len(completion) == params.max_new_tokens:
-            yield chunk(text + tracker.flush(), [token], infos, FINISH_LENGTH)
-            return
-        yield chunk(text, [token], infos, None)
-        step = torch.tensor([[token]], device=loaded.device)
+        step = torch.tensor([[state.last_token]], device=loaded.device)
         out = model(input_ids=step, use_cache=True, **{cache_kw: past})
         past = getattr(out, cache_kw)
-    yield chunk(tracker.flush(), [], [], FINISH_LENGTH)  # max_new_tokens == 0
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:

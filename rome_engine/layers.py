@@ -62,7 +62,8 @@ class LayerWeights:
             except LookupError:
                 return f"the model has no parameter {f.param}"
             if tuple(w.shape) != (f.u.numel(), f.v.numel()):
-                return f"{f.param} is {tuple(w.shape)} (out, in) but the layer's factors are {f.u.numel()} x {f.v.numel()}"
+                factors = f"{f.u.numel()} x {f.v.numel()}"
+                return f"{f.param} is {tuple(w.shape)} (out, in) but the layer's factors are {factors}"
         return None
 
     @torch.no_grad()

@@ -74,6 +74,12 @@ class Metrics:
         self.prompt_tokens = Counter("romegw_prompt_tokens_total", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("romegw_generation_tokens_total", "Tokens generated.", registry=r)
         self.active_streams = Gauge("romegw_active_streams", "Generate streams running now.", registry=r)
+        self.batch_size = Histogram(
+            "romegw_batch_size",
+            "Streams decoded together per forward pass.",
+            buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
+            registry=r,
+        )
         self.queued_requests = Gauge(
             "romegw_queued_requests", "Requests waiting (behind an edit being made live).", registry=r
         )
@@ -103,6 +109,8 @@ class Metrics:
         self.queued_requests.set_function(lambda: engine.gate.waiting)
         self.head_version.set_function(lambda: engine.edit_version)
         self.active_layers.set_function(lambda: engine.active_layers)
+        if getattr(engine, "scheduler", None) is not None:
+            engine.scheduler.on_step = self.batch_size.observe
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         self.rpc_requests.labels(method, code).inc()
