@@ -1,25 +1,42 @@
-"""Generate: single-stream tokens/s through the gateway vs plain ``model.generate``.
+"""Generate: tokens/s through the gateway vs plain ``model.generate``, in the same run.
 
-Both run greedy on the same model, prompt and length, in the same process
-and run; the gateway is driven through the client SDK over loopback.
+- one stream: the gateway (client SDK over loopback) vs ``model.generate`` (greedy, same prompt, same length);
+- N concurrent streams (1, 4, 8, 16): the gateway's aggregate tokens/s vs single-stream ``model.generate``
+  and vs ``model.generate`` on the same N prompts batched by hand (left padding) - the best a user could do;
+  p50/p95 time to first token and inter-token latency of the gateway's streams.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
 
+from bench.common import percentile
 from rome_engine.engine import Engine, EngineLimits
 from rome_engine.loading import LoadedModel
 from romegw_client import Client
 from romegw_server.main import ServerConfig, ServerThread
 
-PROMPT = "The history of the city of Rome begins"
+PROMPTS = [
+    "The history of the city of Rome begins",
+    "The best way to learn a new language is",
+    "Once upon a time, in a small village,",
+    "The main ingredients of a good bread are",
+    "In the morning, the market square",
+    "Scientists have recently discovered that",
+    "The old lighthouse keeper looked at",
+    "A short guide to the planets of",
+]
 
 
-def hf_generate_tps(loaded: LoadedModel, n_tokens: int, repeats: int) -> float:
-    ids = loaded.tokenizer(PROMPT, return_tensors="pt")["input_ids"].to(loaded.device)
+def prompt(i: int) -> str:
+    return PROMPTS[i % len(PROMPTS)]
+
+
+def hf_single_tps(loaded: LoadedModel, n_tokens: int, repeats: int) -> float:
+    ids = loaded.tokenizer(prompt(0), return_tensors="pt")["input_ids"].to(loaded.device)
     rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -29,30 +46,83 @@ def hf_generate_tps(loaded: LoadedModel, n_tokens: int, repeats: int) -> float:
     return max(rates)
 
 
-def gateway_tps(target: str, n_tokens: int, repeats: int) -> tuple[float, float]:
-    """(tokens/s, time to first token in s) of one stream; the EOS is never reached on this prompt
-    within n_tokens for the embedded model, and completion_tokens is what is counted."""
-    rates, ttfts = [], []
-    with Client(target) as c:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            first = None
-            count = 0
-            for chunk in c.generate(PROMPT, max_new_tokens=n_tokens):
-                if first is None:
-                    first = time.perf_counter() - t0
-                count = chunk.completion_tokens or count
-            rates.append(count / (time.perf_counter() - t0))
-            ttfts.append(first or 0.0)
-    return max(rates), min(ttfts)
+def hf_batched_tps(loaded: LoadedModel, n_streams: int, n_tokens: int) -> float:
+    tok = loaded.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        batch = tok([prompt(i) for i in range(n_streams)], return_tensors="pt", padding=True).to(loaded.device)
+    finally:
+        tok.padding_side = side
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        loaded.model.generate(
+            **batch, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    return n_streams * n_tokens / (time.perf_counter() - t0)
 
 
-def run(loaded: LoadedModel, *, n_tokens: int = 64, repeats: int = 3) -> dict:
-    hf_generate_tps(loaded, 4, 1)  # warm-up
-    engine = Engine(loaded, EngineLimits())
+def gateway_concurrent(target: str, n_streams: int, n_tokens: int) -> dict:
+    ttfts: list[float] = []
+    gaps: list[float] = []
+    counts: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(n_streams)
+
+    def one(i: int) -> None:
+        with Client(target, timeout=600) as c:
+            barrier.wait()
+            t0 = last = time.perf_counter()
+            first, n = None, 0
+            mine: list[float] = []
+            for chunk in c.generate(prompt(i), max_new_tokens=n_tokens):
+                now = time.perf_counter()
+                if chunk.token_ids:
+                    if first is None:
+                        first = now - t0
+                    else:
+                        mine.append(now - last)
+                    last = now
+                    n += len(chunk.token_ids)
+            with lock:
+                ttfts.append(first or float("nan"))
+                gaps.extend(mine)
+                counts.append(n)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n_streams)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {
+        "streams": n_streams,
+        "tokens": sum(counts),
+        "tokens_per_s": sum(counts) / wall,
+        "ttft_p50": percentile(ttfts, 50),
+        "ttft_p95": percentile(ttfts, 95),
+        "itl_p50": percentile(gaps, 50),
+        "itl_p95": percentile(gaps, 95),
+    }
+
+
+def run(
+    loaded: LoadedModel, *, n_tokens: int = 64, repeats: int = 3, concurrency: tuple[int, ...] = (1, 4, 8, 16)
+) -> dict:
+    hf_single_tps(loaded, 4, 1)  # warm-up
+    engine = Engine(loaded, EngineLimits(max_concurrent_streams=max(concurrency) + 2))
+    out: dict = {"tokens": n_tokens, "concurrent": []}
     with ServerThread(engine, ServerConfig(host="127.0.0.1", port=0)) as srv:
-        gateway_tps(srv.target, 4, 1)  # warm-up
-        gw, ttft = gateway_tps(srv.target, n_tokens, repeats)
+        gateway_concurrent(srv.target, 1, 4)  # warm-up
+        single = [gateway_concurrent(srv.target, 1, n_tokens) for _ in range(repeats)]
+        out["gateway_tps"] = max(s["tokens_per_s"] for s in single)
+        out["gateway_ttft_s"] = min(s["ttft_p50"] for s in single)
+        for n in concurrency:
+            row = gateway_concurrent(srv.target, n, n_tokens)
+            row["hf_batched_tps"] = hf_batched_tps(loaded, n, n_tokens)
+            out["concurrent"].append(row)
     engine.close()
-    hf = hf_generate_tps(loaded, n_tokens, repeats)
-    return {"tokens": n_tokens, "gateway_tps": gw, "gateway_ttft_s": ttft, "hf_generate_tps": hf, "ratio": gw / hf}
+    out["hf_generate_tps"] = hf_single_tps(loaded, n_tokens, repeats)
+    out["ratio"] = out["gateway_tps"] / out["hf_generate_tps"]
+    return out

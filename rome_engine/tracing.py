@@ -36,6 +36,7 @@ Public names:
     noise_level, NoiseCache, DEFAULT_NOISE_SUBJECTS     - the paper's default noise
     window_layers, restored_modules                     - which modules a cell restores
     Fact, load_known_facts, TraceSummary, trace_summary  - averages over many facts (Fig. 2)
+    Progress                                            - the (done, total) callback type
 """
 
 from __future__ import annotations
@@ -324,7 +325,9 @@ def _prepare(loaded: LoadedModel, req: TraceRequest, noise_std: float) -> _Prepa
     )
 
 
-def _corrupt_embeddings(prep: _Prepared, sample_of_row: torch.Tensor, offset: int = 0):  # noqa: ANN202
+def _corrupt_embeddings(
+    prep: _Prepared, sample_of_row: torch.Tensor, offset: int = 0
+) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """An edit_output hook adding each row's noise sample to the subject's token embeddings,
     for a pass whose first position is ``offset``."""
     start, end = prep.subject_range
