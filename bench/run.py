@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import bench_edits, bench_generate, bench_load  # noqa: E402
+from bench import bench_edits, bench_generate, bench_load, bench_trace  # noqa: E402
 from bench.common import machine, print_table, write_json  # noqa: E402
 from rome_engine.loading import load_model  # noqa: E402
 
@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     loaded = load_model(None, device="cpu", dtype="float32")
-    gen = bench_generate.run(loaded, n_tokens=8 if args.smoke else 64, repeats=1 if args.smoke else 3)
+    gen = bench_generate.run(
+        loaded,
+        n_tokens=8 if args.smoke else 64,
+        repeats=1 if args.smoke else 3,
+        concurrency=(1, 2) if args.smoke else (1, 4, 8, 16),
+    )
     results["generate_single"] = gen
     print_table(
         f"Generate, one stream, greedy, {gen['tokens']} tokens",
@@ -52,6 +57,46 @@ def main(argv: list[str] | None = None) -> int:
             ),
             ("time to first token (s)", f"{gen['gateway_ttft_s']:.3f}", "-", "-"),
         ],
+    )
+    rows = []
+    for r in gen["concurrent"]:
+        n = r["streams"]
+        rows.append(
+            (
+                f"{n} streams: aggregate tokens/s vs model.generate x1",
+                f"{r['tokens_per_s']:.1f}",
+                f"{gen['hf_generate_tps']:.1f}",
+                f"{r['tokens_per_s'] / gen['hf_generate_tps']:.2f}x",
+            )
+        )
+        rows.append(
+            (
+                f"{n} streams: vs model.generate, {n} prompts batched by hand",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['hf_batched_tps']:.1f}",
+                f"{r['tokens_per_s'] / r['hf_batched_tps']:.2f}x",
+            )
+        )
+        rows.append((f"{n} streams: TTFT p50 / p95 (s)", f"{r['ttft_p50']:.3f} / {r['ttft_p95']:.3f}", "-", "-"))
+        rows.append((f"{n} streams: inter-token p50 / p95 (s)", f"{r['itl_p50']:.3f} / {r['itl_p95']:.3f}", "-", "-"))
+    print_table("Generate, concurrent streams (continuous batching)", rows)
+
+    trace = bench_trace.run(
+        loaded, samples=2 if args.smoke else 10, kinds=("mlp",) if args.smoke else ("hidden", "mlp")
+    )
+    results["trace"] = trace
+    print_table(
+        "Trace, full grid, 'The Eiffel Tower is in' (vs one forward per (token, layer), samples as the batch)",
+        [
+            (
+                f"{k}: seconds (forward passes)",
+                f"{t['batched_s']:.1f} ({t['batched_passes']})",
+                f"{t['per_position_s']:.1f} ({t['per_position_passes']})",
+                f"{t['per_position_s'] / t['batched_s']:.2f}x",
+            )
+            for k, t in trace.items()
+        ]
+        + [(f"{k}: max |difference|", f"{t['max_abs_diff']:.1e}", "-", "-") for k, t in trace.items()],
     )
     edits = bench_edits.run(loaded, reverts=2 if args.smoke else 5, stream_tokens=4 if args.smoke else 16)
     results["edits"] = edits

@@ -453,12 +453,64 @@ def _spinner(what: str):  # noqa: ANN202
         t.join()
 
 
+def add_local_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands that load a model in this process (no server)."""
+    local = argparse.ArgumentParser(add_help=False)
+    local.add_argument("--model", default=_env("model"), help="hub id or local folder (default: the embedded model)")
+    local.add_argument("--device", default=_env("device", "auto"))
+    local.add_argument("--dtype", default=_env("dtype", "auto"))
+
+    p = sub.add_parser("trace-summary", parents=[local], help="average causal effect by layer over many facts")
+    p.add_argument("--data", type=Path, required=True, help="known_1000.json (subject, attribute, template, prompt)")
+    p.add_argument("--n", type=int, default=50, help="facts to average")
+    p.add_argument("--kind", choices=["hidden", "mlp", "attn"], default="mlp")
+    p.add_argument("--samples", type=int, default=10)
+    p.add_argument("--window", type=int, default=10)
+    p.add_argument("--min-prob", type=float, default=0.05, help="skip facts the model gives less than this")
+    p.add_argument("--out", type=Path, default=Path("trace_summary.png"))
+    p.add_argument("--json", type=Path, help="also write the numbers as JSON")
+    p.set_defaults(func=cmd_trace_summary)
+
+
+def cmd_trace_summary(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from rome_engine.loading import load_model
+    from rome_engine.tracing import load_known_facts, trace_summary
+
+    from .plotting import draw_summary
+
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    facts = load_known_facts(args.data)
+    with tqdm(total=len(facts), unit="fact", desc=f"tracing ({args.kind})", file=sys.stderr) as bar:
+        summary = trace_summary(
+            loaded, facts, kind=args.kind, samples=args.samples, window=args.window, min_clean_prob=args.min_prob,
+            max_facts=args.n, progress=lambda done, _total: bar.update(done - bar.n),
+        )
+    draw_summary(
+        {"last subject token": summary.last_subject_effect, "last token": summary.last_token_effect},
+        kind=args.kind, n_facts=summary.n_facts, out_path=args.out,
+    )
+    _out(f"{summary.n_facts} facts ({summary.n_skipped} skipped), {summary.seconds:.0f} s\n")
+    _out("layer  IE@last-subject  IE@last-token\n")
+    for layer, (a, b) in enumerate(zip(summary.last_subject_effect, summary.last_token_effect, strict=True)):
+        _out(f"{layer:5d}  {a:15.4f}  {b:13.4f}\n")
+    _out(f"peak at layer {summary.peak_layer} (last subject token); figure written to {args.out}\n")
+    if args.json:
+        args.json.write_text(json.dumps(asdict(summary), indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rome-gateway", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default=_env("log_level", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve(sub)
     add_client_commands(sub)
+    add_local_commands(sub)
     return parser
 
 

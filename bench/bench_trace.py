@@ -4,8 +4,8 @@ Both compute the same (T, L) grid of restored probabilities with the same noise
 draws (the script checks that they agree); the reference runs one forward pass
 per (token, layer) cell with the noise samples as the batch.
 
-    python bench/trace_speed.py                    # embedded model, mlp grid, 10 samples
-    python bench/trace_speed.py --kind hidden --samples 5
+    python bench/bench_trace.py                    # embedded model, mlp grid, 10 samples
+    python bench/bench_trace.py --kind hidden --samples 5
 """
 
 from __future__ import annotations
@@ -22,7 +22,24 @@ from rome_engine.loading import LoadedModel, load_model  # noqa: E402
 from rome_engine.tracing import NoiseCache, TraceRequest, trace, trace_per_position  # noqa: E402
 
 
-def run(loaded: LoadedModel, req: TraceRequest, *, max_batch_rows: int = 128) -> dict[str, object]:
+def run(
+    loaded: LoadedModel, *, samples: int = 10, kinds: tuple[str, ...] = ("hidden", "mlp")
+) -> dict[str, dict[str, object]]:
+    """The suite's trace section: the full grid of each kind, batched vs per-position."""
+    out = {}
+    for kind in kinds:
+        r = compare(loaded, TraceRequest("The Eiffel Tower is in", "The Eiffel Tower", kind=kind, samples=samples))
+        out[kind] = {
+            "batched_s": r["batched_s"],
+            "batched_passes": r["batched_forward_passes"],
+            "per_position_s": r["per_position_s"],
+            "per_position_passes": r["per_position_forward_passes"],
+            "max_abs_diff": r["max_abs_diff"],
+        }
+    return out
+
+
+def compare(loaded: LoadedModel, req: TraceRequest, *, max_batch_rows: int = 128) -> dict[str, object]:
     noise = NoiseCache()
     noise.get(loaded)  # computed once, outside both timings
     t0 = time.perf_counter()
@@ -59,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_model(args.model, device=args.device, dtype="float32")
     req = TraceRequest(args.prompt, args.subject, kind=args.kind, samples=args.samples)
-    r = run(loaded, req, max_batch_rows=args.max_batch_rows)
+    r = compare(loaded, req, max_batch_rows=args.max_batch_rows)
     print(
         f"model {loaded.model_id} on {loaded.device}; {args.kind} grid of {r['tokens']} tokens x {r['layers']} layers"
     )

@@ -1,0 +1,25 @@
+"""The benchmark suite's smoke mode: every section runs (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.embedded
+def test_bench_smoke(tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "results.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert {"machine", "load", "generate_single", "trace", "edits"} <= set(results)
+    assert results["generate_single"]["gateway_tps"] > 0
+    assert results["trace"]["mlp"]["max_abs_diff"] < 1e-4
+    assert "| measure" in run.stdout

@@ -1,0 +1,33 @@
+"""CLI commands that run the engine in-process: trace-summary over a facts file."""
+
+from __future__ import annotations
+
+import json
+
+from romegw_server.cli import main
+from tests.conftest import make_tiny
+
+FACTS = [
+    {"subject": "The Eiffel Tower", "attribute": "Paris", "template": "{} is in", "prompt": "The Eiffel Tower is in",
+     "relation_id": "P131"},
+    {"subject": "Toyota", "attribute": "Japan", "template": "{} is from", "prompt": "Toyota is from",
+     "relation_id": "P17"},
+]
+
+
+def test_trace_summary_cli(tokenizer, tmp_path, capsys) -> None:  # noqa: ANN001
+    model_dir = tmp_path / "model"
+    tiny = make_tiny("gpt2", tokenizer)
+    tiny.model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "facts.json"
+    data.write_text(json.dumps(FACTS))
+    out, js = tmp_path / "summary.png", tmp_path / "summary.json"
+    rc = main(["trace-summary", "--model", str(model_dir), "--device", "cpu", "--data", str(data), "--n", "2",
+               "--samples", "2", "--window", "2", "--min-prob", "0", "--out", str(out), "--json", str(js)])
+    assert rc == 0
+    assert out.stat().st_size > 1000
+    summary = json.loads(js.read_text())
+    assert summary["n_facts"] == 2 and len(summary["last_subject_effect"]) == 4
+    printed = capsys.readouterr().out
+    assert "peak at layer" in printed
