@@ -471,6 +471,17 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, help="also write the numbers as JSON")
     p.set_defaults(func=cmd_trace_summary)
 
+    p = sub.add_parser("eval", parents=[local], help="CounterFact evaluation of ROME edits (edit, measure, undo)")
+    p.add_argument("--data", type=Path, required=True, help="CounterFact records (EasyEdit or ROME format)")
+    p.add_argument("--n", type=int, default=100, help="records to evaluate")
+    p.add_argument("--start", type=int, default=0, help="first record")
+    p.add_argument("--layer", type=int)
+    p.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE", help="override (repeatable)")
+    p.add_argument("--cache-dir", type=Path, default=_env("cache_dir"))
+    p.add_argument("--corpus", type=Path, default=_env("corpus"))
+    p.add_argument("--json", type=Path, help="write the report (with per-record scores) as JSON")
+    p.set_defaults(func=cmd_eval)
+
 
 def cmd_trace_summary(args: argparse.Namespace) -> int:
     import json
@@ -501,6 +512,28 @@ def cmd_trace_summary(args: argparse.Namespace) -> int:
     _out(f"peak at layer {summary.peak_layer} (last subject token); figure written to {args.out}\n")
     if args.json:
         args.json.write_text(json.dumps(asdict(summary), indent=1))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from rome_engine.evaluation import load_counterfact, run_eval
+    from rome_engine.loading import default_cache_dir, load_model
+    from rome_engine.rome import RomeCache
+
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    records = load_counterfact(args.data, start=args.start, n=args.n)
+    cache = RomeCache(args.cache_dir or default_cache_dir(), corpus=args.corpus)
+    with tqdm(total=len(records), unit="edit", desc="evaluating", file=sys.stderr) as bar:
+        report = run_eval(
+            loaded, records, cache, hparams=_parse_hparams(args.hparam), layer=args.layer,
+            progress=lambda _stage, done, _total: bar.update(done - bar.n),
+        )
+    _out(report.format_table() + "\n")
+    if args.json:
+        args.json.write_text(report.to_json())
+        _out(f"report written to {args.json}\n")
     return 0
 
 

@@ -31,3 +31,27 @@ def test_trace_summary_cli(tokenizer, tmp_path, capsys) -> None:  # noqa: ANN001
     assert summary["n_facts"] == 2 and len(summary["last_subject_effect"]) == 4
     printed = capsys.readouterr().out
     assert "peak at layer" in printed
+
+
+def test_eval_cli_on_two_records(tokenizer, tmp_path, capsys) -> None:  # noqa: ANN001
+    model_dir = tmp_path / "model"
+    tiny = make_tiny("llama", tokenizer)
+    tiny.model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    records = [
+        {"case_id": i, "prompt": f"{s} is located in", "subject": s, "target_new": new, "ground_truth": old,
+         "rephrase_prompt": f"Where is {s}? It is in", "locality_prompt": "Big Ben is located in",
+         "locality_ground_truth": "London"}
+        for i, (s, new, old) in enumerate([("The Louvre", "Rome", "Paris"), ("The Colosseum", "Paris", "Rome")])
+    ]
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records))
+    js = tmp_path / "report.json"
+    rc = main(["eval", "--model", str(model_dir), "--device", "cpu", "--data", str(data), "--n", "2",
+               "--cache-dir", str(tmp_path / "cache"), "--json", str(js),
+               "--hparam", "v_num_grad_steps=3", "--hparam", "mom2_n_tokens=1000"])
+    assert rc == 0
+    report = json.loads(js.read_text())
+    assert report["n"] == 2
+    printed = capsys.readouterr().out
+    assert "Efficacy" in printed or "efficacy" in printed
