@@ -1,0 +1,125 @@
+"""Where ROME keeps what it computes once per model: prefixes, a text sample, C.
+
+The server creates one ``RomeCache`` and passes it to every edit; nothing is
+cached at module level. On disk everything sits under
+``<cache_dir>/rome/<model key>/`` (the model key is the model id plus a hash of
+its config, dtype and a few embedding values), written atomically (a temp
+file, then a rename), so a crash never leaves a half-written file that a
+later start would read.
+
+    cache = RomeCache(default_cache_dir())                        # text sampled from the model
+    cache = RomeCache(cache_dir, corpus=Path("wiki.jsonl"))     # or a local corpus for C
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from ..loading import LoadedModel, default_cache_dir
+
+T = TypeVar("T")
+
+
+class RomeCache:
+    """Disk folder + in-memory caches of ROME's per-model statistics (thread-safe)."""
+
+    def __init__(self, cache_dir: Path | str | None = None, *, corpus: Path | str | None = None) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.corpus = Path(corpus) if corpus is not None else None
+        if self.corpus is not None and not self.corpus.is_file():
+            raise FileNotFoundError(f"corpus {self.corpus} is not a file (give a .txt or .jsonl)")
+        self._memory: dict[str, object] = {}
+        self._lock = threading.RLock()  # guards _memory; also serialises computing one entry
+        self._model_keys: dict[int, str] = {}
+
+    @property
+    def root(self) -> Path:
+        return self.cache_dir / "rome"
+
+    def model_dir(self, loaded: LoadedModel) -> Path:
+        return self.root / self.model_key(loaded)
+
+    def model_key(self, loaded: LoadedModel) -> str:
+        """``<model id>-<hash>``: the hash covers the config, the dtype and a few embedding values."""
+        with self._lock:
+            key = self._model_keys.get(id(loaded.model))
+            if key is None:
+                key = model_key(loaded)
+                self._model_keys[id(loaded.model)] = key
+            return key
+
+    def get_or_compute(self, key: str, compute: Callable[[], T]) -> tuple[T, bool]:
+        """The in-memory value of ``key``, else ``compute()`` (stored); and whether it was cached."""
+        with self._lock:
+            if key in self._memory:
+                return self._memory[key], True  # type: ignore[return-value]
+            value = compute()
+            self._memory[key] = value
+            return value, False
+
+    def clear_memory(self) -> None:
+        with self._lock:
+            self._memory.clear()
+
+
+def model_key(loaded: LoadedModel) -> str:
+    cfg = {
+        k: v
+        for k, v in sorted(loaded.model.config.to_dict().items())
+        if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")
+    }
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(str(loaded.dtype).encode())
+    emb = loaded.spec.embedding(loaded.model).weight
+    h.update(emb[:4, :16].detach().float().cpu().numpy().tobytes())  # tells random tiny models apart
+    safe_id = re.sub(r"[^A-Za-z0-9._-]+", "_", loaded.model_id).strip("_") or "model"
+    return f"{safe_id}-{h.hexdigest()[:12]}"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temp file next to ``path``, fsync it, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: object) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1), encoding="utf-8"))
+
+
+def read_json(path: Path) -> object | None:
+    """The JSON in ``path``; None when it is missing or unreadable (then it is recomputed)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def file_digest(path: Path) -> str:
+    """A short content hash of a file (the corpus: C depends on what it holds, not its name)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+# progress(stage, done, total): e.g. ("covariance", 12_288, 50_000); called from the worker thread.
+ProgressFn = Callable[[str, int, int], None]

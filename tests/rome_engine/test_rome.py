@@ -1,0 +1,228 @@
+"""ROME editing on tiny random models: the request, the update's algebra, apply/remove."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rome_engine.errors import FailedPrecondition, InvalidRequest
+from rome_engine.hooks import Trace
+from rome_engine.loading import LoadedModel
+from rome_engine.rome import (
+    EditRequest,
+    RomeCache,
+    RomeHParams,
+    apply_edit,
+    compute_edit,
+    hparams_for,
+    rank_one_delta,
+    remove_edit,
+)
+from rome_engine.rome.compute_u import last_subject_token, subject_span
+from rome_engine.rome.compute_v import _DeltaForward, build_batch, build_rows
+
+# Small enough that a whole edit takes about a second on a tiny model.
+TINY_HP = {
+    "layer": 1,
+    "mom2_n_tokens": 256,
+    "mom2_seq_len": 32,
+    "mom2_batch_size": 8,
+    "v_num_grad_steps": 3,
+    "ctx_n_short": 1,
+    "ctx_n_long": 1,
+    "ctx_len_long": 6,
+}
+
+
+@pytest.fixture(scope="module")
+def rome_cache(tmp_path_factory: pytest.TempPathFactory) -> RomeCache:
+    return RomeCache(tmp_path_factory.mktemp("rome-cache"))
+
+
+def _request(**kw: object) -> EditRequest:
+    args = {"prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower", "target": "Rome", "hparams": TINY_HP}
+    args.update(kw)
+    return EditRequest(**args)  # type: ignore[arg-type]
+
+
+def _snapshot(loaded: LoadedModel) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+
+
+def _assert_same(loaded: LoadedModel, snap: dict[str, torch.Tensor]) -> None:
+    for n, p in loaded.model.named_parameters():
+        assert torch.equal(p, snap[n]), f"{n} changed"
+
+
+# -- the request ------------------------------------------------------------------
+
+
+def test_request_becomes_a_template_with_a_spaced_target() -> None:
+    req = EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome")
+    assert (req.prompt, req.target, req.filled()) == ("The {} is in", " Rome", "The Eiffel Tower is in")
+    assert EditRequest("{} is in", "Paris", " Rome").target == " Rome"
+    trailing = EditRequest("The capital of {} is ", "France", "Lyon")
+    assert (trailing.prompt, trailing.target) == ("The capital of {} is", " Lyon")
+
+
+def test_subject_not_in_prompt_names_both() -> None:
+    with pytest.raises(InvalidRequest) as e:
+        EditRequest("The Eiffel Tower is in", "Colosseum", "Rome")
+    assert "Colosseum" in str(e.value) and "The Eiffel Tower is in" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"target": "  "}, "target"),
+        ({"subject": ""}, "subject"),
+        ({"prompt": "{} and {} are in"}, "exactly one"),
+        ({"hparams": {"v_lr": 0.1, "bogus": 1.0}}, "v_num_grad_steps"),  # lists the valid names
+        ({"layer": -1}, "layer"),
+    ],
+)
+def test_invalid_requests(kw: dict[str, object], needle: str) -> None:
+    with pytest.raises(InvalidRequest, match=needle):
+        _request(**kw)
+
+
+def test_hparams_overrides_are_typed_and_checked() -> None:
+    hp = RomeHParams().with_overrides({"v_num_grad_steps": 7.0, "v_lr": 0.25})
+    assert hp.v_num_grad_steps == 7 and isinstance(hp.v_num_grad_steps, int) and hp.v_lr == 0.25
+    with pytest.raises(InvalidRequest, match="whole number"):
+        RomeHParams().with_overrides({"v_num_grad_steps": 2.5})
+    with pytest.raises(InvalidRequest, match="out of range"):
+        RomeHParams().with_overrides({"v_stop_prob": 2.0})
+
+
+def test_layer_out_of_range(tiny_llama: LoadedModel, rome_cache: RomeCache) -> None:
+    with pytest.raises(InvalidRequest, match="out of range"):
+        compute_edit(tiny_llama, _request(layer=4), rome_cache)
+    with pytest.raises(InvalidRequest, match="out of range"):
+        compute_edit(tiny_llama, _request(hparams={**TINY_HP, "layer": 9}), rome_cache)
+
+
+def test_family_defaults(tiny_gpt2: LoadedModel, tiny_llama: LoadedModel) -> None:
+    assert hparams_for(tiny_gpt2).ctx_n_short == 10  # the paper's 20 prefixes for GPT-2
+    assert hparams_for(tiny_llama).layer is None  # no tuned layer for a 4-layer model
+
+
+# -- tokens -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "subject", "last"),
+    [
+        ("The {} is in", "Eiffel Tower", " Tower"),
+        ("{} is a", "Eiffel Tower", " Tower"),
+        ("I love {}'s music", "Toko Yasuda", "uda"),
+        ("Paris. {} was born in", "Danielle Darrieux", "ux"),
+    ],
+)
+def test_last_subject_token(tokenizer: object, template: str, subject: str, last: str) -> None:
+    start, end, text = subject_span(template, subject)
+    ids, at = last_subject_token(tokenizer, text, start, end)
+    assert tokenizer.decode([ids[at]]) == last  # type: ignore[attr-defined]
+    assert subject.endswith(tokenizer.decode(ids[at]).strip())  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("family", ["tiny_gpt2", "tiny_llama"])
+def test_cached_prefix_forward_matches_full_forward(family: str, request: pytest.FixtureRequest) -> None:
+    """v* runs the tokens before the subject once into a KV cache; the logits must not change."""
+    loaded: LoadedModel = request.getfixturevalue(family)
+    req = EditRequest("{} is the capital of", "Paris", "Italy")  # one-token subject: an empty prefix row
+    templates = ("{}", "The weather is nice today. {}", "I think. {}")
+    rewrite, kl = build_rows(loaded.tokenizer, templates, req)
+    fwd = _DeltaForward(loaded, 1, loaded.num_layers - 1, build_batch(rewrite, kl, 2, loaded.device))
+    torch.manual_seed(0)
+    delta = torch.randn(loaded.model.config.hidden_size)
+    with torch.no_grad():
+        target_logits, kl_logits = fwd.logits(delta)
+    name = loaded.spec.mlp_out_name(1)
+    expected = []
+    for row in rewrite + kl:
+
+        def add(_n: str, out: torch.Tensor, at: int = row.subject_at) -> torch.Tensor:
+            out = out.clone()
+            out[:, at] += delta
+            return out
+
+        with torch.no_grad(), Trace(loaded.model, [name], capture_output=False, edit_output=add):
+            logits = loaded.model(input_ids=torch.tensor([row.ids])).logits[0]
+        expected += [logits[pos] for pos, _ in row.targets]
+    torch.testing.assert_close(torch.cat([target_logits, kl_logits]), torch.stack(expected), rtol=1e-4, atol=1e-4)
+
+
+# -- the update -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["tiny_gpt2", "tiny_llama"])
+def test_update_writes_v_at_k_and_spares_orthogonal_keys(
+    family: str, request: pytest.FixtureRequest, rome_cache: RomeCache
+) -> None:
+    loaded: LoadedModel = request.getfixturevalue(family)
+    snap = _snapshot(loaded)
+    result = compute_edit(loaded, _request(), rome_cache)
+    _assert_same(loaded, snap)  # model at beginning == model at end
+    assert result.param_name == loaded.spec.mlp_out_weight_name(1)
+    assert result.left.dtype == result.right.dtype == torch.float32
+    assert result.left.shape == (loaded.model.config.hidden_size,)
+    torch.testing.assert_close(torch.dot(result.right, result.key), torch.tensor(1.0), rtol=1e-4, atol=1e-4)
+
+    module = loaded.model.get_submodule(loaded.spec.mlp_out_name(1))
+    k_star = result.key
+    torch.manual_seed(1)
+    k = torch.randn_like(k_star)
+    k_orth = k - torch.dot(k, result.right) / torch.dot(result.right, result.right) * result.right  # right . k = 0
+    with torch.no_grad():
+        before = module(torch.stack([k_star, k_orth]))
+        apply_edit(loaded, result)
+        after = module(torch.stack([k_star, k_orth]))
+        remove_edit(loaded, result)
+    # W' k* = v*  and  W' k = W k when (C^-1 k*)^T k = 0
+    torch.testing.assert_close(after[0], result.value, rtol=1e-4, atol=1e-4 * float(result.value.abs().max()))
+    torch.testing.assert_close(after[1], before[1], rtol=1e-4, atol=1e-5)
+    assert result.update_norm == pytest.approx(float(torch.outer(result.left, result.right).norm()), rel=1e-4)
+    _assert_same(loaded, snap)
+
+
+def test_conv1d_orientation_matches_linear_math(tiny_gpt2: LoadedModel, rome_cache: RomeCache) -> None:
+    loaded = tiny_gpt2
+    result = compute_edit(loaded, _request(), rome_cache)
+    w = loaded.model.get_parameter(result.param_name)
+    assert w.shape == (4 * 64, 64)  # Conv1D: (in, out)
+    delta = rank_one_delta(loaded.spec, result.left, result.right)
+    assert delta.shape == w.shape
+    w_oi = loaded.spec.as_out_in(w).detach().clone()  # (out, in)
+    module = loaded.model.get_submodule(loaded.spec.mlp_out_name(1))
+    x = torch.randn(3, 4 * 64)
+    apply_edit(loaded, result)
+    try:
+        torch.testing.assert_close(loaded.spec.as_out_in(w), w_oi + torch.outer(result.left, result.right))
+        with torch.no_grad():
+            y = module(x)
+        expected = x @ (w_oi + torch.outer(result.left, result.right)).T + module.bias  # Linear math
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    finally:
+        remove_edit(loaded, result)
+
+
+@pytest.mark.parametrize("family", ["tiny_gpt2", "tiny_llama"])
+def test_apply_then_remove_is_bit_exact(family: str, request: pytest.FixtureRequest, rome_cache: RomeCache) -> None:
+    loaded: LoadedModel = request.getfixturevalue(family)
+    snap = _snapshot(loaded)
+    first = compute_edit(loaded, _request(), rome_cache)
+    second = compute_edit(loaded, _request(prompt="{} is located in", target="Berlin"), rome_cache)
+    apply_edit(loaded, first)
+    changed = [n for n, p in loaded.model.named_parameters() if not torch.equal(p, snap[n])]
+    assert changed == [first.param_name]
+    with pytest.raises(FailedPrecondition, match="already applied"):
+        apply_edit(loaded, first)
+    apply_edit(loaded, second)
+    with pytest.raises(FailedPrecondition, match="remove later edits first"):
+        remove_edit(loaded, first)
+    remove_edit(loaded, second)
+    remove_edit(loaded, first)
+    _assert_same(loaded, snap)
+    with pytest.raises(FailedPrecondition, match="not applied"):
+        remove_edit(loaded, first)
