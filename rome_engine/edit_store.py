@@ -56,7 +56,6 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
