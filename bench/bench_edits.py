@@ -54,7 +54,7 @@ def run(loaded: LoadedModel, *, hparams: dict | None = None, reverts: int = 5, s
             time.sleep(2.0)
             stop.set()
             t.join()
-            layer_file = next(Path(store, "layers").glob("*.safetensors"))
+            layer_bytes = next(Path(store, "layers").glob("*.safetensors")).stat().st_size
             revert_ms = []
             for i in range(reverts):
                 s0 = time.perf_counter()
@@ -65,7 +65,7 @@ def run(loaded: LoadedModel, *, hparams: dict | None = None, reverts: int = 5, s
     return {
         "apply_seconds": t1 - t0,
         "compute_seconds": r.edit.compute_seconds,
-        "layer_file_bytes": layer_file.stat().st_size,
+        "layer_file_bytes": layer_bytes,
         "revert_ms_median": statistics.median(revert_ms),
         "revert_ms_max": max(revert_ms),
         "gate_closed_seconds": gate_closed,

@@ -42,7 +42,7 @@ def test_roles(tiny_llama, serve, caplog) -> None:  # noqa: ANN001
             c.apply_edit("{} lives in", "Alice Smith", " Paris", hparams=FAST)
         with pytest.raises(PermissionDenied):
             c.export_edits()
-    with caplog.at_level(logging.INFO, logger="romegw.audit"), Client(srv.target, token=EDIT, timeout=120) as c:
+    with caplog.at_level(logging.INFO, logger="romegw.audit"), Client(srv.target, token=EDIT, timeout=600) as c:
         r = c.apply_edit("{} lives in", "Alice Smith", " Paris", hparams=FAST, author="alice")
         assert r.head_version == 1
         c.revert_edit(to_version=0)

@@ -20,7 +20,7 @@ def test_streams_see_one_version_during_edits(tiny_llama, serve) -> None:  # noq
     lock = threading.Lock()
 
     def stream_loop(offset: int) -> None:
-        with Client(srv.target, timeout=120) as c:
+        with Client(srv.target, timeout=600) as c:
             i = offset
             while not stop.is_set():
                 prompt = PROMPTS[i % len(PROMPTS)]
@@ -42,11 +42,11 @@ def test_streams_see_one_version_during_edits(tiny_llama, serve) -> None:  # noq
     finally:
         stop.set()
         for t in threads:
-            t.join(timeout=120)
+            t.join(timeout=600)
 
     versions = {v for _, _, v in records}
     assert {0, 2} <= versions, versions
-    with Client(srv.target, timeout=120) as c:
+    with Client(srv.target, timeout=600) as c:
         single: dict[tuple[str, int], str] = {}
         for v in sorted(versions):
             c.revert_edit(to_version=v)

@@ -123,7 +123,7 @@ def test_sigkill_during_apply_edit(model_dir, tmp_path) -> None:  # noqa: ANN001
 
         def apply(target_addr: str = srv.target, fact: tuple = (prompt, subject, target), errs: list = errors) -> None:
             try:
-                with Client(target_addr, timeout=120) as c:
+                with Client(target_addr, timeout=600) as c:
                     c.apply_edit(*fact, hparams=FAST)
             except GatewayError as e:
                 errs.append(e)
@@ -134,7 +134,7 @@ def test_sigkill_during_apply_edit(model_dir, tmp_path) -> None:  # noqa: ANN001
         if isinstance(plan, float):
             time.sleep(plan * apply_seconds * 1.2)
             srv.kill()
-        worker.join(timeout=120)
+        worker.join(timeout=600)
         if srv.proc.poll() is None:  # the edit finished before the kill
             apply_seconds = max(apply_seconds, time.monotonic() - t0)
         srv.kill()
@@ -147,7 +147,7 @@ def test_full_disk_while_writing_a_layer_loses_nothing(tiny_llama, serve, monkey
 
     srv = serve(tiny_llama, edits=True)
     store = srv.engine.edits.store.root
-    with Client(srv.target, timeout=120) as c:
+    with Client(srv.target, timeout=600) as c:
         first = c.apply_edit(*FACTS[0], hparams=FAST).edit
         text_v1 = c.generate_text("Hello", max_new_tokens=5)
         real = edit_store.atomic_write

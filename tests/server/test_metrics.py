@@ -28,7 +28,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 def test_scrape_after_rpcs(tiny_llama, serve) -> None:  # noqa: ANN001
     srv = serve(tiny_llama, edits=True, metrics_port=0)
     before = scrape(srv.metrics_url)
-    with Client(srv.target, timeout=120) as c:
+    with Client(srv.target, timeout=600) as c:
         out = [c.generate_text("Hello there", max_new_tokens=5) for _ in range(3)]
         with pytest.raises(InvalidArgument):
             c.generate_text("", max_new_tokens=5)

@@ -20,14 +20,14 @@ def test_sigterm_drains_streams(tokenizer, tmp_path) -> None:  # noqa: ANN001
     store = tmp_path / "store"
     srv = Server(model_dir, store, tmp_path / "cache", tmp_path / "log")
     srv.wait_serving()
-    with Client(srv.target, timeout=120) as c:
+    with Client(srv.target, timeout=900) as c:
         c.apply_edit("{} lives in", "Alice Smith", " Paris", hparams=FAST)
     results: dict[str, object] = {}
 
     started = threading.Event()
 
     def long_stream() -> None:
-        with Client(srv.target, timeout=120) as c:
+        with Client(srv.target, timeout=600) as c:
             chunks = []
             for chunk in c.generate("Once upon a time", max_new_tokens=1000):
                 chunks.append(chunk)
@@ -38,7 +38,7 @@ def test_sigterm_drains_streams(tokenizer, tmp_path) -> None:  # noqa: ANN001
     t.start()
     assert started.wait(60)
     srv.proc.send_signal(signal.SIGTERM)  # the stream is running
-    t.join(timeout=120)
+    t.join(timeout=600)
     out = results["out"]
     assert out.finish_reason in ("length", "eos")  # finished, not cut off
     assert out.edit_version == 1
