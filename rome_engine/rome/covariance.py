@@ -200,7 +200,8 @@ def generate_texts(
             eos_at = next((j for j, t in enumerate(gen) if t in _stop_ids(loaded)), len(gen))
             text = tok.decode(rows[i] + gen[:eos_at], skip_special_tokens=True)
             texts.append(text)
-            count += len(rows[i]) + eos_at
+            # count the tokens as C will see them: decoding and re-encoding may merge a few
+            count += min(len(tok(text, add_special_tokens=True)["input_ids"]), seq_len)
         bar.update(min(count, n_tokens) - bar.n)
         if progress is not None:
             progress("text_sample", min(count, n_tokens), n_tokens)
