@@ -357,9 +357,16 @@ class Engine:
             layer = await self.run(lambda: manager.compute_layer(request, author=author, comment=comment))
             if dry_run:
                 return EditView(layer.header, None, False), self.edit_version
-            async with self.gate.write(self.limits.edit_drain_timeout):
-                entry = await self.run(manager.store_layer, layer)
-                await self.run(manager.activate, entry["active"], int(entry["version"]))
+
+            async def commit() -> dict:
+                async with self.gate.write(self.limits.edit_drain_timeout):
+                    entry = await self.run(manager.store_layer, layer)
+                    await self.run(manager.activate, entry["active"], int(entry["version"]))
+                    return entry
+
+            # once the layer is being stored, a caller that goes away (deadline, cancel) must not
+            # leave it stored but not live: the commit runs to its end regardless
+            entry = await asyncio.shield(asyncio.ensure_future(commit()))
             log.info(
                 "edit %s applied: version %d -> %d (%s: %r -> %r) by %r",
                 layer.edit_id,
@@ -384,13 +391,16 @@ class Engine:
             )
             if version == self.edit_version:
                 return version, [], time.perf_counter() - t0  # already there: nothing to record
-            async with self.gate.write(self.limits.edit_drain_timeout):
-                await self.run(
-                    lambda: manager.record_revert(
-                        version, active, to_version=to_version, edit_id=edit_id, author=author, comment=comment
+            async def commit() -> None:
+                async with self.gate.write(self.limits.edit_drain_timeout):
+                    await self.run(
+                        lambda: manager.record_revert(
+                            version, active, to_version=to_version, edit_id=edit_id, author=author, comment=comment
+                        )
                     )
-                )
-                await self.run(manager.activate, active, version)
+                    await self.run(manager.activate, active, version)
+
+            await asyncio.shield(asyncio.ensure_future(commit()))
             log.info("revert by %r: head version now %d, removed %s", author, version, removed or "nothing")
             return version, removed, time.perf_counter() - t0
 

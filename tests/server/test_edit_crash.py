@@ -166,3 +166,23 @@ def test_full_disk_while_writing_a_layer_loses_nothing(tiny_llama, serve, monkey
         assert sorted(p.stem for p in (store / "layers").iterdir()) == [first.edit_id]
         second = c.apply_edit(*FACTS[1], hparams=FAST)
         assert second.head_version == 2
+
+
+def test_deadline_expiring_during_an_edit(tiny_llama, serve) -> None:  # noqa: ANN001
+    """The caller of ApplyEdit gives up mid-way: the server keeps serving, and the edit is either
+    wholly live and stored or wholly absent (never stored but not live)."""
+    from romegw_client import DeadlineExceeded
+    from tests.conftest import wait_until
+
+    srv = serve(tiny_llama, edits=True)
+    with Client(srv.target, timeout=600) as c:
+        with pytest.raises(DeadlineExceeded):
+            c.apply_edit(*FACTS[2], hparams=FAST, timeout=0.3)
+        # the computation may still finish on the server; wait for the edit lock to be free
+        assert wait_until(lambda: srv.engine._queued_edits == 0, timeout=300)
+        info = c.model_info()
+        stored = c.list_edits(include_inactive=True).edits
+        assert info.head_version == len(stored) and info.active_layers == len(stored)
+        assert c.generate_text("Hello", max_new_tokens=3).edit_version == info.head_version
+        r = c.apply_edit(*FACTS[3], hparams=FAST)
+        assert r.head_version == info.head_version + 1
