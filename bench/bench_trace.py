@@ -23,12 +23,16 @@ from rome_engine.tracing import NoiseCache, TraceRequest, trace, trace_per_posit
 
 
 def run(
-    loaded: LoadedModel, *, samples: int = 10, kinds: tuple[str, ...] = ("hidden", "mlp")
+    loaded: LoadedModel,
+    *,
+    samples: int = 10,
+    kinds: tuple[str, ...] = ("hidden", "mlp"),
+    fact: tuple[str, str] = ("The Eiffel Tower is in", "The Eiffel Tower"),
 ) -> dict[str, dict[str, object]]:
     """The suite's trace section: the full grid of each kind, batched vs per-position."""
     out = {}
     for kind in kinds:
-        r = compare(loaded, TraceRequest("The Eiffel Tower is in", "The Eiffel Tower", kind=kind, samples=samples))
+        r = compare(loaded, TraceRequest(fact[0], fact[1], kind=kind, samples=samples))
         out[kind] = {
             "batched_s": r["batched_s"],
             "batched_passes": r["batched_forward_passes"],

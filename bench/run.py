@@ -81,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"{n} streams: inter-token p50 / p95 (s)", f"{r['itl_p50']:.3f} / {r['itl_p95']:.3f}", "-", "-"))
     print_table("Generate, concurrent streams (continuous batching)", rows)
 
-    trace = bench_trace.run(
-        loaded, samples=2 if args.smoke else 10, kinds=("mlp",) if args.smoke else ("hidden", "mlp")
-    )
+    if args.smoke:  # a 2-token prompt keeps the per-position baseline short
+        trace = bench_trace.run(loaded, samples=2, kinds=("mlp",), fact=("Rome is", "Rome"))
+    else:
+        trace = bench_trace.run(loaded, samples=10, kinds=("hidden", "mlp"))
     results["trace"] = trace
     print_table(
         "Trace, full grid, 'The Eiffel Tower is in' (vs one forward per (token, layer), samples as the batch)",
