@@ -250,6 +250,8 @@ class RecordScores:
     edit_text_pre: str  # greedy continuation of the edit prompt, before / after
     edit_text: str
     paraphrase_text: str  # greedy continuation of the first paraphrase after the edit
+    neighbor_texts_pre: tuple[str, ...]  # greedy continuations of the neighbour prompts, before / after
+    neighbor_texts: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -396,6 +398,8 @@ def evaluate_record(
         edit_text_pre=pre.edit_text,
         edit_text=post.edit_text,
         paraphrase_text=post.paraphrase_text,
+        neighbor_texts_pre=pre.neighbor_texts,
+        neighbor_texts=post.neighbor_texts,
     )
     return scores, result.hparams
 

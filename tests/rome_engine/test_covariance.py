@@ -22,6 +22,8 @@ TEXTS = [
     "Tokyo is the capital of Japan and one of the most populous cities in the world.",
 ] * 4
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_covariance_is_cached_on_disk_and_in_memory(tiny_llama: LoadedModel, tmp_path: Path) -> None:
     cache = RomeCache(tmp_path)

@@ -56,6 +56,8 @@ TINY_HP = {
     "ctx_n_long": 0,
 }
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_parse_both_formats() -> None:
     a = parse_record(EASYEDIT)

@@ -33,6 +33,8 @@ TINY_HP = {
     "ctx_len_long": 6,
 }
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def rome_cache(tmp_path_factory: pytest.TempPathFactory) -> RomeCache:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,22 +17,13 @@ from rome_engine.scoring import encode_prompt, score_continuations
 FAST_C = {"mom2_n_tokens": 2048, "mom2_seq_len": 64, "cov_shrinkage": 0.1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Small matmuls gain little from a second thread, and on a busy 2-core box OpenMP's
-    # spin-waiting makes them many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _greedy(loaded: LoadedModel, prompt: str, n: int = 4) -> str:
     ids = encode_prompt(loaded.tokenizer, prompt)
     return "".join(c.text for c in generate_tokens(loaded, ids, SamplingParams(max_new_tokens=n)))
 
 
 @pytest.mark.embedded
+@pytest.mark.usefixtures("one_thread")
 def test_eiffel_tower_is_in_rome(embedded: LoadedModel, tmp_path: Path) -> None:
     request = EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", hparams=FAST_C)
     result = compute_edit(embedded, request, RomeCache(tmp_path))
