@@ -1,8 +1,9 @@
 """Continuous batching: one decode step for every running stream per forward pass.
 
 A scheduler thread owns the model's decode loop. Requests join at token
-boundaries: each new prompt is prefilled alone (no padding inside a prompt),
-then its KV cache is merged into the running batch, left-padded with zeros
+boundaries: the prompts that arrived since the last step are prefilled
+together in one forward pass (left-padded, positions counted per row), then
+their KV caches are merged into the running batch, left-padded with zeros
 to the batch's length (the attention mask hides the padding; zeros, not
 garbage, so a masked weight of 0 times a padded value stays 0). Every step
 samples each row with its own parameters and stop rules (``DecodeState``),
@@ -24,7 +25,7 @@ import collections
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -44,7 +45,6 @@ class _Row:
     cancelled: Callable[[], bool]
     length: int  # real tokens in this row's cache
     logits: torch.Tensor | None = None  # (V,) for the next token
-    prefill: list[torch.Tensor] = field(default_factory=list)  # per layer (K, V) of a row not yet merged
 
 
 @dataclass
@@ -68,6 +68,8 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._stop = False
         self.steps = 0
+        self.prefills = 0  # prefill forward passes (one per group of prompts admitted together)
+        self._pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # rows per decode step
         self.on_step: Callable[[int], None] | None = None  # called with the batch size of each step
         self._thread = threading.Thread(target=self._loop, name="romegw-batcher", daemon=True)
@@ -130,8 +132,8 @@ class BatchScheduler:
         self._rows, self._keys, self._values, self._mask = [], [], [], None
 
     def _step(self, admitted: list[_Pending]) -> None:
-        for p in admitted:
-            self._admit(p)
+        if admitted:
+            self._admit(admitted)
         # sample every row; retire the finished and the cancelled
         keep: list[int] = []
         for i, row in enumerate(self._rows):
@@ -145,37 +147,50 @@ class BatchScheduler:
             return
         self._forward()
 
-    def _admit(self, p: _Pending) -> None:
-        """Prefill one prompt alone and merge its cache into the batch (left-padded)."""
-        model = self.loaded.model
-        ids = torch.tensor([p.prompt_ids], device=self.loaded.device)
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    def _admit(self, admitted: list[_Pending]) -> None:
+        """Prefill the new prompts in one forward pass (left-padded) and merge their caches into the batch."""
+        model, device = self.loaded.model, self.loaded.device
+        lengths = [len(p.prompt_ids) for p in admitted]
+        width = max(lengths)
+        ids = torch.full((len(admitted), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(admitted), width), dtype=torch.long)
+        for i, p in enumerate(admitted):
+            ids[i, width - lengths[i] :] = torch.tensor(p.prompt_ids)
+            mask[i, width - lengths[i] :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        if len(admitted) == 1:  # no padding: the plain call, as a stream alone makes it
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        else:
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its first real token
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache = getattr(out, self._cache_kw)
-        keys = [layer.keys for layer in cache.layers]  # (1, H, P, D)
-        values = [layer.values for layer in cache.layers]
-        row = _Row(p.state, p.emit, p.cancelled, len(p.prompt_ids), out.logits[0, -1])
-        n = len(p.prompt_ids)
+        # padded positions hold whatever the model made of them (NaN where a query saw no key):
+        # zeros instead, so that a masked weight of 0 times the value stays 0
+        real = mask.bool()[:, None, :, None]  # (k, 1, W, 1)
+        keys = [torch.where(real, layer.keys, 0.0) for layer in cache.layers]  # (k, H, W, D)
+        values = [torch.where(real, layer.values, 0.0) for layer in cache.layers]
+        logits = out.logits[:, -1]  # (k, V)
+        rows = [_Row(p.state, p.emit, p.cancelled, len(p.prompt_ids), logits[i]) for i, p in enumerate(admitted)]
+        self.prefills += 1
+        self._merge(rows, keys, values, mask)
+
+    def _merge(
+        self, rows: list[_Row], keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor
+    ) -> None:
+        """Append rows (per-layer caches (k, H, W, D), mask (k, W)) to the batch, left-padding the narrower side."""
         if not self._rows:
-            self._keys, self._values = keys, values
-            self._mask = torch.ones((1, n), dtype=torch.long, device=self.loaded.device)
-            self._rows = [row]
+            self._keys, self._values, self._mask, self._rows = keys, values, mask, rows
             return
-        width = self._mask.shape[1]
+        width, n = self._mask.shape[1], mask.shape[1]
         if n > width:  # widen the batch on the left
             self._pad_batch(n - width)
             width = n
         pad = width - n
         self._keys = [torch.cat([k, _left_pad(nk, pad)], dim=0) for k, nk in zip(self._keys, keys, strict=True)]
         self._values = [torch.cat([v, _left_pad(nv, pad)], dim=0) for v, nv in zip(self._values, values, strict=True)]
-        new_mask = torch.cat(
-            [
-                torch.zeros((1, pad), dtype=torch.long, device=self._mask.device),
-                torch.ones((1, n), dtype=torch.long, device=self._mask.device),
-            ],
-            dim=1,
-        )
-        self._mask = torch.cat([self._mask, new_mask], dim=0)
-        self._rows.append(row)
+        zeros = torch.zeros((mask.shape[0], pad), dtype=self._mask.dtype, device=self._mask.device)
+        self._mask = torch.cat([self._mask, torch.cat([zeros, mask.to(self._mask.dtype)], dim=1)], dim=0)
+        self._rows.extend(rows)
 
     def _pad_batch(self, pad: int) -> None:
         self._keys = [_left_pad(k, pad) for k in self._keys]

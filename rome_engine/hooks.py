@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,7 @@ EditFn = Callable[[str, torch.Tensor], torch.Tensor | None]
 class Captured:
     input: torch.Tensor | None = None  # first positional input, (B, T, D_in)
     output: torch.Tensor | None = None  # first element of the output, (B, T, D_out)
+    raw_output: object = None  # the module's output as returned (a tensor or a tuple), for ``replay``
 
 
 def _first(x: object) -> torch.Tensor:
@@ -102,6 +103,7 @@ class Trace:
                     output = _replace_first(output, new)
             if capture:
                 self.captured[name].output = y.detach() if detach else y
+                self.captured[name].raw_output = output
             return output
 
         return hook
@@ -152,3 +154,55 @@ def run_until_stopped(model: nn.Module, **inputs: torch.Tensor) -> None:
     """A forward pass that a ``stop_after`` hook may cut short."""
     with contextlib.suppress(StopForward):
         model(**inputs)
+
+
+# -- replay: skip modules on one thread ---------------------------------------
+
+_replay = threading.local()  # .table: {id(module): output} of the current thread
+
+
+def _install_dispatch(module: nn.Module) -> None:
+    """Give ``module`` a forward that returns this thread's replayed output, if any.
+
+    Installed once per module and left in place: on a thread with nothing to
+    replay it costs one thread-local lookup and runs the original forward.
+    """
+    if getattr(module, "_romegw_replay_dispatch", False):
+        return
+    original = module.forward
+    key = id(module)
+
+    def forward(*args: object, **kwargs: object) -> object:
+        table = getattr(_replay, "table", None)
+        if table and key in table:
+            return table[key]
+        return original(*args, **kwargs)
+
+    module.forward = forward
+    module._romegw_replay_dispatch = True
+
+
+@contextlib.contextmanager
+def replay(model: nn.Module, outputs: dict[str, object]) -> Iterator[None]:
+    """On this thread, each named module returns the given output without running.
+
+    Other threads' forward passes run the modules as usual. Used to skip the
+    blocks below an edited layer, whose outputs do not change between the
+    optimisation steps of ROME's v*:
+
+        with Trace(model, [lower], detach=True) as tr:
+            model(...)                                   # once
+        with replay(model, {name: tr[lower].raw_output for name in lower_blocks}):
+            model(...)                                   # each step: lower blocks cost nothing
+    """
+    table: dict[int, object] = {}
+    for name, out in outputs.items():
+        module = get_module(model, name)
+        _install_dispatch(module)
+        table[id(module)] = out
+    before = getattr(_replay, "table", None)
+    _replay.table = {**(before or {}), **table}
+    try:
+        yield
+    finally:
+        _replay.table = before

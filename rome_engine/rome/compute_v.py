@@ -16,9 +16,11 @@ v* = W k* + delta (see ``apply.py`` for the solve).
 Nothing before the subject's last token depends on delta, so the prompts'
 tokens up to it run once, into a KV cache; each step runs only the tokens
 from the subject's last token on (the left-padded cached part and the
-right-padded live part share one attention mask), and stops at the loss
-layer, whose output goes through the final norm and the unembedding only at
-the positions that are scored.
+right-padded live part share one attention mask). Nothing below the edited
+layer depends on delta either: the blocks below it run once and are replayed
+(``hooks.replay``). Each step stops at the loss layer, whose output goes
+through the final norm and the unembedding only at the positions that are
+scored.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 
 from ..arch import get_module
 from ..generation import cache_kwarg
-from ..hooks import Trace, run_until_stopped, stop_after
+from ..hooks import Trace, replay, run_until_stopped, stop_after
 from ..loading import LoadedModel
 from ..scoring import split_continuation
 from .cache import ProgressFn
@@ -137,9 +139,19 @@ def build_batch(rewrite: list[_Row], kl: list[_Row], pad_id: int, device: torch.
 
 
 class _DeltaForward:
-    """Runs the suffix tokens with ``delta`` added at column 0 (the subject's last token)."""
+    """Runs the live tokens with ``delta`` added at the subject's last token.
 
-    def __init__(self, loaded: LoadedModel, layer: int, loss_layer: int, batch: _Batch) -> None:
+    Two reuses, each switchable for benchmarks (the result is the same):
+    ``cache_prefix`` runs the tokens before the subject's last token once into
+    a KV cache (else every step runs whole prompts); ``skip_lower`` records the
+    output of the blocks below the edited layer once and replays it in every
+    step (else every step runs them).
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, layer: int, loss_layer: int, batch: _Batch,
+        *, cache_prefix: bool = True, skip_lower: bool = True,
+    ) -> None:  # fmt: skip
         self.loaded, self.batch = loaded, batch
         spec, model = loaded.spec, loaded.model
         self.edit_name = spec.mlp_out_name(layer)
@@ -147,17 +159,44 @@ class _DeltaForward:
         self.final_norm = get_module(model, spec.final_norm)
         self.unembed = get_module(model, spec.unembed)
         self.cache_kw = cache_kwarg(model)
-        self.full_mask = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)  # (B, P + S)
         self.past = None
-        if batch.prefix_ids.shape[1] > 0:
-            with torch.no_grad():
-                out = model(
-                    input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, position_ids=batch.prefix_pos,
-                    use_cache=True, logits_to_keep=1,
-                )  # fmt: skip
-            self.past = getattr(out, "cache", None) or out.past_key_values
-        self.at_subject = torch.zeros(batch.suffix_ids.shape, dtype=torch.bool, device=loaded.device)
-        self.at_subject[:, 0] = True  # (B, S)
+        p = batch.prefix_ids.shape[1]
+        if cache_prefix:
+            self.offset = 0  # live column of the subject's last token
+            self.ids, self.pos = batch.suffix_ids, batch.suffix_pos
+            self.live = batch.suffix_mask
+            if p > 0:
+                with torch.no_grad():
+                    out = model(
+                        input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, position_ids=batch.prefix_pos,
+                        use_cache=True, logits_to_keep=1,
+                    )  # fmt: skip
+                self.past = getattr(out, "cache", None) or out.past_key_values
+        else:
+            self.offset = p
+            self.ids = torch.cat([batch.prefix_ids, batch.suffix_ids], dim=1)
+            self.pos = torch.cat([batch.prefix_pos, batch.suffix_pos], dim=1)
+            # the prefix gets no delta, as when it is cached before the edit is felt
+            self.live = torch.cat([torch.zeros_like(batch.prefix_mask), batch.suffix_mask], dim=1)
+        self.mask = torch.cat([batch.prefix_mask, batch.suffix_mask], dim=1)  # (B, P + S)
+        self.at_subject = torch.zeros(self.ids.shape, dtype=torch.bool, device=loaded.device)
+        self.at_subject[:, self.offset] = True  # (B, offset + S)
+        self.lower: dict[str, object] = {}
+        if skip_lower and layer > 0:
+            below = spec.block_name(layer - 1)
+            with torch.no_grad(), Trace(model, [below]) as tr, stop_after(model, below):
+                run_until_stopped(model, **self._inputs())
+            # every block below the edited one returns the recorded output of the last of them
+            self.lower = {spec.block_name(i): tr[below].raw_output for i in range(layer)}
+
+    def _inputs(self) -> dict[str, object]:
+        kwargs: dict[str, object] = {
+            "input_ids": self.ids, "attention_mask": self.mask, "position_ids": self.pos,
+            "use_cache": self.past is not None,
+        }  # fmt: skip
+        if self.past is not None:
+            kwargs[self.cache_kw] = copy.deepcopy(self.past)  # the forward appends to it
+        return kwargs
 
     def logits(self, delta: torch.Tensor, right: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(target-position logits (M, V), KL-position logits (K, V)), float32.
@@ -169,29 +208,24 @@ class _DeltaForward:
         will after the solve.
         """
         b = self.batch
-        mask = self.at_subject.unsqueeze(-1)  # (B, S, 1)
+        mask = self.at_subject.unsqueeze(-1)  # (B, T, 1)
 
         def add_delta(name: str, out: torch.Tensor) -> torch.Tensor:
             if right is None:
-                return out + mask * delta.to(out.dtype)  # (B, S, D_out)
-            k = edit[name].input.float()  # (B, S, D_in)
-            scale = (k @ right) * b.suffix_mask  # (B, S): right . k_t
+                return out + mask * delta.to(out.dtype)  # (B, T, D_out)
+            k = edit[name].input.float()  # (B, T, D_in)
+            scale = (k @ right) * self.live  # (B, T): right . k_t
             return out + (scale.unsqueeze(-1) * delta).to(out.dtype)
 
-        kwargs: dict[str, object] = {}
-        if self.past is not None:
-            kwargs[self.cache_kw] = copy.deepcopy(self.past)  # the forward appends to it
         model = self.loaded.model
         with (
+            replay(model, self.lower),
             Trace(model, [self.edit_name], capture_input=True, capture_output=False, edit_output=add_delta) as edit,
             Trace(model, [self.loss_name], detach=False) as tr,
             stop_after(model, self.loss_name),
         ):
-            run_until_stopped(
-                model, input_ids=b.suffix_ids, attention_mask=self.full_mask, position_ids=b.suffix_pos,
-                use_cache=self.past is not None, **kwargs,
-            )  # fmt: skip
-        h = tr[self.loss_name].output  # (B, S, D)
+            run_until_stopped(model, **self._inputs())
+        h = tr[self.loss_name].output[:, self.offset :]  # (B, S, D)
         picked = torch.cat([h[b.target_rows, b.target_cols], h[b.kl_rows, b.kl_cols]])  # (M + K, D)
         logits = self.unembed(self.final_norm(picked)).float()  # (M + K, V)
         m = b.target_rows.shape[0]
@@ -217,7 +251,10 @@ def compute_delta(
     tok = loaded.tokenizer
     rewrite, kl_rows = build_rows(tok, templates, request)
     batch = build_batch(rewrite, kl_rows, tok.pad_token_id or 0, loaded.device)
-    fwd = _DeltaForward(loaded, layer, hp.loss_layer(loaded.num_layers), batch)
+    fwd = _DeltaForward(
+        loaded, layer, hp.loss_layer(loaded.num_layers), batch,
+        cache_prefix=bool(hp.v_cache_prefix), skip_lower=bool(hp.v_skip_lower),
+    )  # fmt: skip
 
     base_norm = float(base_value.float().norm())
     max_norm = hp.clamp_norm_factor * base_norm

@@ -37,6 +37,8 @@ class RomeHParams:
     v_stop_identity: float = 0.0  # ... and P(target) on the unprefixed prompt reaches v_stop_identity * v_stop_prob
     v_through_update: int = 0  # 1: optimise through W + delta right^T (each prompt scaled by right . k)
     k_identity_weight: float = 1.0  # weight of the unprefixed prompt's key in k* (the others weigh 1)
+    v_cache_prefix: int = 1  # 1: run the tokens before the subject's last token once (KV cache); 0: every step
+    v_skip_lower: int = 1  # 1: run the blocks below the edited layer once and replay them; 0: every step
     # -- C = E[k k^T] of the edited projection's inputs
     mom2_n_tokens: int = 50_000  # tokens of text the second moment is averaged over
     mom2_seq_len: int = 128  # tokens per text at most
@@ -113,6 +115,8 @@ _RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
         "v_stop_identity": (0.0, 1.0),
         "v_through_update": (0, 1),
         "k_identity_weight": (0.0, 1000.0),
+        "v_cache_prefix": (0, 1),
+        "v_skip_lower": (0, 1),
         "mom2_n_tokens": (1, 100_000_000),
         "mom2_seq_len": (2, 1_000_000),
         "mom2_batch_size": (1, 4096),

@@ -52,6 +52,24 @@ def test_batched_greedy_equals_alone_with_staggered_joins(family, request) -> No
         sch.close()
 
 
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
+def test_prompts_arriving_together_share_one_prefill(family, request) -> None:  # noqa: ANN001
+    loaded = request.getfixturevalue(family)
+    expected = [alone(loaded, p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, LENGTHS, strict=True)]
+    sch = BatchScheduler(loaded, max_batch_size=8)
+    try:
+        queues = [queue.Queue() for _ in PROMPTS]
+        with sch._cond:  # hold the scheduler so that all four are pending at its next step
+            for q, p, n in zip(queues, PROMPTS, LENGTHS, strict=True):
+                sch.submit(loaded.tokenizer(p)["input_ids"], SamplingParams(max_new_tokens=n), emit=q.put,
+                           cancelled=lambda: False)
+        got = [collect(q)[0] for q in queues]
+        assert sch.prefills == 1  # prompts of 1 to 9 tokens, left-padded into one pass
+        assert got == expected
+    finally:
+        sch.close()
+
+
 def test_batch_limit_queues_the_rest(tiny_llama) -> None:  # noqa: ANN001
     sch = BatchScheduler(tiny_llama, max_batch_size=2)
     try:

@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from rome_engine.hooks import Trace, run_until_stopped, stop_after
+from rome_engine.hooks import Trace, replay, run_until_stopped, stop_after
 
 
 def test_capture_and_edit_then_removed(tiny_llama) -> None:  # noqa: ANN001
@@ -50,3 +50,40 @@ def test_other_threads_are_not_patched(tiny_llama) -> None:  # noqa: ANN001
         t.start()
         t.join()
     assert torch.equal(seen["logits"], clean)
+
+
+def test_replay_skips_blocks_on_this_thread_only(tiny_llama) -> None:  # noqa: ANN001
+    m, spec = tiny_llama.model, tiny_llama.spec
+    ids = torch.tensor([[5, 6, 7, 8]])
+    other_ids = torch.tensor([[9, 10, 11, 12]])
+    with torch.no_grad():
+        clean = m(ids).logits
+        other_clean = m(other_ids).logits
+    below = spec.block_name(1)
+    with torch.no_grad(), Trace(m, [below]) as tr:
+        m(ids)
+    ran: list[str] = []
+    hooks = [
+        m.get_submodule(spec.mlp_name(i)).register_forward_hook(lambda *_a, i=i: ran.append(f"mlp{i}"))
+        for i in range(spec.num_layers(m))
+    ]
+    seen: dict[str, torch.Tensor] = {}
+
+    def other() -> None:
+        with torch.no_grad():
+            seen["logits"] = m(other_ids).logits
+
+    try:
+        with replay(m, {spec.block_name(0): tr[below].raw_output, below: tr[below].raw_output}), torch.no_grad():
+            replayed = m(ids).logits
+            assert ran == ["mlp2", "mlp3"]  # blocks 0 and 1 did not run on this thread
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(replayed, clean)
+    assert torch.equal(seen["logits"], other_clean)  # the other thread ran every block on its own input
+    with torch.no_grad():
+        assert torch.equal(m(other_ids).logits, other_clean)  # and nothing is replayed afterwards

@@ -129,18 +129,30 @@ def test_last_subject_token(tokenizer: object, template: str, subject: str, last
 
 
 @pytest.mark.parametrize("family", ["tiny_gpt2", "tiny_llama"])
-def test_cached_prefix_forward_matches_full_forward(family: str, request: pytest.FixtureRequest) -> None:
-    """v* runs the tokens before the subject once into a KV cache; the logits must not change."""
+@pytest.mark.parametrize(("cache_prefix", "skip_lower"), [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_cached_prefix_forward_matches_full_forward(
+    family: str, cache_prefix: bool, skip_lower: bool, layer: int, request: pytest.FixtureRequest
+) -> None:
+    """v* runs the tokens before the subject once into a KV cache and replays the blocks below
+    the edited layer; the logits must equal one plain forward per prompt, with or without either reuse."""
     loaded: LoadedModel = request.getfixturevalue(family)
     req = EditRequest("{} is the capital of", "Paris", "Italy")  # one-token subject: an empty prefix row
     templates = ("{}", "The weather is nice today. {}", "I think. {}")
     rewrite, kl = build_rows(loaded.tokenizer, templates, req)
-    fwd = _DeltaForward(loaded, 1, loaded.num_layers - 1, build_batch(rewrite, kl, 2, loaded.device))
+    batch = build_batch(rewrite, kl, 2, loaded.device)
+    fwd = _DeltaForward(
+        loaded, layer, loaded.num_layers - 1, batch, cache_prefix=cache_prefix, skip_lower=skip_lower
+    )
+    assert len(fwd.lower) == (layer if skip_lower else 0)
     torch.manual_seed(0)
     delta = torch.randn(loaded.model.config.hidden_size)
     with torch.no_grad():
         target_logits, kl_logits = fwd.logits(delta)
-    name = loaded.spec.mlp_out_name(1)
+        fwd.logits(delta)  # a second step sees the same cache and replay
+        again = torch.cat(fwd.logits(delta))
+    torch.testing.assert_close(again, torch.cat([target_logits, kl_logits]))
+    name = loaded.spec.mlp_out_name(layer)
     expected = []
     for row in rewrite + kl:
 
