@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import bench_edits, bench_generate, bench_load, bench_trace  # noqa: E402
+from bench import bench_edits, bench_generate, bench_load, bench_memory, bench_rome, bench_trace  # noqa: E402
 from bench.common import machine, print_table, write_json  # noqa: E402
 from rome_engine.loading import load_model  # noqa: E402
 
@@ -99,7 +99,36 @@ def main(argv: list[str] | None = None) -> int:
         ]
         + [(f"{k}: max |difference|", f"{t['max_abs_diff']:.1e}", "-", "-") for k, t in trace.items()],
     )
-    edits = bench_edits.run(loaded, reverts=2 if args.smoke else 5, stream_tokens=4 if args.smoke else 16)
+    # smoke: a small C and few steps (the statistics of the full default take minutes on a fresh machine)
+    fast = {"mom2_n_tokens": 2048, "mom2_seq_len": 64, "v_num_grad_steps": 3} if args.smoke else None
+    rome = bench_rome.run(loaded, hparams=fast, c_tokens=500 if args.smoke else 10_000)
+    results["rome"] = rome
+    variants = rome["edit"]["variants"]
+    gateway_label = next(iter(variants))
+    gateway_s = variants[gateway_label]["seconds"]
+    cov = rome["covariance"]
+    print_table(
+        f"ROME compute, 'The Eiffel Tower is in' -> ' Rome' at layer {rome['edit']['layer']} (C and prefixes cached)",
+        [
+            (
+                f"seconds per edit: {gateway_label} vs {label}",
+                f"{gateway_s:.2f}",
+                f"{v['seconds']:.2f}",
+                f"{v['seconds'] / gateway_s:.2f}x",
+            )
+            for label, v in list(variants.items())[1:]
+        ]
+        + [
+            ("v* steps / max |difference| of the update", f"{variants[gateway_label]['v_steps']}",
+             f"{max(v['max_abs_diff_left'] for v in variants.values()):.1e}", "-"),
+            (f"C of layer {cov['layer']}: seconds per 10k tokens (stopped after the layer vs whole model)",
+             f"{cov['stopped_s_per_10k']:.1f}", f"{cov['full_s_per_10k']:.1f}",
+             f"{cov['full_s_per_10k'] / cov['stopped_s_per_10k']:.2f}x"),
+        ],  # fmt: skip
+    )
+    edits = bench_edits.run(
+        loaded, hparams=fast, reverts=2 if args.smoke else 5, stream_tokens=4 if args.smoke else 16
+    )
     results["edits"] = edits
     print_table(
         "Edits under traffic (embedded model, C cached)",
@@ -125,6 +154,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"{edits['stream_max_gap_during_edit_s'] / edits['stream_max_gap_before_s']:.1f}x",
             ),
         ],
+    )
+    mem = bench_memory.run(loaded, streams=2 if args.smoke else 8, tokens=4 if args.smoke else 32, hparams=fast)
+    results["memory"] = mem
+    mib = 2**20
+    print_table(
+        "Memory of a `rome-gateway serve` process (streams, an edit and its revert)",
+        [
+            ("peak resident memory vs the weights (MiB)", f"{mem['peak_rss_bytes'] / mib:.0f}",
+             f"{mem['weight_bytes'] / mib:.0f}", f"{mem['ratio']:.2f}x"),
+            ("resident memory when ready (MiB)", f"{mem['rss_ready_bytes'] / mib:.0f}", "-", "-"),
+        ],  # fmt: skip
     )
     write_json(args.out, results)
     print(f"\nwritten to {args.out}")

@@ -65,6 +65,7 @@ class BatchScheduler:
         self._keys: list[torch.Tensor] = []  # per layer (B, H, L, D)
         self._values: list[torch.Tensor] = []
         self._mask: torch.Tensor | None = None  # (B, L) 1 = real token
+        self._cache: DynamicCache | None = None  # the model's cache object over _keys/_values, until rows change
         self._cond = threading.Condition()
         self._stop = False
         self.steps = 0
@@ -129,7 +130,7 @@ class BatchScheduler:
     def _fail_all(self, error: BaseException) -> None:
         for row in self._rows:
             row.emit(error)
-        self._rows, self._keys, self._values, self._mask = [], [], [], None
+        self._rows, self._keys, self._values, self._mask, self._cache = [], [], [], None, None
 
     def _step(self, admitted: list[_Pending]) -> None:
         if admitted:
@@ -178,6 +179,7 @@ class BatchScheduler:
         self, rows: list[_Row], keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor
     ) -> None:
         """Append rows (per-layer caches (k, H, W, D), mask (k, W)) to the batch, left-padding the narrower side."""
+        self._cache = None
         if not self._rows:
             self._keys, self._values, self._mask, self._rows = keys, values, mask, rows
             return
@@ -193,12 +195,14 @@ class BatchScheduler:
         self._rows.extend(rows)
 
     def _pad_batch(self, pad: int) -> None:
+        self._cache = None
         self._keys = [_left_pad(k, pad) for k in self._keys]
         self._values = [_left_pad(v, pad) for v in self._values]
         zeros = torch.zeros((self._mask.shape[0], pad), dtype=self._mask.dtype, device=self._mask.device)
         self._mask = torch.cat([zeros, self._mask], dim=1)
 
     def _select(self, keep: list[int]) -> None:
+        self._cache = None
         self._rows = [self._rows[i] for i in keep]
         if not keep:
             self._keys, self._values, self._mask = [], [], None
@@ -218,15 +222,19 @@ class BatchScheduler:
         positions = torch.tensor([[r.length] for r in rows], device=device)  # (B, 1)
         ones = torch.ones((len(rows), 1), dtype=self._mask.dtype, device=device)
         mask = torch.cat([self._mask, ones], dim=1)  # (B, L + 1)
-        cache = DynamicCache(ddp_cache_data=list(zip(self._keys, self._values, strict=True)))
+        cache = self._cache  # kept from the last step while the rows stay the same
+        if cache is None:
+            cache = DynamicCache(ddp_cache_data=list(zip(self._keys, self._values, strict=True)))
+        padded = not bool(self._mask.all())  # no padding (e.g. one row): no mask to build
         out = self.loaded.model(
             input_ids=input_ids,
-            attention_mask=mask,
+            attention_mask=mask if padded else None,
             position_ids=positions,
             use_cache=True,
             **{self._cache_kw: cache},
         )
         cache = getattr(out, self._cache_kw)
+        self._cache = cache
         self._keys = [layer.keys for layer in cache.layers]
         self._values = [layer.values for layer in cache.layers]
         self._mask = mask

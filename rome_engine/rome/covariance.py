@@ -227,8 +227,13 @@ def second_moment(
     seq_len: int,
     batch_size: int,
     progress: ProgressFn | None = None,
+    stop_early: bool = True,
 ) -> tuple[torch.Tensor, int]:
-    """(C, tokens): C = sum_t k_t k_t^T / N over the first ``n_tokens`` non-pad tokens, float32 (D_in, D_in)."""
+    """(C, tokens): C = sum_t k_t k_t^T / N over the first ``n_tokens`` non-pad tokens, float32 (D_in, D_in).
+
+    The forward pass stops right after the edited projection (``stop_early=False``
+    runs the whole model, as a baseline for the benchmarks).
+    """
     spec, model, tok = loaded.spec, loaded.model, loaded.tokenizer
     name = spec.mlp_out_name(layer)
     d_in = spec.as_out_in(spec.mlp_out_weight(model, layer)).shape[1]
@@ -243,8 +248,12 @@ def second_moment(
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
         ids, mask = ids.to(loaded.device), mask.to(loaded.device)
-        with Trace(model, [name], capture_input=True, capture_output=False) as tr, stop_after(model, name):
-            run_until_stopped(model, input_ids=ids, attention_mask=mask)
+        with Trace(model, [name], capture_input=True, capture_output=False) as tr:
+            if stop_early:
+                with stop_after(model, name):
+                    run_until_stopped(model, input_ids=ids, attention_mask=mask)
+            else:
+                model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
         keys = tr[name].input[mask.bool()].float()  # (N, D_in)
         keys = keys[: n_tokens - count]
         total += (keys.T @ keys).double()  # sum of k k^T over the batch

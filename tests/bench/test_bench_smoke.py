@@ -19,7 +19,11 @@ def test_bench_smoke(tmp_path) -> None:  # noqa: ANN001
                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert {"machine", "load", "generate_single", "trace", "edits"} <= set(results)
+    assert {"machine", "load", "generate_single", "trace", "rome", "edits", "memory"} <= set(results)
     assert results["generate_single"]["gateway_tps"] > 0
     assert results["trace"]["mlp"]["max_abs_diff"] < 1e-4
+    variants = results["rome"]["edit"]["variants"]
+    assert len(variants) == 4 and len({v["v_steps"] for v in variants.values()}) == 1
+    assert max(v["max_abs_diff_left"] for v in variants.values()) < 1e-3  # the reuses change nothing
+    assert results["memory"]["peak_rss_bytes"] > results["memory"]["weight_bytes"] > 0
     assert "| measure" in run.stdout
