@@ -50,6 +50,9 @@ def edit_times(loaded: LoadedModel, cache: RomeCache, hparams: dict[str, float],
             "seconds": best,
             "v_steps": result.v_steps,
             "max_abs_diff_left": float((result.left - reference.left).abs().max()),
+            # ||left - left_ref|| / ||left_ref||: float rounding differs with the batch layout, and
+            # Adam's normalised steps carry it along
+            "rel_diff_left": float((result.left - reference.left).norm() / reference.left.norm()),
             "cov_from_cache": result.cov_from_cache,
         }
     out["layer"] = reference.layer

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .generation import DecodeState, GenerationChunk, SamplingParams, cache_kwarg
+from .generation import DecodeState, GenerationChunk, SamplingParams, cache_kwarg, last_logits
 from .loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -161,16 +161,17 @@ class BatchScheduler:
         ids, mask = ids.to(device), mask.to(device)
         if len(admitted) == 1:  # no padding: the plain call, as a stream alone makes it
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            logits, cache = out.logits[:, -1], getattr(out, self._cache_kw)
         else:
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its first real token
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = getattr(out, self._cache_kw)
+            logits, cache = last_logits(
+                self.loaded, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True
+            )
         # padded positions hold whatever the model made of them (NaN where a query saw no key):
         # zeros instead, so that a masked weight of 0 times the value stays 0
         real = mask.bool()[:, None, :, None]  # (k, 1, W, 1)
         keys = [torch.where(real, layer.keys, 0.0) for layer in cache.layers]  # (k, H, W, D)
         values = [torch.where(real, layer.values, 0.0) for layer in cache.layers]
-        logits = out.logits[:, -1]  # (k, V)
         rows = [_Row(p.state, p.emit, p.cancelled, len(p.prompt_ids), logits[i]) for i, p in enumerate(admitted)]
         self.prefills += 1
         self._merge(rows, keys, values, mask)

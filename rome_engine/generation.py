@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .arch import get_module
 from .loading import LoadedModel
 
 FINISH_LENGTH = "length"
@@ -227,6 +228,21 @@ def generate_tokens(
         step = torch.tensor([[state.last_token]], device=loaded.device)
         out = model(input_ids=step, use_cache=True, **{cache_kw: past})
         past = getattr(out, cache_kw)
+
+
+def last_logits(loaded: LoadedModel, **inputs: object) -> tuple[torch.Tensor, object | None]:
+    """Logits (B, V) at each row's last position, and the KV cache when ``use_cache``.
+
+    Runs the model without its head, then the unembedding on the last
+    positions as one (B, D) x (D, V) product. The model's own head with
+    ``logits_to_keep=1`` gets a strided (B, 1, D) slice, which torch multiplies
+    as a batched product that copies the unembedding matrix once per row
+    (measured on the embedded model: a 100-row, 4-token pass 0.91 s vs 0.55 s).
+    """
+    out = loaded.model.base_model(**inputs)
+    last = out.last_hidden_state[:, -1].contiguous()  # (B, D)
+    logits = get_module(loaded.model, loaded.spec.unembed)(last)  # (B, V)
+    return logits, getattr(out, cache_kwarg(loaded.model), None)
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:

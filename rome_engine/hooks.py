@@ -42,7 +42,7 @@ def _first(x: object) -> torch.Tensor:
     return x[0] if isinstance(x, tuple) else x  # blocks and attention return tuples
 
 
-def _replace_first(x: object, value: torch.Tensor) -> object:
+def replace_first(x: object, value: torch.Tensor) -> object:
     return (value, *x[1:]) if isinstance(x, tuple) else value
 
 
@@ -100,7 +100,7 @@ class Trace:
                 new = edit(name, y)
                 if new is not None:
                     y = new
-                    output = _replace_first(output, new)
+                    output = replace_first(output, new)
             if capture:
                 self.captured[name].output = y.detach() if detach else y
                 self.captured[name].raw_output = output

@@ -41,14 +41,14 @@ Public names:
 
 from __future__ import annotations
 
-import inspect
+import copy
 import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -56,7 +56,8 @@ import torch
 
 from .arch import ArchSpec
 from .errors import InvalidRequest
-from .hooks import Trace
+from .generation import cache_kwarg, last_logits
+from .hooks import Trace, replace_first, replay
 from .loading import LoadedModel
 from .scoring import encode_prompt, split_continuation
 
@@ -250,7 +251,13 @@ class _Prepared:
     noise: torch.Tensor  # (S, E, D): the scaled noise of each sample on the E subject tokens
     noise_std: float
     modules_by_layer: list[list[str]]  # layer -> modules a restoration at that layer sets back
+    first_restored: list[int]  # layer -> the lowest layer of those modules (blocks below run as corrupted)
     corrupted_prob: float = math.nan
+    # per layer, the corrupted run's block output (S, T, D) per noise sample, as the block
+    # returned it (raw): rows restoring only above a layer replay it instead of recomputing
+    corrupted_blocks: list[torch.Tensor] = field(default_factory=list)
+    corrupted_raw: list[object] = field(default_factory=list)
+    prefix_cache: tuple[int, object] | None = None  # (start, KV cache of positions < start per sample)
     forward_passes: int = 0
 
     @property
@@ -259,7 +266,7 @@ class _Prepared:
 
 
 def _forward(
-    model: torch.nn.Module,
+    loaded: LoadedModel,
     ids: torch.Tensor,
     start: int = 0,
     cache: object | None = None,
@@ -267,19 +274,12 @@ def _forward(
 ) -> tuple[torch.Tensor, object | None]:
     """Forward pass over positions start .. start + ids.shape[1] - 1, after an optional KV cache
     of positions 0 .. start - 1. Returns the last position's logits (B, V) and the new cache."""
-    params = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
     kwargs: dict[str, object] = {"use_cache": keep_cache or cache is not None}
     if cache is not None:
-        kwargs[cache_arg] = cache
-    if "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = 1  # skip the unembedding of earlier positions
+        kwargs[cache_kwarg(loaded.model)] = cache
     positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)  # (1, T')
-    out = model(input_ids=ids, position_ids=positions, **kwargs)
-    if not keep_cache:
-        return out.logits[:, -1], None
-    new_cache = out.get("cache", None)
-    return out.logits[:, -1], new_cache if new_cache is not None else out.get("past_key_values", None)
+    logits, new_cache = last_logits(loaded, input_ids=ids, position_ids=positions, **kwargs)
+    return logits, new_cache if keep_cache else None
 
 
 def _answer_probs(logits: torch.Tensor, answer_id: int) -> torch.Tensor:
@@ -295,7 +295,7 @@ def _prepare(loaded: LoadedModel, req: TraceRequest, noise_std: float) -> _Prepa
     num_layers = spec.num_layers(model)
     names = _state_names(spec, req.kind, num_layers)
     with Trace(model, names) as tr:
-        logits, _ = _forward(model, input_ids)  # (1, V)
+        logits, _ = _forward(loaded, input_ids)  # (1, V)
     if req.answer is None:
         answer_id = int(torch.argmax(logits[0]))
     else:
@@ -320,6 +320,10 @@ def _prepare(loaded: LoadedModel, req: TraceRequest, noise_std: float) -> _Prepa
         noise_std=noise_std,
         modules_by_layer=[
             restored_modules(spec, req.kind, layer, req.window, num_layers) for layer in range(num_layers)
+        ],
+        first_restored=[
+            layer if req.kind == "hidden" else window_layers(layer, req.window, num_layers).start
+            for layer in range(num_layers)
         ],
         forward_passes=1,
     )
@@ -350,6 +354,7 @@ def _run_rows(
     samples: Sequence[int],
     cells: Sequence[tuple[int, int] | None],
     start: int = 0,
+    skip: int = 0,
 ) -> torch.Tensor:
     """P(answer) of corrupted rows, (B,): row i uses noise sample ``samples[i]`` and restores
     ``cells[i]`` = (token, layer) (None: nothing).
@@ -357,17 +362,26 @@ def _run_rows(
     With ``start`` > 0 (every restored token >= start), positions before ``start``
     are not recomputed for every row: they do not depend on the restoration
     (causal attention), so one pass over them per noise sample fills a KV
-    cache that the rows share.
+    cache that the rows share (and the next call with the same ``start``).
+
+    With ``skip`` > 0 (no row restores a module below layer ``skip``), blocks
+    0 .. skip - 1 are not run: every row's states there are those of the
+    corrupted run with its noise sample, recorded once (``prep.corrupted_blocks``)
+    and replayed (``hooks.replay``).
     """
     model, spec = loaded.model, loaded.spec
     sample_of_row = torch.tensor(list(samples), device=loaded.device)
     cache = None
     if start > 0:
-        all_samples = torch.arange(prep.num_samples, device=loaded.device)
-        prefix = prep.input_ids[:, :start].expand(prep.num_samples, -1)  # (S, start)
-        with Trace(model, [spec.embed], capture_output=False, edit_output=_corrupt_embeddings(prep, all_samples)):
-            _, cache = _forward(model, prefix, keep_cache=True)
-        prep.forward_passes += 1
+        if prep.prefix_cache is None or prep.prefix_cache[0] != start:
+            all_samples = torch.arange(prep.num_samples, device=loaded.device)
+            prefix = prep.input_ids[:, :start].expand(prep.num_samples, -1)  # (S, start)
+            corrupt = _corrupt_embeddings(prep, all_samples)
+            with Trace(model, [spec.embed], capture_output=False, edit_output=corrupt):
+                _, cache = _forward(loaded, prefix, keep_cache=True)
+            prep.forward_passes += 1
+            prep.prefix_cache = (start, cache)  # the next batch of rows restoring from ``start`` shares it
+        cache = copy.deepcopy(prep.prefix_cache[1])  # the pass appends to it
         if hasattr(cache, "batch_select_indices"):
             cache.batch_select_indices(sample_of_row)  # (S, ...) -> (B, ...): each row's sample
         else:  # a cache type we cannot reorder: recompute the prefix in every row
@@ -396,18 +410,31 @@ def _run_rows(
 
     ids = prep.input_ids[:, start:].expand(len(cells), -1)  # (B, T - start)
     corrupt = _corrupt_embeddings(prep, sample_of_row, offset=start)
+    lower: dict[str, object] = {}
+    if skip > 0 and prep.corrupted_blocks:
+        below = prep.corrupted_blocks[skip - 1][sample_of_row][:, start:]  # (B, T - start, D)
+        out = replace_first(prep.corrupted_raw[skip - 1], below)
+        lower = {spec.block_name(layer): out for layer in range(skip)}
     with (
+        replay(model, lower),
         Trace(model, [spec.embed], capture_output=False, edit_output=corrupt),
         Trace(model, index, capture_output=False, edit_output=restore),
     ):
-        logits, _ = _forward(model, ids, start, cache)  # (B, V)
+        logits, _ = _forward(loaded, ids, start, cache)  # (B, V)
     prep.forward_passes += 1
     return _answer_probs(logits, prep.answer_id)
 
 
 def _corrupted_prob(loaded: LoadedModel, prep: _Prepared) -> float:
+    """Mean P(answer) of the corrupted runs; records their block outputs for ``_run_rows``'s skip."""
     samples = range(prep.num_samples)
-    return float(_run_rows(loaded, prep, samples, [None] * len(samples)).mean())
+    spec = loaded.spec
+    blocks = [spec.block_name(layer) for layer in range(len(prep.modules_by_layer))]
+    with Trace(loaded.model, blocks) as tr:
+        probs = _run_rows(loaded, prep, samples, [None] * len(samples))
+    prep.corrupted_blocks = [tr[name].output for name in blocks]  # (S, T, D) each
+    prep.corrupted_raw = [tr[name].raw_output for name in blocks]
+    return float(probs.mean())
 
 
 def _restore_cells(
@@ -434,12 +461,18 @@ def _restore_cells(
     done_rows = (len(cells) - sum(map(len, by_token.values()))) * num_samples
     sums = torch.zeros(len(cells))
     for token, cell_ids in sorted(by_token.items()):
-        rows = [(c, s) for c in cell_ids for s in range(num_samples)]
+        # rows in order of the first layer they restore, so that a batch can skip the blocks below its first
+        rows = sorted(
+            ((c, s) for c in cell_ids for s in range(num_samples)), key=lambda r: prep.first_restored[cells[r[0]][1]]
+        )
         n_batches = -(-len(rows) // max_batch_rows)
         size = -(-len(rows) // n_batches)  # even batches: 300 rows by 128 -> 100, 100, 100
         for first in range(0, len(rows), size):
             batch = rows[first : first + size]
-            probs = _run_rows(loaded, prep, [s for _, s in batch], [cells[c] for c, _ in batch], start=token)
+            skip = prep.first_restored[cells[batch[0][0]][1]]
+            probs = _run_rows(
+                loaded, prep, [s for _, s in batch], [cells[c] for c, _ in batch], start=token, skip=skip
+            )
             sums.index_add_(0, torch.tensor([c for c, _ in batch]), probs.float().cpu())
             done_rows += len(batch)
             if progress is not None:
@@ -531,7 +564,7 @@ def trace_per_position(loaded: LoadedModel, req: TraceRequest, *, noise_cache: N
                     Trace(model, [spec.embed], capture_output=False, edit_output=corrupt),
                     Trace(model, prep.modules_by_layer[layer], capture_output=False, edit_output=restore),
                 ):
-                    logits, _ = _forward(model, ids)  # (S, V)
+                    logits, _ = _forward(loaded, ids)  # (S, V)
                 prep.forward_passes += 1
                 scores[t, layer] = _answer_probs(logits, prep.answer_id).mean()
     return _result(req, prep, scores, t0)
