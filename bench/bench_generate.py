@@ -121,8 +121,13 @@ def run(
         out["gateway_tps"] = max(s["tokens_per_s"] for s in single)
         out["gateway_ttft_s"] = min(s["ttft_p50"] for s in single)
         for n in concurrency:
-            row = gateway_concurrent(srv.target, n, n_tokens)
-            row["hf_batched_tps"] = hf_batched_tps(loaded, n, n_tokens)
+            # alternate the two, best of each: this machine's speed drifts by 10-20% between runs
+            rows, batched = [], []
+            for _ in range(min(repeats, 2)):
+                rows.append(gateway_concurrent(srv.target, n, n_tokens))
+                batched.append(hf_batched_tps(loaded, n, n_tokens))
+            row = max(rows, key=lambda r: r["tokens_per_s"])
+            row["hf_batched_tps"] = max(batched)
             out["concurrent"].append(row)
     engine.close()
     out["hf_generate_tps"] = hf_single
