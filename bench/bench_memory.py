@@ -9,19 +9,16 @@ then reads the kernel's high-water mark of its resident set (VmHWM).
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import served  # noqa: E402
 from rome_engine.loading import LoadedModel, load_model  # noqa: E402
-from romegw_client import Client, GatewayError  # noqa: E402
+from romegw_client import Client  # noqa: E402
 
 EDIT = ("The Eiffel Tower is in", "The Eiffel Tower", " Rome")
 
@@ -32,12 +29,6 @@ def weight_bytes(loaded: LoadedModel) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -45,53 +36,23 @@ def _status_kib(pid: int, field: str) -> int:
     raise LookupError(field)
 
 
-def _cli() -> list[str]:
-    exe = shutil.which("rome-gateway", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "romegw_server.cli"]
-
-
 def run(loaded: LoadedModel, *, streams: int = 8, tokens: int = 32, hparams: dict | None = None) -> dict:
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as store:
-        log = Path(store) / "serve.log"
-        with log.open("w") as f:
-            proc = subprocess.Popen(
-                [*_cli(), "serve", "--port", str(port), "--dtype", "float32", "--device", "cpu",
-                 "--edit-store", str(Path(store) / "edits")],
-                stdout=f, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        target = f"127.0.0.1:{port}"
-        try:
-            with Client(target, timeout=1800) as c:
-                deadline = time.monotonic() + 300
-                while True:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"the server exited:\n{log.read_text()[-2000:]}")
-                    try:
-                        if c.health() == "SERVING":
-                            break
-                    except GatewayError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(log.read_text()[-2000:])
-                    time.sleep(0.3)
-                rss_ready = _status_kib(proc.pid, "VmRSS") * 1024
+    with tempfile.TemporaryDirectory() as store, served("--edit-store", str(Path(store) / "edits")) as (target, proc):
+        rss_ready = _status_kib(proc.pid, "VmRSS") * 1024
 
-                def one(i: int) -> None:
-                    with Client(target, timeout=600) as s:
-                        s.generate_text(f"Story number {i}: once upon a time", max_new_tokens=tokens)
+        def one(i: int) -> None:
+            with Client(target, timeout=600) as s:
+                s.generate_text(f"Story number {i}: once upon a time", max_new_tokens=tokens)
 
-                threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
-                for t in threads:
-                    t.start()
-                c.apply_edit(*EDIT, hparams=hparams or {})
-                for t in threads:
-                    t.join()
-                c.revert_edit(to_version=0)
-                peak = _status_kib(proc.pid, "VmHWM") * 1024
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+        with Client(target, timeout=1800) as c:
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+            for t in threads:
+                t.start()
+            c.apply_edit(*EDIT, hparams=hparams or {})
+            for t in threads:
+                t.join()
+            c.revert_edit(to_version=0)
+        peak = _status_kib(proc.pid, "VmHWM") * 1024
     weights = weight_bytes(loaded)
     return {"weight_bytes": weights, "rss_ready_bytes": rss_ready, "peak_rss_bytes": peak, "ratio": peak / weights}
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -68,3 +74,49 @@ def print_table(title: str, rows: list[tuple[str, str, str, str]]) -> None:
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli() -> list[str]:
+    exe = shutil.which("rome-gateway", path=str(Path(sys.executable).parent))
+    return [exe] if exe else [sys.executable, "-m", "romegw_server.cli"]
+
+
+@contextlib.contextmanager
+def served(*args: str, ready_timeout: float = 300.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A ``rome-gateway serve`` process on a free loopback port (embedded model, float32, CPU),
+    with ``args`` added; yields (target, process) once it reports SERVING, stops it afterwards."""
+    from romegw_client import Client, GatewayError
+
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "serve.log"
+        with log.open("w") as f:
+            proc = subprocess.Popen(
+                [*_cli(), "serve", "--port", str(port), "--dtype", "float32", "--device", "cpu", *args],
+                stdout=f, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        target = f"127.0.0.1:{port}"
+        try:
+            with Client(target, timeout=10) as c:
+                deadline = time.monotonic() + ready_timeout
+                while True:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"the server exited:\n{log.read_text()[-2000:]}")
+                    try:
+                        if c.health() == "SERVING":
+                            break
+                    except GatewayError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(log.read_text()[-2000:])
+                    time.sleep(0.3)
+            yield target, proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
