@@ -7,22 +7,17 @@ through the client SDK over loopback.
 - one stream: the gateway vs ``model.generate`` (greedy, same prompt, same length);
 - N concurrent streams (1, 4, 8, 16): the gateway's aggregate tokens/s vs single-stream ``model.generate``
   and vs ``model.generate`` on the same N prompts batched by hand (left padding) - the best a user could do;
-  p50/p95 time to first token and inter-token latency of the gateway's streams;
-- the engine's batch scheduler alone, in this process (no gRPC), on the same N prompts: where the
-  gateway's time goes between the model and the transport.
+  p50/p95 time to first token and inter-token latency of the gateway's streams.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 
 import torch
 
 from bench.common import percentile, served
-from rome_engine.batching import BatchScheduler
-from rome_engine.generation import SamplingParams
 from rome_engine.loading import LoadedModel
 from romegw_client import Client
 
@@ -67,25 +62,6 @@ def hf_batched_tps(loaded: LoadedModel, n_streams: int, n_tokens: int) -> float:
             **batch, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False, pad_token_id=tok.pad_token_id
         )
     return n_streams * n_tokens / (time.perf_counter() - t0)
-
-
-def scheduler_tps(scheduler: BatchScheduler, loaded: LoadedModel, n_streams: int, n_tokens: int) -> float:
-    """Aggregate tokens/s of the engine's scheduler alone, the N prompts submitted together."""
-    queues: list[queue.Queue] = [queue.Queue() for _ in range(n_streams)]
-    t0 = time.perf_counter()
-    for i, q in enumerate(queues):
-        ids = loaded.tokenizer(prompt(i))["input_ids"]
-        scheduler.submit(ids, SamplingParams(max_new_tokens=n_tokens), emit=q.put, cancelled=lambda: False)
-    tokens = 0
-    for q in queues:
-        while True:
-            chunk = q.get(timeout=600)
-            if isinstance(chunk, BaseException):
-                raise chunk
-            tokens += len(chunk.token_ids)
-            if chunk.finish_reason is not None:
-                break
-    return tokens / (time.perf_counter() - t0)
 
 
 def gateway_concurrent(target: str, n_streams: int, n_tokens: int) -> dict:
@@ -154,14 +130,6 @@ def run(
             row = max(rows, key=lambda r: r["tokens_per_s"])
             row["hf_batched_tps"] = max(batched)
             out["concurrent"].append(row)
-    scheduler = BatchScheduler(loaded, max_batch_size=max(concurrency))
-    try:
-        scheduler_tps(scheduler, loaded, 2, 4)  # warm-up
-        for row in out["concurrent"]:
-            n = row["streams"]
-            row["scheduler_tps"] = max(scheduler_tps(scheduler, loaded, n, n_tokens) for _ in range(min(repeats, 2)))
-    finally:
-        scheduler.close()
     out["hf_generate_tps"] = hf_single
     out["ratio"] = out["gateway_tps"] / out["hf_generate_tps"]
     return out

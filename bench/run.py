@@ -77,14 +77,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['tokens_per_s'] / r['hf_batched_tps']:.2f}x",
             )
         )
-        rows.append(
-            (
-                f"{n} streams: engine scheduler alone (no gRPC) vs hand-batched",
-                f"{r['scheduler_tps']:.1f}",
-                f"{r['hf_batched_tps']:.1f}",
-                f"{r['scheduler_tps'] / r['hf_batched_tps']:.2f}x",
-            )
-        )
         rows.append((f"{n} streams: TTFT p50 / p95 (s)", f"{r['ttft_p50']:.3f} / {r['ttft_p95']:.3f}", "-", "-"))
         rows.append((f"{n} streams: inter-token p50 / p95 (s)", f"{r['itl_p50']:.3f} / {r['itl_p95']:.3f}", "-", "-"))
     print_table("Generate, concurrent streams (continuous batching)", rows)
