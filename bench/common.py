@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
-
 
 def machine() -> dict[str, object]:
+    import torch  # here, so that the torch-free load generator (bench/load.py) can use this module
+
     info: dict[str, object] = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
@@ -76,46 +76,53 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _cli() -> list[str]:
+def gateway_command() -> list[str]:
+    """The ``rome-gateway`` command of this interpreter's environment."""
     exe = shutil.which("rome-gateway", path=str(Path(sys.executable).parent))
     return [exe] if exe else [sys.executable, "-m", "romegw_server.cli"]
+
+
+def wait_until_serving(target: str, proc: subprocess.Popen, log: Path, timeout: float = 300.0) -> None:
+    """Poll the health service of a starting server process until it reports SERVING;
+    RuntimeError if the process exits, TimeoutError after ``timeout`` seconds (both with its log's tail)."""
+    from romegw_client import Client, GatewayError
+
+    deadline = time.monotonic() + timeout
+    with Client(target, timeout=10) as c:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited:\n{log.read_text()[-2000:]}")
+            try:
+                if c.health() == "SERVING":
+                    return
+            except GatewayError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server did not start in {timeout:.0f} s:\n{log.read_text()[-2000:]}")
+            time.sleep(0.3)
 
 
 @contextlib.contextmanager
 def served(*args: str, ready_timeout: float = 300.0) -> Iterator[tuple[str, subprocess.Popen]]:
     """A ``rome-gateway serve`` process on a free loopback port (embedded model, float32, CPU),
     with ``args`` added; yields (target, process) once it reports SERVING, stops it afterwards."""
-    from romegw_client import Client, GatewayError
-
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "serve.log"
         with log.open("w") as f:
             proc = subprocess.Popen(
-                [*_cli(), "serve", "--port", str(port), "--dtype", "float32", "--device", "cpu", *args],
+                [*gateway_command(), "serve", "--port", str(port), "--dtype", "float32", "--device", "cpu", *args],
                 stdout=f, stderr=subprocess.STDOUT,
             )  # fmt: skip
         target = f"127.0.0.1:{port}"
         try:
-            with Client(target, timeout=10) as c:
-                deadline = time.monotonic() + ready_timeout
-                while True:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"the server exited:\n{log.read_text()[-2000:]}")
-                    try:
-                        if c.health() == "SERVING":
-                            break
-                    except GatewayError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(log.read_text()[-2000:])
-                    time.sleep(0.3)
+            wait_until_serving(target, proc, log, ready_timeout)
             yield target, proc
         finally:
             proc.terminate()

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import free_port, gateway_command, wait_until_serving  # noqa: E402
 from romegw_client import Client, GatewayError  # noqa: E402
 
 PROMPTS = [
@@ -150,18 +150,10 @@ def drive(
     return report
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: str | None, store: Path, streams: int, extra: list[str]) -> tuple[subprocess.Popen, str, str]:
     port, mport = free_port(), free_port()
-    exe = Path(sys.executable).with_name("rome-gateway")
     cmd = [
-        str(exe) if exe.exists() else sys.executable,
-        *([] if exe.exists() else ["-m", "romegw_server.cli"]),
+        *gateway_command(),
         "serve",
         "--port",
         str(port),
@@ -177,19 +169,7 @@ def start_server(model: str | None, store: Path, streams: int, extra: list[str])
     log = open(store / "server.log", "w")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    with Client(target, timeout=2) as c:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("the server exited: " + (store / "server.log").read_text()[-2000:])
-            try:
-                if c.health() == "SERVING":
-                    break
-            except GatewayError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the server did not start")
-            time.sleep(0.5)
+    wait_until_serving(target, proc, store / "server.log")
     return proc, target, f"http://127.0.0.1:{mport}/metrics"
 
 

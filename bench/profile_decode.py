@@ -26,10 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_generate import hf_single_tps, prompt  # noqa: E402
+from bench.bench_memory import weight_bytes  # noqa: E402
 from rome_engine.generation import SamplingParams, cache_kwarg, generate_tokens  # noqa: E402
 from rome_engine.loading import LoadedModel, load_model  # noqa: E402
 
-PROMPT = "The history of the city of Rome begins"
+PROMPT = prompt(0)  # bench_generate's single-stream prompt
 
 
 def best_of(fn, repeats: int = 5) -> float:  # noqa: ANN001
@@ -80,15 +82,6 @@ def loop_seconds_per_token(loaded: LoadedModel, tokens: int) -> float:
     return (time.perf_counter() - t0) / tokens
 
 
-@torch.inference_mode()
-def hf_seconds_per_token(loaded: LoadedModel, tokens: int) -> float:
-    ids = loaded.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    loaded.model.generate(ids, max_new_tokens=4, do_sample=False)
-    t0 = time.perf_counter()
-    loaded.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    return (time.perf_counter() - t0) / tokens
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=64)
@@ -99,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(None, device="cpu", dtype="float32")
-    n_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in loaded.model.parameters()}.values())
+    n_bytes = weight_bytes(loaded)
     floor = floor_seconds(loaded)
     fwd = forward_seconds(loaded)
-    hf = hf_seconds_per_token(loaded, args.tokens)
+    hf_single_tps(loaded, 4, 1)  # warm-up
+    hf = 1 / hf_single_tps(loaded, args.tokens, 1)
     ours = loop_seconds_per_token(loaded, args.tokens)
     print(f"torch threads {torch.get_num_threads()}; weights {n_bytes / 2**20:.0f} MiB")
     print(f"{'per token':40s} {'ms':>8s} {'tok/s':>8s}")
