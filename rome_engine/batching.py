@@ -167,11 +167,14 @@ class BatchScheduler:
             logits, cache = last_logits(
                 self.loaded, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True
             )
-        # padded positions hold whatever the model made of them (NaN where a query saw no key):
-        # zeros instead, so that a masked weight of 0 times the value stays 0
-        real = mask.bool()[:, None, :, None]  # (k, 1, W, 1)
-        keys = [torch.where(real, layer.keys, 0.0) for layer in cache.layers]  # (k, H, W, D)
-        values = [torch.where(real, layer.values, 0.0) for layer in cache.layers]
+        keys = [layer.keys for layer in cache.layers]  # (k, H, W, D)
+        values = [layer.values for layer in cache.layers]
+        if len(admitted) > 1:
+            # padded positions hold whatever the model made of them (NaN where a query saw no key):
+            # zeros instead, so that a masked weight of 0 times the value stays 0
+            real = mask.bool()[:, None, :, None]  # (k, 1, W, 1)
+            keys = [torch.where(real, k, 0.0) for k in keys]
+            values = [torch.where(real, v, 0.0) for v in values]
         rows = [_Row(p.state, p.emit, p.cancelled, len(p.prompt_ids), logits[i]) for i, p in enumerate(admitted)]
         self.prefills += 1
         self._merge(rows, keys, values, mask)

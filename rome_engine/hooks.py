@@ -38,7 +38,7 @@ class Captured:
     raw_output: object = None  # the module's output as returned (a tensor or a tuple), for ``replay``
 
 
-def _first(x: object) -> torch.Tensor:
+def first_tensor(x: object) -> torch.Tensor:
     return x[0] if isinstance(x, tuple) else x  # blocks and attention return tuples
 
 
@@ -95,7 +95,7 @@ class Trace:
         def hook(_module: nn.Module, _args: tuple, output: object) -> object:
             if threading.get_ident() != self._owner:
                 return output
-            y = _first(output)
+            y = first_tensor(output)
             if edit is not None:
                 new = edit(name, y)
                 if new is not None:

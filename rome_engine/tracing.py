@@ -57,7 +57,7 @@ import torch
 from .arch import ArchSpec
 from .errors import InvalidRequest
 from .generation import cache_kwarg, last_logits
-from .hooks import Trace, replace_first, replay
+from .hooks import Trace, first_tensor, replace_first, replay
 from .loading import LoadedModel
 from .scoring import encode_prompt, split_continuation
 
@@ -253,10 +253,9 @@ class _Prepared:
     modules_by_layer: list[list[str]]  # layer -> modules a restoration at that layer sets back
     first_restored: list[int]  # layer -> the lowest layer of those modules (blocks below run as corrupted)
     corrupted_prob: float = math.nan
-    # per layer, the corrupted run's block output (S, T, D) per noise sample, as the block
-    # returned it (raw): rows restoring only above a layer replay it instead of recomputing
-    corrupted_blocks: list[torch.Tensor] = field(default_factory=list)
-    corrupted_raw: list[object] = field(default_factory=list)
+    # per layer, the corrupted run's block output as the block returned it (its first tensor
+    # (S, T, D) per noise sample): rows restoring only above a layer replay it instead of recomputing
+    corrupted_blocks: list[object] = field(default_factory=list)
     prefix_cache: tuple[int, object] | None = None  # (start, KV cache of positions < start per sample)
     forward_passes: int = 0
 
@@ -412,8 +411,9 @@ def _run_rows(
     corrupt = _corrupt_embeddings(prep, sample_of_row, offset=start)
     lower: dict[str, object] = {}
     if skip > 0 and prep.corrupted_blocks:
-        below = prep.corrupted_blocks[skip - 1][sample_of_row][:, start:]  # (B, T - start, D)
-        out = replace_first(prep.corrupted_raw[skip - 1], below)
+        raw = prep.corrupted_blocks[skip - 1]
+        below = first_tensor(raw)[sample_of_row][:, start:]  # (B, T - start, D)
+        out = replace_first(raw, below)
         lower = {spec.block_name(layer): out for layer in range(skip)}
     with (
         replay(model, lower),
@@ -432,8 +432,7 @@ def _corrupted_prob(loaded: LoadedModel, prep: _Prepared) -> float:
     blocks = [spec.block_name(layer) for layer in range(len(prep.modules_by_layer))]
     with Trace(loaded.model, blocks) as tr:
         probs = _run_rows(loaded, prep, samples, [None] * len(samples))
-    prep.corrupted_blocks = [tr[name].output for name in blocks]  # (S, T, D) each
-    prep.corrupted_raw = [tr[name].raw_output for name in blocks]
+    prep.corrupted_blocks = [tr[name].raw_output for name in blocks]
     return float(probs.mean())
 
 

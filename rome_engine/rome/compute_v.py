@@ -166,12 +166,12 @@ class _DeltaForward:
             self.ids, self.pos = batch.suffix_ids, batch.suffix_pos
             self.live = batch.suffix_mask
             if p > 0:
-                with torch.no_grad():
-                    out = model(
+                with torch.no_grad():  # only the KV cache is wanted: the model without its head
+                    out = model.base_model(
                         input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, position_ids=batch.prefix_pos,
-                        use_cache=True, logits_to_keep=1,
+                        use_cache=True,
                     )  # fmt: skip
-                self.past = getattr(out, "cache", None) or out.past_key_values
+                self.past = getattr(out, self.cache_kw)
         else:
             self.offset = p
             self.ids = torch.cat([batch.prefix_ids, batch.suffix_ids], dim=1)
