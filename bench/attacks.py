@@ -291,7 +291,7 @@ def _reshape_u(t: dict) -> None:
 
 def attack_requests(work: Path, model: Path) -> list[dict]:
     rows = []
-    with fresh(work, model, "requests") as gw:
+    with fresh(work, model, "isolation") as gw:
         # a bad row next to a good stream
         other: dict[str, str] = {}
 
@@ -308,22 +308,23 @@ def attack_requests(work: Path, model: Path) -> list[dict]:
         rows.append({"attack": "generate temperature=1e-40 beside another stream", "code": code,
                      "effect": f"the other stream: {other.get('code')}", "message": msg})  # fmt: skip
 
-        long_text = " word" * 1000
+    with fresh(work, model, "load") as gw:
+        long_text = " word" * 500
         with RssPeak(gw) as peak, HealthProbe(gw) as hp:
             base = gw.rss_mb()
             results: list[str] = []
 
             def trace() -> None:
                 req = pb.TraceRequest(prompt="The Eiffel Tower is in the city of" + " and" * 20,
-                                      subject="The Eiffel Tower", samples=64)  # fmt: skip
+                                      subject="The Eiffel Tower", samples=16)  # fmt: skip
                 results.append(code_of(lambda: gw.stub.Trace(req, timeout=300))[0])
 
             def score() -> None:
-                req = pb.ScoreRequest(prompt="Hi", continuations=[long_text] * 8)
+                req = pb.ScoreRequest(prompt="Hi", continuations=[long_text] * 4)
                 results.append(code_of(lambda: gw.stub.Score(req, timeout=300))[0])
 
             threads = [threading.Thread(target=trace) for _ in range(24)]
-            threads += [threading.Thread(target=score) for _ in range(8)]
+            threads += [threading.Thread(target=score) for _ in range(4)]
             t0 = time.perf_counter()
             for th in threads:
                 th.start()
@@ -332,10 +333,11 @@ def attack_requests(work: Path, model: Path) -> list[dict]:
             for th in threads:
                 th.join()
         counts = {c: results.count(c) for c in sorted(set(results))}
-        rows.append({"attack": "24 Traces (64 samples) + 8 Scores of 8 x 1000-token continuations", "code": str(counts),
+        rows.append({"attack": "24 Traces (16 samples) + 4 Scores of 4 x 500-token continuations", "code": str(counts),
                      "effect": f"RSS +{peak.peak - base:.0f} MiB; health worst {hp.worst:.2f} s; "
                                f"small Generate {small[0]} after {small_s:.2f} s", "message": ""})  # fmt: skip
 
+    with fresh(work, model, "edits") as gw:
         huge = "x" * (15 << 20)
         with HealthProbe(gw) as hp:
             code, msg = code_of(lambda: gw.stub.Score(pb.ScoreRequest(prompt="Hi", continuations=[huge]), timeout=120))
@@ -389,6 +391,7 @@ def attack_requests(work: Path, model: Path) -> list[dict]:
         rows.append({"attack": "8 ApplyEdits with 1 s deadlines, then a Score", "code": code,
                      "effect": f"Score answered after {time.perf_counter() - t0:.2f} s", "message": ""})
 
+    with fresh(work, model, "strings") as gw:
         big = "c" * (12 << 20)
         spec = pb.EditSpec(prompt="{} lives in", subject="Carol King", target=" Oslo", hparams=FAST)
         code, msg = code_of(lambda: gw.stub.ApplyEdit(pb.ApplyEditRequest(edit=spec, comment=big), timeout=600))
