@@ -18,13 +18,19 @@ from typing import Any
 import grpc
 
 from rome_engine import errors
+from rome_engine.bounds import clip
 
-from .auth import TokenTable
+from .auth import ROLE_METHODS, TokenTable
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/romegw.v1.RomeGateway/"
+# a status message travels in a trailer (gRPC's default metadata limit is 8 KiB): error
+# messages that quote a request are cut to this many characters
+MAX_STATUS_MESSAGE_CHARS = 1000
+
+KNOWN_METHODS = frozenset().union(*ROLE_METHODS.values())
 
 # who made the current call (for audit lines): a token's name, or "anonymous"
 caller: contextvars.ContextVar[str] = contextvars.ContextVar("romegw_caller", default="anonymous")
@@ -96,9 +102,10 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception,
         log.exception("internal error in %s (ref %s)", method, ref)
         outcome.code = grpc.StatusCode.INTERNAL
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see the server log")
-    log.info("%s -> %s: %s", method, code.name, exc)
+    message = clip(str(exc), MAX_STATUS_MESSAGE_CHARS)  # errors may quote the request: keep the trailer small
+    log.info("%s -> %s: %s", method, code.name, clip(message))
     outcome.code = code
-    await context.abort(code, str(exc))
+    await context.abort(code, message)
 
 
 def _code_of(context: grpc.aio.ServicerContext, outcome: _Outcome) -> grpc.StatusCode:
@@ -204,48 +211,46 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         if not details.method.startswith(SERVICE_PREFIX):
-            return await continuation(details)
+            return await continuation(details)  # health and reflection stay open
         method = details.method.removeprefix(SERVICE_PREFIX)
         header = dict(details.invocation_metadata or ()).get("authorization", "")
         decision = self.tokens.authorize(header, method)
+        if decision.code is not None:  # refused before the method is even looked up
+            return self._deny(method, decision.code, decision.message)
         handler = await continuation(details)
         if handler is None:
             return handler
-        if decision.code is None:
-            name = decision.name
+        name = decision.name
 
-            def bind(behavior: Callable) -> Callable:
-                async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                    caller.set(name)
-                    return await behavior(request, context)
-
-                return unary
-
-            def bind_stream(behavior: Callable) -> Callable:
-                async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                    caller.set(name)
-                    async for item in behavior(request, context):
-                        yield item
-
-                return stream
-
-            return _rebuild(handler, bind, bind_stream)
-        code, message = decision.code, decision.message
-        log.warning("%s refused: %s (%s)", method, code.name, message)
-        if self.metrics is not None:
-            self.metrics.observe_rpc(method, code.name, 0.0)
-
-        def deny(_behavior: Callable) -> Callable:
-            async def unary(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await context.abort(code, message)
+        def bind(behavior: Callable) -> Callable:
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                caller.set(name)
+                return await behavior(request, context)
 
             return unary
 
-        def deny_stream(_behavior: Callable) -> Callable:
-            async def stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await context.abort(code, message)
-                yield  # pragma: no cover
+        def bind_stream(behavior: Callable) -> Callable:
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                caller.set(name)
+                async for item in behavior(request, context):
+                    yield item
 
             return stream
 
-        return _rebuild(handler, deny, deny_stream)
+        return _rebuild(handler, bind, bind_stream)
+
+    def _deny(self, method: str, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+        """A handler that answers ``code`` at once, whatever the method's shape (or if it has none).
+
+        A stream-stream handler without a deserializer serves unary and streaming calls alike:
+        it aborts before reading a request.
+        """
+        log.warning("%s refused: %s (%s)", clip(method), code.name, message)
+        if self.metrics is not None:  # a caller picks the name: unknown ones share one label
+            self.metrics.observe_rpc(method if method in KNOWN_METHODS else "(unknown)", code.name, 0.0)
+
+        async def deny(_requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await context.abort(code, message)
+            yield  # pragma: no cover
+
+        return grpc.stream_stream_rpc_method_handler(deny)
