@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from rome_engine import errors
-from rome_engine.bounds import clip
+from rome_engine.bounds import MAX_LOG_CHARS, clip
 
 from .auth import ROLE_METHODS, TokenTable
 from .metrics import Metrics
@@ -88,6 +88,15 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield item
 
 
+def status_message(text: str, limit: int = MAX_STATUS_MESSAGE_CHARS) -> str:
+    """An error message cut to ``limit`` characters in its middle: messages may quote a huge request
+    string, and their end usually says what to fix."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}...[{len(text) - 2 * half} chars cut]...{text[-half:]}"
+
+
 class _Outcome:
     """The status code a call ended with, as seen by the wrapper."""
 
@@ -102,8 +111,8 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception,
         log.exception("internal error in %s (ref %s)", method, ref)
         outcome.code = grpc.StatusCode.INTERNAL
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see the server log")
-    message = clip(str(exc), MAX_STATUS_MESSAGE_CHARS)  # errors may quote the request: keep the trailer small
-    log.info("%s -> %s: %s", method, code.name, clip(message))
+    message = status_message(str(exc))
+    log.info("%s -> %s: %s", method, code.name, status_message(message, 2 * MAX_LOG_CHARS))
     outcome.code = code
     await context.abort(code, message)
 
