@@ -9,8 +9,10 @@ import json
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from rome_engine.edit_store import EditStore
 from rome_engine.editing import EditManager
@@ -125,4 +127,32 @@ def test_no_log_line_carries_a_huge_request_string(tiny_llama, serve, tmp_path, 
     lines = [r.getMessage() for r in caplog.records]
     assert any(r.name == "romegw.audit" and "what=RevertEdit" in r.getMessage() for r in caplog.records)
     assert any("does not occur in prompt" in line for line in lines)
+    assert max(len(line) for line in lines) < 2000, max(lines, key=len)[:300]
+
+
+def fake_compute(loaded, request):  # noqa: ANN001, ANN201
+    """A random rank-one edit of layer 0 in place of ROME (fast); the header is built as for a real one."""
+    name = loaded.spec.mlp_out_weight_name(0)
+    out_dim, in_dim = loaded.spec.as_out_in(dict(loaded.model.named_parameters())[name]).shape
+    g = torch.Generator().manual_seed(0)
+    return SimpleNamespace(param_name=name, left=torch.randn(out_dim, generator=g) * 1e-3,
+                           right=torch.randn(in_dim, generator=g) * 1e-3, layer=0,
+                           hparams=SimpleNamespace(to_dict=dict), old_object="")
+
+
+def test_an_edit_with_the_longest_legal_strings_logs_short_lines(tiny_llama, tmp_path, caplog) -> None:  # noqa: ANN001
+    manager = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), fake_compute)
+    manager.restore()
+    engine = Engine(tiny_llama, EngineLimits(), manager)
+    subject = ("Alice " * 700)[:4096]
+    try:
+        with ServerThread(engine) as srv, Client(srv.target, timeout=60) as c, caplog.at_level(logging.DEBUG):
+            r = c.apply_edit("{} lives in", subject, " Paris", author="a" * 256, comment="c" * 4096)
+            assert r.head_version == 1 and r.edit.comment == "c" * 4096  # legal strings are stored whole
+            assert c.get_edit(r.edit.edit_id).subject == subject
+    finally:
+        engine.close()
+        manager.activate([], 0)  # the shared model as it was
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("what=ApplyEdit" in line for line in lines) and any("applied" in line for line in lines)
     assert max(len(line) for line in lines) < 2000, max(lines, key=len)[:300]
