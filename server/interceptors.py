@@ -1,7 +1,8 @@
 """Server interceptors: authentication, then errors -> statuses and RPC metrics.
 
 Handlers carry no try/except: an ``EngineError`` raised anywhere under them
-is turned into its status code with the error's message; anything else is
+is turned into its status code with the error's message (cut in the middle
+to MAX_STATUS_MESSAGE_CHARS: messages may quote a request); anything else is
 logged with a traceback and answered INTERNAL with a short reference id.
 Every RPC of the gateway service is counted and timed by method and code.
 """
@@ -205,7 +206,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Bearer tokens with roles: missing or unknown -> UNAUTHENTICATED, wrong role -> PERMISSION_DENIED.
+    """Bearer tokens with roles: missing or unknown -> UNAUTHENTICATED; a gateway RPC the token's
+    role does not list (``auth.ROLE_METHODS``), or that no role lists, -> PERMISSION_DENIED, decided
+    before the method is looked up.
 
     Health and reflection stay open (load balancers and grpcurl need them).
     """
