@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .bounds import clip
 from .edit_store import FORMAT_VERSION, EditLayer, EditStore, RankOneFactor, decode_layer, sha256_bytes, utc_now
 from .errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, Unavailable
 from .layers import LayerWeights, rank_one_patch
@@ -78,8 +79,8 @@ class EditManager:
             layer = self._layers[edit_id]
             log.info(
                 "re-applying edit layer %s (created as version %s, %s -> %r)",
-                edit_id, layer.header["version"], layer.header["request"].get("subject"),
-                layer.header["request"].get("target"),
+                edit_id, layer.header["version"], clip(layer.header["request"].get("subject")),
+                clip(layer.header["request"].get("target")),
             )
         self.weights.materialize([self._layers[i] for i in ids])
         self.head_version, self.active = version, ids

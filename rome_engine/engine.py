@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from . import __version__
 from .batching import BatchScheduler
+from .bounds import clip
 from .editing import EditManager, EditView
 from .errors import FailedPrecondition, InvalidRequest, ResourceExhausted, Unavailable
 from .gate import VersionGate
@@ -372,10 +373,10 @@ class Engine:
                 layer.edit_id,
                 entry["parent_version"],
                 entry["version"],
-                layer.header["request"]["subject"],
-                layer.header["request"]["prompt"],
-                layer.header["request"]["target"],
-                author,
+                clip(layer.header["request"]["subject"]),
+                clip(layer.header["request"]["prompt"]),
+                clip(layer.header["request"]["target"]),
+                clip(author),
             )
             return EditView(layer.header, entry, True), self.edit_version
 
@@ -401,7 +402,7 @@ class Engine:
                     await self.run(manager.activate, active, version)
 
             await asyncio.shield(asyncio.ensure_future(commit()))
-            log.info("revert by %r: head version now %d, removed %s", author, version, removed or "nothing")
+            log.info("revert by %r: head version now %d, removed %s", clip(author), version, removed or "nothing")
             return version, removed, time.perf_counter() - t0
 
     async def list_edits(self, *, include_inactive: bool) -> list[EditView]:

@@ -1,8 +1,11 @@
 """Bearer tokens with two roles, compared in constant time.
 
-Roles: ``generate`` may call Generate, Score, Trace, GetModelInfo, ListEdits and
-GetEdit; ``edit`` may call everything (ApplyEdit, RevertEdit, ImportEdits,
-ExportEdits too). Tokens come from a file (``--tokens-file``) or the
+Roles are an allow-list (``ROLE_METHODS``): ``generate`` may call Generate,
+Score, Trace, GetModelInfo, ListEdits and GetEdit; ``edit`` may call those and
+ApplyEdit, RevertEdit, ImportEdits and ExportEdits. A gateway RPC that no role
+names is refused (PERMISSION_DENIED) whatever the token: a new RPC stays closed
+until it is added to the table. Health and reflection are not gateway RPCs;
+the interceptor leaves them open. Tokens come from a file (``--tokens-file``) or the
 environment variable ``ROMEGW_TOKENS``, never from the command line. One token
 per line (or per comma in the variable)::
 
@@ -24,9 +27,16 @@ from pathlib import Path
 
 import grpc
 
+from rome_engine.bounds import clip
+
 ROLES = ("generate", "edit")
 GENERATE_METHODS = frozenset({"Generate", "Score", "Trace", "GetModelInfo", "ListEdits", "GetEdit"})
 EDIT_METHODS = frozenset({"ApplyEdit", "RevertEdit", "ImportEdits", "ExportEdits"})
+# role -> the gateway RPCs it may call; anything not listed is refused
+ROLE_METHODS: dict[str, frozenset[str]] = {
+    "generate": GENERATE_METHODS,
+    "edit": GENERATE_METHODS | EDIT_METHODS,
+}
 MIN_TOKEN_CHARS = 16
 
 
@@ -77,11 +87,19 @@ class TokenTable:
                 match = t
         if match is None:
             return Decision(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
-        if method in EDIT_METHODS and match.role != "edit":
-            return Decision(
-                grpc.StatusCode.PERMISSION_DENIED, f"{method} needs a token with the 'edit' role", match.name
-            )
-        return Decision(None, "", match.name)
+        return _allowed(match, method)
+
+
+def _allowed(token: _Token, method: str) -> Decision:
+    """The allow-list check of an authenticated caller."""
+    if method in ROLE_METHODS[token.role]:
+        return Decision(None, "", token.name)
+    roles = [role for role, methods in ROLE_METHODS.items() if method in methods]
+    if not roles:
+        message = f"{clip(method, 100)} is not open to any role (not in the server's role table)"
+    else:
+        message = f"{method} needs a token with the {' or '.join(repr(r) for r in roles)} role"
+    return Decision(grpc.StatusCode.PERMISSION_DENIED, message, token.name)
 
 
 def parse_tokens(text: str, *, separator: str | None = None) -> list[tuple[str, str, str]]:

@@ -11,7 +11,10 @@ subcommands are clients of a running server (through the client SDK).
 
 Every flag also reads an environment variable (ROMEGW_<FLAG>), e.g.
 ROMEGW_MODEL, ROMEGW_PORT, ROMEGW_TARGET. Client commands send the bearer
-token of $ROMEGW_TOKEN (never a flag: command lines end up in logs).
+token of $ROMEGW_TOKEN (never a flag: command lines end up in logs), and speak
+TLS when told to (--tls, --tls-ca, --tls-client-cert) or when the server's own
+$ROMEGW_TLS_CERT is set (so ``rome-gateway health`` beside a TLS server works
+with the server's environment alone).
 """
 
 from __future__ import annotations
@@ -75,6 +78,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--max-concurrent-streams", type=int, default=_int_env("max_concurrent_streams", d.max_concurrent_streams)
     )
     p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", "10")))
+    p.add_argument(
+        "--prestop-seconds",
+        type=float,
+        default=float(_env("prestop_seconds", "0")),
+        help="after SIGTERM, answer health NOT_SERVING but keep serving this long before the grace period",
+    )
     p.add_argument("--edit-store", type=Path, default=_env("edit_store"), help="folder of the edit layers")
     p.add_argument("--cache-dir", type=Path, default=_env("cache_dir"), help="converted models, statistics")
     p.add_argument("--corpus", type=Path, default=_env("corpus"), help="text (.txt/.jsonl) for ROME's statistics")
@@ -135,6 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         limits=limits,
         grace_seconds=args.grace_seconds,
+        prestop_seconds=args.prestop_seconds,
         edit_store=args.edit_store,
         cache_dir=args.cache_dir,
         corpus=args.corpus,
@@ -155,12 +165,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    from romegw_client import channel_credentials
+    """A client with the TLS settings of the flags, else of the environment.
 
+    TLS is on with --tls, --tls-ca or a client certificate, and also when $ROMEGW_TLS_CERT is set:
+    that is the server's own certificate, so a client command run beside the server (the
+    container's HEALTHCHECK) speaks TLS exactly when the server does.
+    """
+    from romegw_client import tls_credentials
+
+    if bool(args.tls_client_cert) != bool(args.tls_client_key):
+        raise SystemExit("--tls-client-cert and --tls-client-key go together ($ROMEGW_TLS_CLIENT_CERT/_KEY)")
     credentials = None
-    if args.tls_ca or args.tls:
-        credentials = channel_credentials(args.tls_ca.read_bytes() if args.tls_ca else None)
-    return Client(args.target, token=_env("token"), timeout=args.timeout, credentials=credentials)
+    if args.tls or args.tls_ca or args.tls_client_cert or _env("tls_cert"):
+        credentials = tls_credentials(args.tls_ca, args.tls_client_cert, args.tls_client_key)
+    return Client(
+        args.target,
+        token=_env("token"),
+        timeout=args.timeout,
+        credentials=credentials,
+        tls_server_name=args.tls_server_name,
+    )
 
 
 def add_client_commands(sub: argparse._SubParsersAction) -> None:
@@ -169,6 +193,15 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--timeout", type=float, default=600.0, help="deadline of the call, seconds")
     common.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
     common.add_argument("--tls-ca", type=Path, default=_env("tls_ca"), help="CA certificate of the server (PEM)")
+    common.add_argument(
+        "--tls-client-cert", type=Path, default=_env("tls_client_cert"), help="client certificate (mutual TLS)"
+    )
+    common.add_argument("--tls-client-key", type=Path, default=_env("tls_client_key"), help="its private key")
+    common.add_argument(
+        "--tls-server-name",
+        default=_env("tls_server_name"),
+        help="verify the server certificate for this name instead of the target's host",
+    )
 
     p = sub.add_parser("generate", parents=[common], help="stream a completion to the terminal")
     p.add_argument("prompt")
@@ -289,7 +322,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        status = c.health()
+        status = c.health(timeout=min(args.timeout, 5.0))  # a health check answers fast or not at all
     _out(status + "\n")
     return 0 if status == "SERVING" else 1
 

@@ -1,7 +1,8 @@
 """Server interceptors: authentication, then errors -> statuses and RPC metrics.
 
 Handlers carry no try/except: an ``EngineError`` raised anywhere under them
-is turned into its status code with the error's message; anything else is
+is turned into its status code with the error's message (cut in the middle
+to MAX_STATUS_MESSAGE_CHARS: messages may quote a request); anything else is
 logged with a traceback and answered INTERNAL with a short reference id.
 Every RPC of the gateway service is counted and timed by method and code.
 """
@@ -18,13 +19,19 @@ from typing import Any
 import grpc
 
 from rome_engine import errors
+from rome_engine.bounds import MAX_LOG_CHARS, clip
 
-from .auth import TokenTable
+from .auth import ROLE_METHODS, TokenTable
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/romegw.v1.RomeGateway/"
+# a status message travels in a trailer (gRPC's default metadata limit is 8 KiB): error
+# messages that quote a request are cut to this many characters
+MAX_STATUS_MESSAGE_CHARS = 1000
+
+KNOWN_METHODS = frozenset().union(*ROLE_METHODS.values())
 
 # who made the current call (for audit lines): a token's name, or "anonymous"
 caller: contextvars.ContextVar[str] = contextvars.ContextVar("romegw_caller", default="anonymous")
@@ -82,6 +89,15 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield item
 
 
+def status_message(text: str, limit: int = MAX_STATUS_MESSAGE_CHARS) -> str:
+    """An error message cut to ``limit`` characters in its middle: messages may quote a huge request
+    string, and their end usually says what to fix."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}...[{len(text) - 2 * half} chars cut]...{text[-half:]}"
+
+
 class _Outcome:
     """The status code a call ended with, as seen by the wrapper."""
 
@@ -96,9 +112,10 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception,
         log.exception("internal error in %s (ref %s)", method, ref)
         outcome.code = grpc.StatusCode.INTERNAL
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see the server log")
-    log.info("%s -> %s: %s", method, code.name, exc)
+    message = status_message(str(exc))
+    log.info("%s -> %s: %s", method, code.name, status_message(message, 2 * MAX_LOG_CHARS))
     outcome.code = code
-    await context.abort(code, str(exc))
+    await context.abort(code, message)
 
 
 def _code_of(context: grpc.aio.ServicerContext, outcome: _Outcome) -> grpc.StatusCode:
@@ -189,7 +206,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Bearer tokens with roles: missing or unknown -> UNAUTHENTICATED, wrong role -> PERMISSION_DENIED.
+    """Bearer tokens with roles: missing or unknown -> UNAUTHENTICATED; a gateway RPC the token's
+    role does not list (``auth.ROLE_METHODS``), or that no role lists, -> PERMISSION_DENIED, decided
+    before the method is looked up.
 
     Health and reflection stay open (load balancers and grpcurl need them).
     """
@@ -204,48 +223,46 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         if not details.method.startswith(SERVICE_PREFIX):
-            return await continuation(details)
+            return await continuation(details)  # health and reflection stay open
         method = details.method.removeprefix(SERVICE_PREFIX)
         header = dict(details.invocation_metadata or ()).get("authorization", "")
         decision = self.tokens.authorize(header, method)
+        if decision.code is not None:  # refused before the method is even looked up
+            return self._deny(method, decision.code, decision.message)
         handler = await continuation(details)
         if handler is None:
             return handler
-        if decision.code is None:
-            name = decision.name
+        name = decision.name
 
-            def bind(behavior: Callable) -> Callable:
-                async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                    caller.set(name)
-                    return await behavior(request, context)
-
-                return unary
-
-            def bind_stream(behavior: Callable) -> Callable:
-                async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                    caller.set(name)
-                    async for item in behavior(request, context):
-                        yield item
-
-                return stream
-
-            return _rebuild(handler, bind, bind_stream)
-        code, message = decision.code, decision.message
-        log.warning("%s refused: %s (%s)", method, code.name, message)
-        if self.metrics is not None:
-            self.metrics.observe_rpc(method, code.name, 0.0)
-
-        def deny(_behavior: Callable) -> Callable:
-            async def unary(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await context.abort(code, message)
+        def bind(behavior: Callable) -> Callable:
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                caller.set(name)
+                return await behavior(request, context)
 
             return unary
 
-        def deny_stream(_behavior: Callable) -> Callable:
-            async def stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await context.abort(code, message)
-                yield  # pragma: no cover
+        def bind_stream(behavior: Callable) -> Callable:
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                caller.set(name)
+                async for item in behavior(request, context):
+                    yield item
 
             return stream
 
-        return _rebuild(handler, deny, deny_stream)
+        return _rebuild(handler, bind, bind_stream)
+
+    def _deny(self, method: str, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+        """A handler that answers ``code`` at once, whatever the method's shape (or if it has none).
+
+        A stream-stream handler without a deserializer serves unary and streaming calls alike:
+        it aborts before reading a request.
+        """
+        log.warning("%s refused: %s (%s)", clip(method), code.name, message)
+        if self.metrics is not None:  # a caller picks the name: unknown ones share one label
+            self.metrics.observe_rpc(method if method in KNOWN_METHODS else "(unknown)", code.name, 0.0)
+
+        async def deny(_requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await context.abort(code, message)
+            yield  # pragma: no cover
+
+        return grpc.stream_stream_rpc_method_handler(deny)

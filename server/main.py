@@ -2,6 +2,18 @@
 interceptors (auth, errors, metrics), TLS, the metrics HTTP endpoint, and
 graceful shutdown.
 
+Shutdown on SIGTERM/SIGINT, in this order (the Kubernetes pattern):
+
+1. health answers NOT_SERVING at once; the port stays open;
+2. pre-stop: for ``prestop_seconds`` every call, running or new, is still served,
+   while load balancers notice and take the instance out (a second signal ends
+   this period early);
+3. ``server.stop(grace)``: no new calls; running calls get ``grace_seconds``, then
+   are cancelled;
+4. ``engine.close()``: no new engine work, and a running edit computation or
+   trace is told to stop (an edit that has not begun storing is never stored);
+5. exit. Total: about prestop + grace seconds.
+
     config = ServerConfig(model=None, port=50051)
     asyncio.run(serve(config))                    # blocks until SIGINT/SIGTERM
 
@@ -12,6 +24,7 @@ graceful shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -36,7 +49,7 @@ from romegw_client._pb import gateway_pb2_grpc as pb_grpc
 from .auth import TokenTable
 from .interceptors import AuthInterceptor, ErrorInterceptor
 from .metrics import Metrics
-from .servicer import RomeGatewayServicer
+from .servicer import DEFAULT_PAGE_BYTES, RomeGatewayServicer
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +77,8 @@ class ServerConfig:
     limits: EngineLimits = field(default_factory=EngineLimits)
     max_message_bytes: int = 16 * 1024 * 1024
     grace_seconds: float = 10.0
+    prestop_seconds: float = 0.0  # after SIGTERM: health NOT_SERVING while still serving, before the grace period
+    max_page_bytes: int = DEFAULT_PAGE_BYTES  # byte budget of a ListEdits page (also <= max_message_bytes / 4)
     edit_store: Path | None = None  # None: a temporary folder, edits do not survive a restart
     cache_dir: Path | None = None  # None: $ROMEGW_CACHE_DIR or ~/.cache/rome-gateway
     corpus: Path | None = None  # text for the covariance statistics; None: text sampled from the model
@@ -89,6 +104,21 @@ def check_exposure(config: ServerConfig) -> None:
         raise ValueError(
             f"refusing to serve {config.host} without authentication: configure tokens (--tokens-file or "
             "ROMEGW_TOKENS), bind a loopback address, or pass --insecure-allow-remote"
+        )
+
+
+def warn_plaintext_tokens(config: ServerConfig) -> None:
+    """Tokens sent in plaintext beyond loopback can be read off the network: say so, loudly.
+
+    Not refused: TLS is often terminated in front of the gateway (a service mesh sidecar, an
+    ingress) so that the gateway itself listens in plaintext on the pod network.
+    """
+    if config.tokens.enabled and config.tls is None and not is_loopback(config.host):
+        log.warning(
+            "SECURITY: bearer tokens are accepted in PLAINTEXT on %s (not a loopback address): anyone on the "
+            "network path can read and replay them. Serve TLS (--tls-cert/--tls-key) or make sure TLS is "
+            "terminated in front of this port (a mesh sidecar, an ingress) and the port is not reachable otherwise",
+            config.host,
         )
 
 
@@ -125,7 +155,8 @@ def build_server(
             ("grpc.max_send_message_length", config.max_message_bytes),
         ],
     )
-    pb_grpc.add_RomeGatewayServicer_to_server(RomeGatewayServicer(engine, metrics), server)
+    page_bytes = min(config.max_page_bytes, config.max_message_bytes // 4)
+    pb_grpc.add_RomeGatewayServicer_to_server(RomeGatewayServicer(engine, metrics, page_bytes=page_bytes), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -160,6 +191,7 @@ def make_metrics(engine: Engine) -> Metrics:
 
 async def start(engine: Engine, config: ServerConfig) -> Running:
     check_exposure(config)
+    warn_plaintext_tokens(config)
     metrics = make_metrics(engine)
     server, health_servicer = build_server(engine, config, metrics)
     address = f"{config.host}:{config.port}"
@@ -178,6 +210,16 @@ async def start(engine: Engine, config: ServerConfig) -> Running:
     await server.start()
     await set_serving(health_servicer, True)
     return Running(server, health_servicer, port, metrics, metrics_port, httpd)
+
+
+async def prestop(running: Running, seconds: float, hurry: asyncio.Event) -> None:
+    """Health NOT_SERVING while every call is still served, for ``seconds`` or until ``hurry`` is set."""
+    await set_serving(running.health, False)
+    if seconds <= 0:
+        return
+    log.info("pre-stop: health NOT_SERVING, still serving for %.1f s (signal again to skip)", seconds)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(hurry.wait(), seconds)
 
 
 async def shutdown(running: Running, grace: float) -> None:
@@ -222,9 +264,11 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    stop.clear()  # a second signal ends the pre-stop period early
+    await prestop(running, config.prestop_seconds, stop)
     log.info("shutting down: health NOT_SERVING, %.0f s grace for in-flight calls", config.grace_seconds)
     await shutdown(running, config.grace_seconds)
-    engine.close()
+    engine.close()  # after the grace deadline: a running edit or trace stops at its next step
     log.info("stopped")
 
 

@@ -1,4 +1,11 @@
-"""The RPC handlers: decode the request, call the engine, encode the reply."""
+"""The RPC handlers: decode the request, call the engine, encode the reply.
+
+Every user string that is stored (an edit's author, comment, prompt, subject,
+target) is checked against its limit here, before the engine computes
+anything; every string written to the audit log is clipped. ListEdits pages
+by encoded size as well as by count, so no history makes a reply larger than
+the message limit.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from rome_engine.bounds import MAX_AUTHOR_CHARS, MAX_COMMENT_CHARS, check_text, clip
+from rome_engine.editing import EditView
 from rome_engine.engine import Engine, TraceDone
 from rome_engine.errors import InvalidRequest
 from romegw_client._pb import gateway_pb2 as pb
@@ -18,15 +27,63 @@ from .metrics import Metrics, StreamTimer
 
 audit = logging.getLogger("romegw.audit")
 
+# an edit's prompt, subject and target are stored in its header and echoed by every ListEdits
+MAX_EDIT_TEXT_CHARS = MAX_COMMENT_CHARS
+# the default byte budget of one ListEdits page (the server passes a fraction of its message limit)
+DEFAULT_PAGE_BYTES = 1024 * 1024
+
+
+def check_authorship(author: str, comment: str) -> None:
+    """The author and comment a mutating RPC stores, against their limits (InvalidRequest)."""
+    check_text("author", author, MAX_AUTHOR_CHARS)
+    check_text("comment", comment, MAX_COMMENT_CHARS)
+
+
+def check_edit_spec(spec: pb.EditSpec) -> None:
+    """The strings of an edit that its header stores, against their limit (InvalidRequest)."""
+    for name in ("prompt", "subject", "target"):
+        check_text(f"edit.{name}", getattr(spec, name), MAX_EDIT_TEXT_CHARS)
+
+
+def echoable(view: EditView) -> EditView:
+    """``view``, with an over-long author or comment (stored before the limits existed) clipped.
+
+    The stored layer is left as it is; only the echo is cut, so such a history stays listable.
+    """
+    h = view.header
+    author, comment = str(h.get("author", "")), str(h.get("comment", ""))
+    if len(author) <= MAX_AUTHOR_CHARS and len(comment) <= MAX_COMMENT_CHARS:
+        return view
+    header = {**h, "author": clip(author, MAX_AUTHOR_CHARS), "comment": clip(comment, MAX_COMMENT_CHARS)}
+    return EditView(header, view.entry, view.active)
+
+
+def edit_page(views: list[EditView], start: int, count: int, max_bytes: int) -> tuple[list[pb.EditLayer], int]:
+    """The layers of one page from ``start``: at most ``count``, and no more than ``max_bytes`` encoded
+    (but always one, so paging moves on). Returns them and the index after the last one."""
+    page: list[pb.EditLayer] = []
+    used = 0
+    for view in views[start : start + count]:
+        layer = convert.edit_layer(echoable(view))
+        size = layer.ByteSize() + 8  # + the repeated field's tag and length prefix
+        if page and used + size > max_bytes:
+            break
+        page.append(layer)
+        used += size
+    return page, start + len(page)
+
 
 class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
-    def __init__(self, engine: Engine, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, engine: Engine, metrics: Metrics | None = None, *, page_bytes: int = DEFAULT_PAGE_BYTES
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.page_bytes = page_bytes  # byte budget of one ListEdits page
 
     def _audit(self, what: str, before: int, **detail: object) -> None:
-        """One line per mutating RPC: who, what, the version before and after."""
-        extra = " ".join(f"{k}={v!r}" for k, v in detail.items())
+        """One line per mutating RPC: who, what, the version before and after (user strings clipped)."""
+        extra = " ".join(f"{k}={clip(repr(v))}" for k, v in detail.items())
         audit.info(
             "who=%s what=%s version_before=%d version_after=%d %s",
             caller.get(),
@@ -61,6 +118,8 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
     async def ApplyEdit(  # noqa: N802
         self, request: pb.ApplyEditRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApplyEditResponse:
+        check_authorship(request.author, request.comment)  # before the (slow) computation
+        check_edit_spec(request.edit)
         before = self.engine.edit_version
         view, head = await self.engine.apply_edit(
             convert.edit_request(request.edit),
@@ -85,7 +144,8 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
                 author=request.author,
                 comment=request.comment,
             )
-        return pb.ApplyEditResponse(layer=convert.edit_layer(view), dry_run=request.dry_run, head_version=head)
+        layer = convert.edit_layer(echoable(view))
+        return pb.ApplyEditResponse(layer=layer, dry_run=request.dry_run, head_version=head)
 
     async def RevertEdit(  # noqa: N802
         self, request: pb.RevertEditRequest, context: grpc.aio.ServicerContext
@@ -93,6 +153,7 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
         target = request.WhichOneof("target")
         if target is None:
             raise InvalidRequest("set to_version (a version to return to) or edit_id (one layer to remove)")
+        check_authorship(request.author, request.comment)
         before = self.engine.edit_version
         version, removed, seconds = await self.engine.revert_edit(
             to_version=request.to_version if target == "to_version" else None,
@@ -120,16 +181,13 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
         except ValueError:
             raise InvalidRequest(f"page_token {request.page_token!r} is not one this server gave out") from None
         views = await self.engine.list_edits(include_inactive=request.include_inactive)
-        page = views[start : start + size]
-        more = start + size < len(views)
+        page, end = edit_page(views, start, size, self.page_bytes)
         return pb.ListEditsResponse(
-            edits=[convert.edit_layer(v) for v in page],
-            next_page_token=str(start + size) if more else "",
-            head_version=self.engine.edit_version,
+            edits=page, next_page_token=str(end) if end < len(views) else "", head_version=self.engine.edit_version
         )
 
     async def GetEdit(self, request: pb.GetEditRequest, context: grpc.aio.ServicerContext) -> pb.EditLayer:  # noqa: N802
-        return convert.edit_layer(await self.engine.get_edit(request.edit_id))
+        return convert.edit_layer(echoable(await self.engine.get_edit(request.edit_id)))
 
     async def ExportEdits(  # noqa: N802
         self, request: pb.ExportEditsRequest, context: grpc.aio.ServicerContext

@@ -1,11 +1,11 @@
 """romegw_client: the Python SDK of rome-gateway (grpcio + protobuf, no torch).
 
-Public names: Client, AsyncClient, channel_credentials, the reply types
+Public names: Client, AsyncClient, channel_credentials, tls_credentials, the reply types
 (GenerateChunk, Completion, ScoreResult, ContinuationScore, ModelInfo) and the
 typed errors (GatewayError and one subclass per status code).
 """
 
-from .client import SERVICE_NAME, AsyncClient, Client, channel_credentials, generate_request
+from .client import SERVICE_NAME, AsyncClient, Client, channel_credentials, generate_request, tls_credentials
 from .errors import (
     Cancelled,
     DeadlineExceeded,
@@ -71,6 +71,7 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "channel_credentials",
+    "tls_credentials",
     "from_rpc_error",
     "generate_request",
 ]

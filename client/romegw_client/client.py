@@ -17,6 +17,7 @@ of one call; the client's default applies when it is not given.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -75,6 +76,20 @@ def channel_credentials(
 ) -> grpc.ChannelCredentials:
     """TLS credentials: the server's CA (None: system roots), and a client key pair for mutual TLS."""
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def tls_credentials(
+    ca: str | Path | None = None, client_cert: str | Path | None = None, client_key: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials from PEM files: the server's CA (None: system roots) and, for mutual TLS,
+    this client's certificate chain and private key (both or neither)."""
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("a client certificate and its private key go together: give both or neither")
+
+    def read(path: str | Path | None) -> bytes | None:
+        return Path(path).read_bytes() if path is not None else None
+
+    return channel_credentials(read(ca), read(client_key), read(client_cert))
 
 
 def apply_edit_request(
@@ -158,13 +173,18 @@ class _Base:
         token: str | None = None,
         timeout: float | None = 300.0,
         options: Sequence[tuple[str, Any]] = (),
+        tls_server_name: str | None = None,
     ) -> None:
+        """``tls_server_name``: the name to verify the server's certificate for, when it differs from
+        the target's host (e.g. connecting to 127.0.0.1 to a certificate for gateway.example.com)."""
         self.target = target
         self.timeout = timeout
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        name = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
         self._channel_args = (credentials, [
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            *name,
             *options,
         ])
 

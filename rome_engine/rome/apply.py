@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..arch import ArchSpec
+from ..bounds import clip
 from ..edit_store import RankOneFactor
 from ..errors import FailedPrecondition, InvalidRequest
 from ..generation import SamplingParams, generate_tokens
@@ -228,7 +229,7 @@ def compute_edit(
     result.compute_seconds = time.perf_counter() - t0
     log.info(
         "edit %r -> %r at layer %d: P(target) %.3f -> %.3f, P(%r) %.3f -> %.3f, %.1f s (C %s)",
-        prompt, request.target, layer, result.target_before, result.target_after, result.old_object,
+        clip(prompt), clip(request.target), layer, result.target_before, result.target_after, clip(result.old_object),
         result.old_before, result.old_after, result.compute_seconds, "cached" if cov_from_cache else "computed",
     )  # fmt: skip
     return result

@@ -83,7 +83,7 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool, san: bool = False):  # noqa: ANN001, ANN202
+def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool, san: bool | str = False):  # noqa: ANN001, ANN202
     now = datetime.datetime.now(datetime.timezone.utc)
     b = (
         x509.CertificateBuilder()
@@ -95,11 +95,13 @@ def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool, sa
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
-    if san:
-        b = b.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
+    if san:  # True: localhost and 127.0.0.1; a string: that DNS name only
+        names = (
+            [x509.DNSName(san)]
+            if isinstance(san, str)
+            else [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         )
+        b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return b.sign(issuer_key, hashes.SHA256())
 
 
@@ -118,7 +120,11 @@ def pki(tmp_path_factory) -> dict[str, Path]:  # noqa: ANN001
     srv = _cert("localhost", srv_key, ca.subject, ca_key, ca=False, san=True)
     cli_key = ec.generate_private_key(ec.SECP256R1())
     cli = _cert("client", cli_key, ca.subject, ca_key, ca=False)
+    named_key = ec.generate_private_key(ec.SECP256R1())  # a production-like certificate: no 127.0.0.1 in it
+    named = _cert("gateway.test", named_key, ca.subject, ca_key, ca=False, san="gateway.test")
     files = {
+        "named_cert": named.public_bytes(serialization.Encoding.PEM),
+        "named_key": _pem_key(named_key),
         "ca": ca.public_bytes(serialization.Encoding.PEM),
         "srv_cert": srv.public_bytes(serialization.Encoding.PEM),
         "srv_key": _pem_key(srv_key),
@@ -148,4 +154,110 @@ def test_mutual_tls_needs_a_client_certificate(tiny_llama, serve, pki) -> None: 
         c.model_info()
     mtls = channel_credentials(ca, pki["cli_key"].read_bytes(), pki["cli_cert"].read_bytes())
     with Client(srv.target, credentials=mtls) as c:
+        assert c.model_info().family == "llama"
+
+
+# ------------------------------------------------------------------ the role allow-list
+
+
+def test_the_role_table_is_an_allow_list() -> None:
+    table = tokens()
+    for token in (GEN, EDIT):  # an RPC no role names is refused, even for the edit role
+        decision = table.authorize(f"Bearer {token}", "NewThing")
+        assert decision.code == grpc.StatusCode.PERMISSION_DENIED and "not open to any role" in decision.message
+    assert table.authorize(f"Bearer {GEN}", "Generate").code is None
+    assert table.authorize(f"Bearer {EDIT}", "Generate").code is None
+    assert table.authorize(f"Bearer {EDIT}", "ImportEdits").code is None
+    decision = table.authorize(f"Bearer {GEN}", "ImportEdits")
+    assert decision.code == grpc.StatusCode.PERMISSION_DENIED and "'edit' role" in decision.message
+
+
+def test_an_rpc_no_role_names_is_refused_before_lookup(tiny_llama, serve) -> None:  # noqa: ANN001
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    srv = serve(tiny_llama, tokens=tokens())
+    with grpc.insecure_channel(srv.target) as ch:
+        unary = ch.unary_unary("/romegw.v1.RomeGateway/NewThing")  # bytes in, bytes out
+        stream = ch.stream_stream("/romegw.v1.RomeGateway/NewStream")
+        for token in (GEN, EDIT):
+            auth = (("authorization", f"Bearer {token}"),)
+            with pytest.raises(grpc.RpcError) as err:
+                unary(b"", metadata=auth, timeout=10)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED  # not UNIMPLEMENTED
+            with pytest.raises(grpc.RpcError) as err:
+                list(stream(iter([b""]), metadata=auth, timeout=10))
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as err:  # no token: authentication comes first
+            unary(b"", timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # health and reflection stay open without a token
+        assert "romegw.v1.RomeGateway" in ProtoReflectionDescriptorDatabase(ch).get_services()
+    with Client(srv.target) as c:
+        assert c.health() == "SERVING"
+
+
+def test_plaintext_tokens_beyond_loopback_are_warned_about(tiny_llama, serve, pki, caplog) -> None:  # noqa: ANN001
+    def warnings(**config: object) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            serve(tiny_llama, tokens=tokens(), **config)
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        return [line for line in lines if "PLAINTEXT" in line]
+
+    (line,) = warnings(host="0.0.0.0")
+    assert "0.0.0.0" in line and "--tls-cert" in line
+    assert warnings(host="127.0.0.1") == []
+    assert warnings(host="0.0.0.0", tls=TlsConfig(pki["srv_cert"], pki["srv_key"])) == []
+
+
+# ------------------------------------------------------------------ client commands under TLS
+
+TLS_ENV = ("ROMEGW_TLS_CERT", "ROMEGW_TLS_KEY", "ROMEGW_TLS_CA", "ROMEGW_TLS_SERVER_NAME", "ROMEGW_TLS_CLIENT_CERT",
+           "ROMEGW_TLS_CLIENT_KEY", "ROMEGW_TOKEN", "ROMEGW_TARGET")
+
+
+def run_cli(monkeypatch, capsys, argv: list[str], env: dict[str, object]) -> tuple[int, str]:  # noqa: ANN001
+    """``rome-gateway ARGV`` in this process, with exactly ``env`` among the TLS variables."""
+    from romegw_server import cli
+
+    for name in TLS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    code = cli.main(argv)
+    return code, capsys.readouterr().out
+
+
+def test_health_command_under_tls_with_the_environment_only(tiny_llama, serve, pki, monkeypatch, capsys) -> None:  # noqa: ANN001
+    # a production-like certificate names gateway.test; the health check connects to 127.0.0.1
+    srv = serve(tiny_llama, tls=TlsConfig(pki["named_cert"], pki["named_key"]))
+    env = {"ROMEGW_TARGET": srv.target, "ROMEGW_TLS_CERT": pki["named_cert"], "ROMEGW_TLS_KEY": pki["named_key"],
+           "ROMEGW_TLS_CA": pki["ca"]}
+    health = ["health", "--timeout", "5"]
+    assert run_cli(monkeypatch, capsys, health, {**env, "ROMEGW_TLS_SERVER_NAME": "gateway.test"}) == (0, "SERVING\n")
+    # the name is verified, not skipped
+    assert run_cli(monkeypatch, capsys, health, env)[0] == 2
+    assert run_cli(monkeypatch, capsys, health, {**env, "ROMEGW_TLS_SERVER_NAME": "other.test"})[0] == 2
+
+
+def test_client_certificates_for_mutual_tls(tiny_llama, serve, pki, monkeypatch, capsys) -> None:  # noqa: ANN001
+    from romegw_client import tls_credentials
+
+    srv = serve(tiny_llama, tls=TlsConfig(pki["named_cert"], pki["named_key"], client_ca=pki["ca"]))
+    env = {"ROMEGW_TARGET": srv.target, "ROMEGW_TLS_CERT": pki["named_cert"], "ROMEGW_TLS_KEY": pki["named_key"],
+           "ROMEGW_TLS_CA": pki["ca"], "ROMEGW_TLS_SERVER_NAME": "gateway.test"}
+    health = ["health", "--timeout", "5"]
+    assert run_cli(monkeypatch, capsys, health, env)[0] == 2  # no client certificate: refused
+    client_env = {"ROMEGW_TLS_CLIENT_CERT": pki["cli_cert"], "ROMEGW_TLS_CLIENT_KEY": pki["cli_key"]}
+    assert run_cli(monkeypatch, capsys, health, {**env, **client_env}) == (0, "SERVING\n")
+    # the same as flags, for any client command, with no environment at all
+    flags = ["--target", srv.target, "--tls-ca", str(pki["ca"]), "--tls-server-name", "gateway.test",
+             "--tls-client-cert", str(pki["cli_cert"]), "--tls-client-key", str(pki["cli_key"])]
+    code, out = run_cli(monkeypatch, capsys, ["info", *flags], {})
+    assert code == 0 and "llama" in out
+    with pytest.raises(SystemExit, match="go together"):
+        run_cli(monkeypatch, capsys, ["info", *flags[:-2]], {})
+    # and through the SDK
+    creds = tls_credentials(pki["ca"], pki["cli_cert"], pki["cli_key"])
+    with Client(srv.target, credentials=creds, tls_server_name="gateway.test") as c:
         assert c.model_info().family == "llama"
