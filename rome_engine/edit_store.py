@@ -225,7 +225,7 @@ class LayerHeader:
     def from_json(cls, doc: object) -> LayerHeader:
         if not isinstance(doc, dict):
             raise ValueError(f"the {HEADER_KEY} header must be a JSON object, got {_short(doc)}")
-        if doc.get("format_version") != FORMAT_VERSION:
+        if type(doc.get("format_version")) is not int or doc["format_version"] != FORMAT_VERSION:
             raise ValueError(f"unsupported layer format_version {_short(doc.get('format_version'))}")
         edit_id = check_edit_id(doc.get("edit_id"))
         version = _int(doc, "version", lo=1)
@@ -410,7 +410,7 @@ class Manifest:
         doc = json.loads(data)
         if not isinstance(doc, dict):
             raise ValueError("the manifest must be a JSON object")
-        if doc.get("format_version") != FORMAT_VERSION:
+        if type(doc.get("format_version")) is not int or doc["format_version"] != FORMAT_VERSION:
             raise ValueError(f"unsupported manifest format_version {_short(doc.get('format_version'))}")
         model_id, entries = doc.get("model_id"), doc.get("entries")
         if not isinstance(model_id, str) or not isinstance(entries, list):
