@@ -218,8 +218,12 @@ def _nan(h: dict, t: dict) -> None:
 
 
 def _embeddings(h: dict, t: dict) -> None:
-    old = next(k for k in t if k.endswith(".u")).removesuffix(".u")
-    t["model.embed_tokens.weight.u"], t["model.embed_tokens.weight.v"] = t.pop(f"{old}.u")[:1], t.pop(f"{old}.v")[:1]
+    """A consistent layer whose factor targets the token embeddings (49152, 64): not an editable matrix."""
+    name, (vocab, width) = "model.embed_tokens.weight", (49152, 64)
+    t.clear()
+    t[f"{name}.u"], t[f"{name}.v"] = torch.full((vocab,), 1e-3), torch.full((width,), 1e-3)
+    h["matrices"] = [{"name": name, "shape": [vocab, width], "update_norm": 1e-3}]
+    h["base_fingerprint"]["matrices"] = {name: h.pop("_embed_sha")}
 
 
 @pytest.mark.parametrize("damage", [_no_request, _u_column, _nan, _embeddings])
@@ -234,7 +238,9 @@ def test_a_store_entry_that_fails_at_start_is_skipped_like_a_damaged_layer(damag
     m.activate([], 0)
     bad = random_layer(tiny_llama, m.weights, 1, seed=1, version=2)
     tensors = {f"{f.param}.{s}": getattr(f, s) for f in bad.factors for s in ("u", "v")}
+    bad.header["_embed_sha"] = tensor_sha256(tiny_llama.model.get_parameter("model.embed_tokens.weight"))
     damage(bad.header, tensors)
+    bad.header.pop("_embed_sha", None)
     _write_entry(store, bad.header, tensors)
 
     m2 = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=lambda *_: None)
