@@ -23,7 +23,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .edit_store import FORMAT_VERSION, EditLayer, EditStore, RankOneFactor, decode_layer, sha256_bytes, utc_now
+import torch
+
+from .edit_store import (
+    FORMAT_VERSION,
+    EditLayer,
+    EditStore,
+    LayerHeader,
+    RankOneFactor,
+    decode_layer,
+    sha256_bytes,
+    utc_now,
+)
 from .errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, Unavailable
 from .layers import LayerWeights, rank_one_patch
 from .loading import LoadedModel
@@ -182,7 +193,24 @@ class EditManager:
             "covariance_from_cache": bool(getattr(result, "cov_from_cache", False)),
             "model_id": self.loaded.model_id,
         }
-        return EditLayer(header, (factor,))
+        layer = EditLayer(header, (factor,))
+        self._check_computed(layer)
+        return layer
+
+    def _check_computed(self, layer: EditLayer) -> None:
+        """A computed layer passes the checks a restart applies, or it is never stored."""
+        for f in layer.factors:
+            if not (bool(torch.isfinite(f.u).all()) and bool(torch.isfinite(f.v).all())):
+                raise FailedPrecondition(
+                    f"the computed update of {f.param} holds NaN or infinite values: try other hyperparameters"
+                )
+        try:
+            LayerHeader.from_json(layer.header)
+        except ValueError as e:
+            raise InvalidRequest(f"the edit cannot be stored: {e}") from e
+        problem = self.check_fit(layer)
+        if problem:
+            raise FailedPrecondition(f"the computed edit cannot be applied: {problem}")
 
     def _probabilities(self, request: object, result: object, factor: RankOneFactor) -> dict:
         """P(target) and P(old object) on the edit prompt, live weights vs with the layer (a hook, no mutation)."""

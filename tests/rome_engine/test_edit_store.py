@@ -304,3 +304,31 @@ def test_a_layer_with_a_path_as_edit_id_is_never_written(tiny_llama, tmp_path) -
     with pytest.raises(ValueError, match="edit_id must be a UUID"):
         store.add_layer(bad, active=[])
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["edits", "layers"]
+
+
+def test_a_computed_layer_that_a_restart_would_refuse_is_never_stored(tiny_llama, tmp_path) -> None:  # noqa: ANN001
+    from types import SimpleNamespace
+
+    from rome_engine.errors import InvalidRequest
+
+    name = tiny_llama.spec.mlp_out_weight_name(0)
+    scale = {"value": 100.0}
+
+    def compute(loaded, request):  # noqa: ANN001, ANN202
+        return SimpleNamespace(
+            param_name=name, left=torch.ones(64) * scale["value"], right=torch.ones(128), layer=0,
+            hparams=SimpleNamespace(to_dict=lambda: {"v_lr": 0.5}), old_object=" Z", cov_from_cache=False,
+        )
+
+    request = SimpleNamespace(prompt="{} is in", subject="X", target=" Y", filled=lambda: "X is in")
+    m = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=compute)
+    with pytest.raises(FailedPrecondition, match="max_update_norm_ratio=1.0"):
+        m.compute_layer(request, author="a", comment="")
+    scale["value"] = float("nan")
+    with pytest.raises(FailedPrecondition, match="NaN or infinite"):
+        m.compute_layer(request, author="a", comment="")
+    scale["value"] = 1e-4
+    with pytest.raises(InvalidRequest, match="author has 300 characters, over the limit of 256"):
+        m.compute_layer(request, author="a" * 300, comment="")
+    layer = m.compute_layer(request, author="a", comment="")
+    assert decode_layer(encode_layer(layer)).edit_id == layer.edit_id
