@@ -145,10 +145,13 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else f"{text[:80]}..."
 
 
-def _int(doc: dict, key: str, *, lo: int = 0) -> int:
+INT32_MAX, INT63_MAX = 2**31 - 1, 2**63 - 1  # the API's int32 fields (layers, shapes) and versions
+
+
+def _int(doc: dict, key: str, *, lo: int = 0, hi: int = INT32_MAX) -> int:
     value = doc.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise ValueError(f"{key} must be an integer >= {lo}, got {_short(value)}")
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{key} must be an integer in [{lo}, {hi}], got {_short(value)}")
     return value
 
 
@@ -193,7 +196,7 @@ class MatrixRecord:
         if (
             not isinstance(shape, list)
             or len(shape) != 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= INT32_MAX for n in shape)
         ):
             raise ValueError(f"matrices[{name}].shape must be two positive integers [out, in], got {_short(shape)}")
         if "dtype" in doc:
@@ -227,9 +230,13 @@ class LayerHeader:
             raise ValueError(f"the {HEADER_KEY} header must be a JSON object, got {_short(doc)}")
         if type(doc.get("format_version")) is not int or doc["format_version"] != FORMAT_VERSION:
             raise ValueError(f"unsupported layer format_version {_short(doc.get('format_version'))}")
+        try:  # every string is echoed by the API: lone surrogates (valid JSON escapes) cannot be
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, ValueError) as e:
+            raise ValueError(f"the header holds text that is not valid Unicode: {e}") from None
         edit_id = check_edit_id(doc.get("edit_id"))
-        version = _int(doc, "version", lo=1)
-        parent = _int(doc, "parent_version")
+        version = _int(doc, "version", lo=1, hi=INT63_MAX)
+        parent = _int(doc, "parent_version", hi=INT63_MAX)
         author = _str(doc, "author", limit=MAX_AUTHOR_CHARS, default="")
         comment = _str(doc, "comment", limit=MAX_COMMENT_CHARS, default="")
         for key in ("created_at", "model_id"):
@@ -241,7 +248,8 @@ class LayerHeader:
         _int(request, "layer")
         hparams = _dict(request, "hparams", default={})
         for k, v in hparams.items():
-            if not (v is None or isinstance(v, (bool, int, str)) or (isinstance(v, float) and math.isfinite(v))):
+            number = isinstance(v, float) and math.isfinite(v) or isinstance(v, int) and abs(v) <= 2**53
+            if not (v is None or isinstance(v, (bool, str)) or number):
                 raise ValueError(f"request.hparams.{_short(k)} must be a finite number, got {_short(v)}")
         if "layer" in doc:
             _int(doc, "layer")
@@ -432,7 +440,7 @@ def check_entry(entry: object) -> None:
         raise ValueError(f"must be a JSON object, got {_short(entry)}")
     if entry.get("op") not in _OPS:
         raise ValueError(f"op must be one of {', '.join(_OPS)}, got {_short(entry.get('op'))}")
-    _int(entry, "version")
+    _int(entry, "version", hi=INT63_MAX)
     active = entry.get("active")
     if not isinstance(active, list):
         raise ValueError(f"active must be a list of edit ids, got {_short(active)}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .bounds import clip
 from .edit_store import (
     FORMAT_VERSION,
     EditLayer,
@@ -108,8 +109,8 @@ class EditManager:
             layer = self._layers[edit_id]
             log.info(
                 "re-applying edit layer %s (created as version %s, %s -> %r)",
-                edit_id, layer.header["version"], layer.header["request"].get("subject"),
-                layer.header["request"].get("target"),
+                edit_id, layer.header["version"], clip(layer.header["request"]["subject"]),
+                clip(layer.header["request"]["target"]),
             )
         self.weights.materialize([self._layers[i] for i in ids])
         self.head_version, self.active = version, ids

@@ -221,6 +221,9 @@ MALFORMED = {
     "shape not the factors'": _transpose_dims,
     "header a list": lambda h, t: (h.clear(), h.__setitem__("format_version", [1])),
     "author over its limit": _set("author", "a" * 300),
+    "layer past int32": _set("layer", 2**40),
+    "a lone surrogate in the subject": lambda h, t: h["request"].__setitem__("subject", "\udc80"),
+    "an hparam past float": lambda h, t: h["request"]["hparams"].__setitem__("v_lr", 10**400),
     "float64 factors": lambda h, t: t.update({k: x.double() for k, x in t.items()}),
     "an extra tensor": lambda h, t: t.__setitem__("lm_head.weight.u", torch.zeros(3)),
 }
@@ -308,7 +311,7 @@ def _bad_for(key: str) -> st.SearchStrategy:
 def mutations(draw):  # noqa: ANN001, ANN201
     """(a description, a function that breaks a valid (header, tensors) pair for sure)."""
     kind = draw(st.sampled_from(["drop", "field", "nested", "tensor_value", "tensor_shape", "tensor_dtype",
-                                 "tensor_name", "matrix", "junk_header"]))
+                                 "tensor_name", "matrix", "junk_header", "extreme"]))
     if kind == "drop":
         key = draw(st.sampled_from(_required))
         return kind, lambda h, t: h.pop(key)
@@ -341,8 +344,28 @@ def mutations(draw):  # noqa: ANN001, ANN201
         m = draw(st.one_of(st.just({}), st.just([]), st.just(None), st.fixed_dictionaries(
             {"name": st.text(max_size=5), "shape": st.lists(st.integers(-2, 2), max_size=3)})))
         return f"{kind} {m!r}", lambda h, t: h.__setitem__("matrices", [m])
+    if kind == "extreme":  # the right type, a value no API field can carry
+        where, value = draw(st.sampled_from(_EXTREME))
+        return f"{kind} {where}={value!r}", lambda h, t: _put(h, where, value)
     value = draw(_junk)
     return f"{kind} {value!r}", lambda h, t: (h.clear(), h.__setitem__("x", value))
+
+
+_EXTREME = [
+    *((w, v) for w in ("layer", "request.layer") for v in (2**31, 2**64, -1)),
+    *((w, v) for w in ("version", "parent_version") for v in (2**64, 10**400)),
+    *((w, "\ud800 lone surrogate") for w in ("author", "comment", "request.subject", "probabilities.old_object",
+                                              "request.hparams.note")),
+    ("request.hparams.v_lr", 10**400),
+    ("created_at", "t" * 300),
+]
+
+
+def _put(h: dict, where: str, value: object) -> None:
+    *path, key = where.split(".")
+    for p in path:
+        h = h[p]
+    h[key] = value
 
 
 def _side(t: dict, side: str) -> str:
