@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from . import __version__
 from .batching import BatchScheduler
+from .edit_store import EditLayer
 from .editing import DEFAULT_MAX_UPDATE_NORM_RATIO, EditManager, EditView
 from .errors import FailedPrecondition, InvalidRequest, ResourceExhausted, Unavailable
 from .gate import VersionGate
@@ -437,7 +438,7 @@ class Engine:
         """
         manager = self._manager()
         lim = self.limits
-        layers: list = []
+        layers: list[EditLayer] = []
         count = size = 0
         async for data, sha in _aiter(files):
             count, size = count + 1, size + len(data)
