@@ -37,6 +37,9 @@ class ArchSpec:
     conv1d: bool = False
     # Default ROME layers from the paper, by number of layers of the model.
     paper_layers: dict[int, int] = field(default_factory=dict)
+    # The block-relative modules (attribute names above) whose weights an editing method may
+    # change; an edit layer touching any other parameter is refused. ROME: the MLP output projection.
+    editable: tuple[str, ...] = ("mlp_out",)
 
     # -- module access -------------------------------------------------------
 
@@ -63,6 +66,14 @@ class ArchSpec:
 
     def mlp_out_weight(self, model: nn.Module, layer: int) -> torch.nn.Parameter:
         return get_module(model, self.mlp_out_name(layer)).weight
+
+    def editable_weight_names(self, num_layers: int) -> frozenset[str]:
+        """The parameters an edit layer may touch: each block's ``editable`` modules' weights."""
+        return frozenset(
+            f"{self.blocks}.{layer}.{getattr(self, attr)}.weight"
+            for layer in range(num_layers)
+            for attr in self.editable
+        )
 
     def embedding(self, model: nn.Module) -> nn.Embedding:
         return get_module(model, self.embed)

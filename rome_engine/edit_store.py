@@ -46,6 +46,11 @@ of the folder. A layer file is written before the manifest entry that names
 it, so a crash leaves either the whole edit or none of it (an orphaned layer
 file is ignored and removed at the next start). A layer whose sha256 or base
 fingerprint does not match is never applied.
+
+Nothing read from disk or from a caller is trusted: ``LayerHeader.from_json``
+validates a header's whole schema, ``Manifest.from_json`` every entry, and an
+``edit_id`` must be a canonical UUID before any path is built from it (every
+path is then resolved and checked to lie inside ``layers/``).
 """
 
 from __future__ import annotations
@@ -54,8 +59,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,7 +71,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
-from .errors import FailedPrecondition, NotFound
+from .bounds import MAX_AUTHOR_CHARS, MAX_COMMENT_CHARS, check_text
+from .errors import EngineError, FailedPrecondition, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LAYERS = "layers"
 HEADER_KEY = "romegw"
+MAX_REQUEST_CHARS = 100_000  # a stored request's prompt, subject or target (the engine's max_prompt_chars)
 
 
 # ------------------------------------------------------------------ atomic I/O
@@ -116,6 +125,163 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+# ------------------------------------------------------------------ schema checks
+
+
+def check_edit_id(value: object) -> str:
+    """``value`` if it is a canonical (lowercase, hyphenated) UUID string, else ValueError.
+
+    Every edit id is checked here before a path is built from it.
+    """
+    if isinstance(value, str) and len(value) == 36:
+        with contextlib.suppress(ValueError):
+            if str(uuid.UUID(value)) == value:
+                return value
+    raise ValueError(f"edit_id must be a UUID like {uuid.UUID(int=0)}, got {_short(value)}")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:80]}..."
+
+
+INT32_MAX, INT63_MAX = 2**31 - 1, 2**63 - 1  # the API's int32 fields (layers, shapes) and versions
+
+
+def _int(doc: dict, key: str, *, lo: int = 0, hi: int = INT32_MAX) -> int:
+    value = doc.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{key} must be an integer in [{lo}, {hi}], got {_short(value)}")
+    return value
+
+
+def _str(doc: dict, key: str, *, limit: int = MAX_COMMENT_CHARS, default: str | None = None) -> str:
+    value = doc.get(key, default)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {_short(value)}")
+    try:
+        return check_text(key, value, limit)
+    except EngineError as e:
+        raise ValueError(str(e)) from None
+
+
+def _number(doc: dict, key: str, *, default: float | None = None) -> float:
+    value = doc.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {_short(value)}")
+    return float(value)
+
+
+def _dict(doc: dict, key: str, *, default: dict | None = None) -> dict:
+    value = doc.get(key, default)
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a JSON object, got {_short(value)}")
+    return value
+
+
+@dataclass(frozen=True)
+class MatrixRecord:
+    """One touched matrix as the header lists it: (out, in) shape and ||u v^T||_F."""
+
+    name: str
+    shape: tuple[int, int]  # (out, in)
+    update_norm: float
+
+    @classmethod
+    def from_json(cls, doc: object) -> MatrixRecord:
+        if not isinstance(doc, dict):
+            raise ValueError(f"each of matrices must be a JSON object, got {_short(doc)}")
+        name = _str(doc, "name", limit=256)
+        shape = doc.get("shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= INT32_MAX for n in shape)
+        ):
+            raise ValueError(f"matrices[{name}].shape must be two positive integers [out, in], got {_short(shape)}")
+        if "dtype" in doc:
+            _str(doc, "dtype", limit=32)
+        return cls(name, (shape[0], shape[1]), _number(doc, "update_norm"))
+
+
+_PROBABILITIES = ("target_before", "target_after", "old_before", "old_after")
+
+
+@dataclass(frozen=True)
+class LayerHeader:
+    """The validated ``romegw`` header of a layer file (the schema in one place).
+
+    ``from_json`` raises ValueError naming the first field that is missing or
+    malformed; a header it accepts can be stored, listed and restored.
+    """
+
+    edit_id: str
+    version: int
+    parent_version: int
+    author: str
+    comment: str
+    request: dict  # prompt, subject, target (str), layer (int), hparams (str -> JSON scalar)
+    matrices: tuple[MatrixRecord, ...]
+    fingerprint: dict[str, str]  # touched matrix -> sha256 of its base
+
+    @classmethod
+    def from_json(cls, doc: object) -> LayerHeader:
+        if not isinstance(doc, dict):
+            raise ValueError(f"the {HEADER_KEY} header must be a JSON object, got {_short(doc)}")
+        if type(doc.get("format_version")) is not int or doc["format_version"] != FORMAT_VERSION:
+            raise ValueError(f"unsupported layer format_version {_short(doc.get('format_version'))}")
+        try:  # every string is echoed by the API: lone surrogates (valid JSON escapes) cannot be
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, ValueError) as e:
+            raise ValueError(f"the header holds text that is not valid Unicode: {e}") from None
+        edit_id = check_edit_id(doc.get("edit_id"))
+        version = _int(doc, "version", lo=1, hi=INT63_MAX)
+        parent = _int(doc, "parent_version", hi=INT63_MAX)
+        author = _str(doc, "author", limit=MAX_AUTHOR_CHARS, default="")
+        comment = _str(doc, "comment", limit=MAX_COMMENT_CHARS, default="")
+        for key in ("created_at", "model_id"):
+            if key in doc:
+                _str(doc, key, limit=256)
+        request = _dict(doc, "request")
+        for key in ("prompt", "subject", "target"):
+            _str(request, key, limit=MAX_REQUEST_CHARS)
+        _int(request, "layer")
+        hparams = _dict(request, "hparams", default={})
+        for k, v in hparams.items():
+            number = isinstance(v, float) and math.isfinite(v) or isinstance(v, int) and abs(v) <= 2**53
+            if not (v is None or isinstance(v, (bool, str)) or number):
+                raise ValueError(f"request.hparams.{_short(k)} must be a finite number, got {_short(v)}")
+        if "layer" in doc:
+            _int(doc, "layer")
+        matrices = doc.get("matrices")
+        if not isinstance(matrices, list) or not matrices:
+            raise ValueError(f"matrices must be a non-empty list, got {_short(matrices)}")
+        records = tuple(MatrixRecord.from_json(m) for m in matrices)
+        if len({m.name for m in records}) != len(records):
+            raise ValueError("matrices names a matrix twice")
+        base = _dict(doc, "base_fingerprint")
+        digests = _dict(base, "matrices")
+        if set(digests) != {m.name for m in records}:
+            raise ValueError(
+                "base_fingerprint.matrices must give the sha256 of exactly the touched matrices "
+                f"{sorted(m.name for m in records)}, got {_short(sorted(digests))}"
+            )
+        for name, digest in digests.items():
+            if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+                raise ValueError(f"base_fingerprint.matrices[{name}] must be a sha256 hex digest, got {_short(digest)}")
+        probs = _dict(doc, "probabilities", default={})
+        for key in _PROBABILITIES:
+            if key in probs and not 0.0 <= _number(probs, key) <= 1.0:
+                raise ValueError(f"probabilities.{key} must be in [0, 1], got {probs[key]!r}")
+        if "old_object" in probs:
+            _str(probs, "old_object")
+        if "compute_seconds" in doc:
+            _number(doc, "compute_seconds")
+        if "covariance_from_cache" in doc and not isinstance(doc["covariance_from_cache"], bool):
+            raise ValueError(f"covariance_from_cache must be true or false, got {_short(doc['covariance_from_cache'])}")
+        return cls(edit_id, version, parent, author, comment, request, records, dict(digests))
+
+
 # ------------------------------------------------------------------ layer files
 
 
@@ -158,29 +324,44 @@ def encode_layer(layer: EditLayer) -> bytes:
 
 
 def decode_layer(data: bytes) -> EditLayer:
-    """Parse a layer file; ValueError if it is not a well-formed layer."""
+    """Parse and validate a layer file; ValueError naming what is wrong.
+
+    The header's whole schema is checked (``LayerHeader.from_json``), and the
+    factors against it: one 1-D float32 ``u`` (out,) and ``v`` (in,) per listed
+    matrix, no other tensor, every value finite.
+    """
     from safetensors.torch import load as safetensors_load
 
     try:
         tensors = safetensors_load(data)
-        header = _read_header_bytes(data)
-    except Exception as e:  # safetensors raises several kinds on malformed input
+        raw = _read_header_bytes(data)
+    except Exception as e:  # safetensors and json raise several kinds on malformed input
         raise ValueError(f"not a readable safetensors layer file: {e}") from e
-    params = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    header = LayerHeader.from_json(raw)
+    expected = {f"{m.name}.{side}" for m in header.matrices for side in ("u", "v")}
+    if set(tensors) != expected:
+        raise ValueError(
+            f"the layer's tensors {_short(sorted(tensors))} are not the factors of its matrices {sorted(expected)}"
+        )
     factors = []
-    for p in params:
-        if f"{p}.u" not in tensors or f"{p}.v" not in tensors:
-            raise ValueError(f"layer file has {p}.u or {p}.v but not both")
-        factors.append(RankOneFactor(p, tensors[f"{p}.u"], tensors[f"{p}.v"]))
-    if header.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported layer format_version {header.get('format_version')!r}")
-    return EditLayer(header, tuple(factors))
+    for m in header.matrices:
+        u, v = tensors[f"{m.name}.u"], tensors[f"{m.name}.v"]
+        for side, t, n in (("u", u, m.shape[0]), ("v", v, m.shape[1])):
+            if t.dtype != torch.float32 or tuple(t.shape) != (n,):
+                raise ValueError(
+                    f"{m.name}.{side} must be float32 of shape ({n},) as matrices lists, "
+                    f"got {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{m.name}.{side} holds NaN or infinite values")
+        factors.append(RankOneFactor(m.name, u, v))
+    return EditLayer(raw, tuple(factors))
 
 
 def _read_header_bytes(data: bytes) -> dict:
     # safetensors layout: 8-byte little-endian header length, then the JSON header
     n = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
+    meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
     if HEADER_KEY not in meta:
         raise ValueError(f"no {HEADER_KEY!r} header in the layer's metadata")
     return json.loads(meta[HEADER_KEY])
@@ -233,10 +414,44 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
+        """Parse and validate the manifest; ValueError naming the first malformed entry."""
         doc = json.loads(data)
-        if doc.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported manifest format_version {doc.get('format_version')!r}")
-        return cls(model_id=doc["model_id"], entries=list(doc["entries"]))
+        if not isinstance(doc, dict):
+            raise ValueError("the manifest must be a JSON object")
+        if type(doc.get("format_version")) is not int or doc["format_version"] != FORMAT_VERSION:
+            raise ValueError(f"unsupported manifest format_version {_short(doc.get('format_version'))}")
+        model_id, entries = doc.get("model_id"), doc.get("entries")
+        if not isinstance(model_id, str) or not isinstance(entries, list):
+            raise ValueError("the manifest needs model_id (a string) and entries (a list)")
+        for i, entry in enumerate(entries):
+            try:
+                check_entry(entry)
+            except ValueError as e:
+                raise ValueError(f"manifest entry {i}: {e}") from None
+        return cls(model_id=model_id, entries=list(entries))
+
+
+_OPS = ("apply", "import", "revert", "recover")
+
+
+def check_entry(entry: object) -> None:
+    """ValueError unless ``entry`` has the fields of its op (see the module docstring)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"must be a JSON object, got {_short(entry)}")
+    if entry.get("op") not in _OPS:
+        raise ValueError(f"op must be one of {', '.join(_OPS)}, got {_short(entry.get('op'))}")
+    _int(entry, "version", hi=INT63_MAX)
+    active = entry.get("active")
+    if not isinstance(active, list):
+        raise ValueError(f"active must be a list of edit ids, got {_short(active)}")
+    for edit_id in active:
+        check_edit_id(edit_id)
+    if entry["op"] in ("apply", "import"):
+        edit_id = check_edit_id(entry.get("edit_id"))
+        if entry.get("file") != f"{LAYERS}/{edit_id}.safetensors":
+            raise ValueError(f"file must be {LAYERS}/{edit_id}.safetensors, got {_short(entry.get('file'))}")
+        if not isinstance(entry.get("sha256"), str):
+            raise ValueError(f"sha256 must be a string, got {_short(entry.get('sha256'))}")
 
 
 class EditStore:
@@ -254,7 +469,13 @@ class EditStore:
         path = self.root / MANIFEST
         if not path.exists():
             return Manifest(model_id=model_id)
-        manifest = Manifest.from_json(path.read_bytes())
+        try:
+            manifest = Manifest.from_json(path.read_bytes())
+        except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            raise FailedPrecondition(
+                f"the edit store's manifest {path} is damaged ({e}): restore it from a backup, "
+                "or move the store aside and start with another --edit-store folder"
+            ) from e
         if manifest.model_id != model_id:
             raise FailedPrecondition(
                 f"edit store {self.root} belongs to model {manifest.model_id!r}, not {model_id!r}: "
@@ -263,7 +484,12 @@ class EditStore:
         return manifest
 
     def layer_path(self, edit_id: str) -> Path:
-        return self.root / LAYERS / f"{edit_id}.safetensors"
+        """The file of a layer: ValueError unless the id is a UUID and the path lies inside ``layers/``."""
+        folder = (self.root / LAYERS).resolve()
+        path = (folder / f"{check_edit_id(edit_id)}.safetensors").resolve()
+        if path.parent != folder:
+            raise ValueError(f"layer path {path} is outside {folder}")
+        return path
 
     def read_layer(self, edit_id: str) -> tuple[EditLayer, bytes]:
         """The layer and its file bytes, checked against the manifest's sha256.
@@ -273,7 +499,7 @@ class EditStore:
         entry = self.manifest.apply_entries().get(edit_id)
         if entry is None:
             raise NotFound(f"no edit with id {edit_id!r}")
-        path = self.root / entry["file"]
+        path = self.layer_path(edit_id)
         try:
             data = path.read_bytes()
         except OSError as e:
@@ -287,17 +513,18 @@ class EditStore:
 
     def orphans(self) -> list[Path]:
         """Layer files no manifest entry names (left by a crash before the manifest write)."""
-        named = {self.root / e["file"] for e in self.manifest.apply_entries().values()}
-        return [p for p in (self.root / LAYERS).glob("*.safetensors") if p not in named]
+        named = {self.layer_path(i) for i in self.manifest.apply_entries()}
+        return [p for p in (self.root / LAYERS).glob("*.safetensors") if p.resolve() not in named]
 
     def remove_orphans(self) -> None:
-        for p in self.orphans():
-            log.warning("removing orphaned layer file %s (its edit never reached the manifest)", p)
-            p.unlink(missing_ok=True)
-        for p in (self.root / LAYERS).glob(".*.tmp"):
-            p.unlink(missing_ok=True)
-        for p in self.root.glob(".*.tmp"):
-            p.unlink(missing_ok=True)
+        """Remove orphaned layer files and temporary files; on a read-only store, warn and leave them."""
+        stray = [*self.orphans(), *(self.root / LAYERS).glob(".*.tmp"), *self.root.glob(".*.tmp")]
+        for p in stray:
+            log.warning("removing %s (a crash left it: its edit never reached the manifest)", p)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as e:  # a read-only store (EROFS, EACCES): the file is ignored anyway
+                log.warning("cannot remove %s (%s): ignoring it", p, e)
 
     # -- writing ------------------------------------------------------------
 
@@ -311,11 +538,12 @@ class EditStore:
 
     def add_layer(self, layer: EditLayer, *, active: list[str], op: str = "apply", extra: dict | None = None) -> dict:
         """Write the layer file, then the manifest entry whose state has ``active`` layers."""
+        path = self.layer_path(layer.edit_id)  # a UUID inside layers/, checked before anything is written
+        rel = f"{LAYERS}/{path.name}"
         data = encode_layer(layer)
-        rel = f"{LAYERS}/{layer.edit_id}.safetensors"
         if layer.edit_id in self.manifest.apply_entries():
             raise FailedPrecondition(f"edit {layer.edit_id} is already in the store")
-        atomic_write(self.root / rel, data)
+        atomic_write(path, data)
         h = layer.header
         entry = {
             "op": op,
@@ -334,7 +562,7 @@ class EditStore:
             self._commit(entry)
         except BaseException:
             with contextlib.suppress(OSError):
-                (self.root / rel).unlink()
+                path.unlink()
             raise
         return entry
 

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -26,7 +26,8 @@ from typing import TypeVar
 from . import __version__
 from .batching import BatchScheduler
 from .bounds import clip
-from .editing import EditManager, EditView
+from .edit_store import EditLayer
+from .editing import DEFAULT_MAX_UPDATE_NORM_RATIO, EditManager, EditView
 from .errors import FailedPrecondition, InvalidRequest, ResourceExhausted, Unavailable
 from .gate import VersionGate
 from .generation import GenerationChunk, SamplingParams, generate_tokens
@@ -55,6 +56,10 @@ class EngineLimits:
     max_queued_edits: int = 8  # edits waiting behind the one being computed
     max_trace_cells: int = 20_000  # tokens x layers of one trace grid
     max_trace_samples: int = 64
+    max_import_files: int = 256  # layer files of one ImportEdits call
+    max_import_bytes: int = 64 * 1024 * 1024  # their total size (one SmolLM2 layer file is ~9 KB)
+    # refuse a layer with ||u v^T||_F > ratio * ||W||_F (on import and at start)
+    max_update_norm_ratio: float = DEFAULT_MAX_UPDATE_NORM_RATIO
 
 
 @dataclass(frozen=True)
@@ -420,17 +425,41 @@ class Engine:
             raise InvalidRequest(f"to_version {top} is below from_version {from_version}")
         return await self.run(manager.export_files, from_version, top)
 
-    async def import_edits(self, files: list[tuple[bytes, str | None]], *, author: str = "") -> list[EditView]:
-        """Apply layer files computed elsewhere on the same base, oldest first, each as a new version."""
+    async def import_edits(
+        self,
+        files: AsyncIterable[tuple[bytes, str | None]] | Iterable[tuple[bytes, str | None]],
+        *,
+        author: str = "",
+    ) -> list[EditView]:
+        """Apply layer files computed elsewhere on the same base, oldest first, each as a new version.
+
+        Each file is checked as it arrives (reading stops at the first bad one, or past
+        max_import_files / max_import_bytes); the files are stored only once all of them
+        passed, so a refused import changes nothing.
+        """
         manager = self._manager()
+        lim = self.limits
+        layers: list[EditLayer] = []
+        count = size = 0
+        async for data, sha in _aiter(files):
+            count, size = count + 1, size + len(data)
+            if count > lim.max_import_files:
+                raise ResourceExhausted(
+                    f"an import holds at most max_import_files={lim.max_import_files} layer files: send fewer per call"
+                )
+            if size > lim.max_import_bytes:
+                raise ResourceExhausted(
+                    f"an import holds at most max_import_bytes={lim.max_import_bytes} bytes of layer files "
+                    f"({size} so far): send fewer per call"
+                )
+            layer = await self.run(manager.check_import_file, data, sha)
+            if any(x.edit_id == layer.edit_id for x in layers):
+                raise InvalidRequest(f"edit {layer.edit_id} is sent twice")
+            layers.append(layer)
         imported = []
         async with self._edit_turn():
-            layers = []
-            for data, sha in files:
-                layer = await self.run(manager.check_import, data, sha)
-                if any(x.edit_id == layer.edit_id for x in layers):
-                    raise InvalidRequest(f"edit {layer.edit_id} is sent twice")
-                layers.append(layer)
+            for layer in layers:
+                await self.run(manager.check_import_base, layer)
             async with self.gate.write(self.limits.edit_drain_timeout):
                 for layer in layers:
                     extra = {"origin_version": layer.version, "author": author or layer.header.get("author", "")}
@@ -490,3 +519,13 @@ def _context_length(loaded: LoadedModel) -> int:
         if isinstance(value, int) and value > 1:
             return value
     return 1 << 30
+
+
+async def _aiter(items: AsyncIterable[T] | Iterable[T]) -> AsyncIterator[T]:
+    """Iterate a list or an async stream alike (import_edits takes either)."""
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item

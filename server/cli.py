@@ -109,6 +109,19 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="serve a non-loopback address without tokens",
     )
     p.add_argument("--edit-drain-timeout", type=float, default=float(_env("edit_drain_timeout", d.edit_drain_timeout)))
+    p.add_argument(
+        "--max-import-files", type=int, default=_int_env("max_import_files", d.max_import_files),
+        help="layer files one ImportEdits call may send",
+    )
+    p.add_argument(
+        "--max-import-bytes", type=int, default=_int_env("max_import_bytes", d.max_import_bytes),
+        help="total bytes of the layer files of one ImportEdits call",
+    )
+    p.add_argument(
+        "--max-update-norm-ratio", type=float,
+        default=float(_env("max_update_norm_ratio", d.max_update_norm_ratio)),
+        help="refuse an imported or stored layer whose update norm exceeds this times its matrix's norm",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -135,6 +148,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_max_new_tokens=args.default_max_new_tokens,
         max_concurrent_streams=args.max_concurrent_streams,
         edit_drain_timeout=args.edit_drain_timeout,
+        max_import_files=args.max_import_files,
+        max_import_bytes=args.max_import_bytes,
+        max_update_norm_ratio=args.max_update_norm_ratio,
     )
     config = ServerConfig(
         model=args.model,

@@ -135,7 +135,10 @@ def build_engine(loaded: LoadedModel, config: ServerConfig) -> Engine:
         store_dir = Path(tempfile.mkdtemp(prefix="romegw-edits-"))
         log.warning("no --edit-store given: edits go to %s and will not survive a restart", store_dir)
     store = EditStore(store_dir, loaded.model_id)
-    manager = EditManager(loaded, store, rome_compute(config.cache_dir, config.corpus))
+    manager = EditManager(
+        loaded, store, rome_compute(config.cache_dir, config.corpus),
+        max_update_norm_ratio=config.limits.max_update_norm_ratio,
+    )
     manager.restore()
     return Engine(loaded, config.limits, manager)
 

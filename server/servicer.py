@@ -199,7 +199,8 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
     async def ImportEdits(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.EditLayerFile], context: grpc.aio.ServicerContext
     ) -> pb.ImportEditsResponse:
-        files = [(m.content, m.sha256 or None) async for m in request_iterator]
+        # checked one by one as they arrive: a bad file or a stream past the limits stops the reading
+        files = ((m.content, m.sha256 or None) async for m in request_iterator)
         before = self.engine.edit_version
         views = await self.engine.import_edits(files)
         if self.metrics is not None:

@@ -186,3 +186,149 @@ def test_import_refuses_a_layer_for_another_base(tiny_llama, tokenizer, tmp_path
     with pytest.raises(FailedPrecondition, match="another base model"):
         m.check_import(encode_layer(layer), None)
     assert tensor_sha256(torch.zeros(2)) == tensor_sha256(torch.zeros(2))
+
+
+def _write_entry(store: EditStore, header: dict, tensors: dict) -> None:
+    """Store a layer file as it is, bypassing every check (an older server, a hand edit, a bug)."""
+    from safetensors.torch import save as safetensors_save
+
+    data = safetensors_save(tensors, metadata={"romegw": json.dumps(header)})
+    rel = f"layers/{header['edit_id']}.safetensors"
+    (store.root / rel).write_bytes(data)
+    store._commit({
+        "op": "import", "version": store.manifest.max_version + 1, "parent_version": store.manifest.head_version,
+        "edit_id": header["edit_id"], "file": rel, "sha256": hashlib.sha256(data).hexdigest(),
+        "active": [*store.manifest.active_at(store.manifest.head_version), header["edit_id"]],
+        "at": "2026-01-01T00:00:00Z", "author": "", "comment": "",
+    })
+
+
+def _no_request(h: dict, t: dict) -> None:
+    del h["request"]
+
+
+def _u_column(h: dict, t: dict) -> None:
+    name = next(k for k in t if k.endswith(".u"))
+    t[name] = t[name].reshape(-1, 1)
+
+
+def _nan(h: dict, t: dict) -> None:
+    name = next(k for k in t if k.endswith(".v"))
+    t[name] = torch.full_like(t[name], float("nan"))
+
+
+def _embeddings(h: dict, t: dict) -> None:
+    """A consistent layer whose factor targets the token embeddings (49152, 64): not an editable matrix."""
+    name, (vocab, width) = "model.embed_tokens.weight", (49152, 64)
+    t.clear()
+    t[f"{name}.u"], t[f"{name}.v"] = torch.full((vocab,), 1e-3), torch.full((width,), 1e-3)
+    h["matrices"] = [{"name": name, "shape": [vocab, width], "update_norm": 1e-3}]
+    h["base_fingerprint"]["matrices"] = {name: h.pop("_embed_sha")}
+
+
+@pytest.mark.parametrize("damage", [_no_request, _u_column, _nan, _embeddings])
+def test_a_store_entry_that_fails_at_start_is_skipped_like_a_damaged_layer(damage, tiny_llama, tmp_path) -> None:  # noqa: ANN001
+    """Headers the old import accepted (no request; u of shape (N, 1)) made every later start crash."""
+    before = param_hashes(tiny_llama.model)
+    store = EditStore(tmp_path, tiny_llama.model_id)
+    m = EditManager(tiny_llama, store, compute=lambda *_: None)
+    good = random_layer(tiny_llama, m.weights, 0, seed=0)
+    entry = m.store_layer(good)
+    m.activate(entry["active"], entry["version"])
+    m.activate([], 0)
+    bad = random_layer(tiny_llama, m.weights, 1, seed=1, version=2)
+    tensors = {f"{f.param}.{s}": getattr(f, s) for f in bad.factors for s in ("u", "v")}
+    bad.header["_embed_sha"] = tensor_sha256(tiny_llama.model.get_parameter("model.embed_tokens.weight"))
+    damage(bad.header, tensors)
+    bad.header.pop("_embed_sha", None)
+    _write_entry(store, bad.header, tensors)
+
+    m2 = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=lambda *_: None)
+    assert m2.restore() == 1
+    assert m2.active == [good.edit_id]
+    last = json.loads((tmp_path / "manifest.json").read_text())["entries"][-1]
+    assert (last["op"], last["version"], last["from_version"]) == ("recover", 1, 2)
+    m2.activate([], 0)
+    assert param_hashes(tiny_llama.model) == before
+
+
+def test_an_oversized_stored_update_is_not_restored(tiny_llama, tmp_path) -> None:  # noqa: ANN001
+    m = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=lambda *_: None)
+    layer = random_layer(tiny_llama, m.weights, 0, seed=0)
+    m.store_layer(layer)
+    ratio = layer.factors[0].norm / float(m.weights.base(layer.factors[0].param).norm())
+    lenient = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=lambda *_: None,
+                          max_update_norm_ratio=ratio * 2)
+    assert lenient.restore() == 1
+    lenient.activate([], 0)
+    strict = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=lambda *_: None,
+                         max_update_norm_ratio=ratio / 2)
+    assert strict.restore() == 0  # the layer is over the limit: the base is served
+    strict.activate([], 0)
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        b"[]",
+        b'{"format_version": 1, "model_id": "tiny-llama", "entries": [7]}',
+        b'{"format_version": 1, "model_id": "tiny-llama", "entries": [{"op": "revert", "version": "abc",'
+        b' "active": []}]}',
+        b'{"format_version": 1, "model_id": "tiny-llama", "entries": [{"op": "apply", "version": 1, "active": [],'
+        b' "edit_id": "../../x", "file": "layers/../../x.safetensors", "sha256": ""}]}',
+        b"{not json",
+    ],
+)
+def test_a_damaged_manifest_is_refused_with_a_clear_error(manifest, tiny_llama, tmp_path) -> None:  # noqa: ANN001
+    (tmp_path / "manifest.json").write_bytes(manifest)
+    with pytest.raises(FailedPrecondition, match="manifest .* is damaged"):
+        EditStore(tmp_path, tiny_llama.model_id)
+
+
+def test_a_manifest_naming_a_file_outside_layers_is_refused(tiny_llama, tmp_path) -> None:  # noqa: ANN001
+    m = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=lambda *_: None)
+    layer = random_layer(tiny_llama, m.weights, 0, seed=0)
+    m.store_layer(layer)
+    doc = json.loads((tmp_path / "manifest.json").read_text())
+    doc["entries"][0]["file"] = "../outside.safetensors"
+    (tmp_path / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(FailedPrecondition, match="file must be layers/"):
+        EditStore(tmp_path, tiny_llama.model_id)
+
+
+def test_a_layer_with_a_path_as_edit_id_is_never_written(tiny_llama, tmp_path) -> None:  # noqa: ANN001
+    store = EditStore(tmp_path / "edits", tiny_llama.model_id)
+    m = EditManager(tiny_llama, store, compute=lambda *_: None)
+    layer = random_layer(tiny_llama, m.weights, 0, seed=0)
+    bad = EditLayer({**layer.header, "edit_id": "../../model/model"}, layer.factors)
+    with pytest.raises(ValueError, match="edit_id must be a UUID"):
+        store.add_layer(bad, active=[])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["edits", "layers"]
+
+
+def test_a_computed_layer_that_a_restart_would_refuse_is_never_stored(tiny_llama, tmp_path) -> None:  # noqa: ANN001
+    from types import SimpleNamespace
+
+    from rome_engine.errors import InvalidRequest
+
+    name = tiny_llama.spec.mlp_out_weight_name(0)
+    scale = {"value": 100.0}
+
+    def compute(loaded, request):  # noqa: ANN001, ANN202
+        return SimpleNamespace(
+            param_name=name, left=torch.ones(64) * scale["value"], right=torch.ones(128), layer=0,
+            hparams=SimpleNamespace(to_dict=lambda: {"v_lr": 0.5}), old_object=" Z", cov_from_cache=False,
+        )
+
+    request = SimpleNamespace(prompt="{} is in", subject="X", target=" Y", filled=lambda: "X is in")
+    m = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=compute)
+    with pytest.raises(FailedPrecondition, match="max_update_norm_ratio=1.0"):
+        m.compute_layer(request, author="a", comment="")
+    scale["value"] = float("nan")
+    with pytest.raises(FailedPrecondition, match="NaN or infinite"):
+        m.compute_layer(request, author="a", comment="")
+    scale["value"] = 1e-4
+    with pytest.raises(InvalidRequest, match="author has 300 characters, over the limit of 256"):
+        m.compute_layer(request, author="a" * 300, comment="")
+    layer = m.compute_layer(request, author="a", comment="")
+    assert decode_layer(encode_layer(layer)).edit_id == layer.edit_id

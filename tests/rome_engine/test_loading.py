@@ -70,3 +70,64 @@ def test_dtype_and_device_options() -> None:
 def test_missing_folder_fails_clearly(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(OSError):
         load_model(tmp_path / "nope", device="cpu")
+
+
+def _damage(folder, *, drop: str | None = None, add: str | None = None) -> None:  # noqa: ANN001
+    """Rewrite the folder's model.safetensors without the tensor ``drop`` / with an extra tensor ``add``."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    if drop is not None:
+        del tensors[drop]
+    if add is not None:
+        tensors[add] = torch.zeros(3)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        ({"drop": "model.layers.1.mlp.down_proj.weight"}, "1 missing (model.layers.1.mlp.down_proj.weight)"),
+        ({"add": "model.layers.9.mlp.extra.weight"}, "1 unexpected (model.layers.9.mlp.extra.weight)"),
+    ],
+)
+def test_a_checkpoint_with_missing_or_unexpected_weights_fails_to_load(damage, named, tokenizer, tmp_path) -> None:  # noqa: ANN001
+    from rome_engine.loading import DamagedCheckpoint
+
+    make_tiny("llama", tokenizer).model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    load_model(tmp_path, device="cpu", dtype="float32")  # intact: loads
+    _damage(tmp_path, **damage)
+    with pytest.raises(DamagedCheckpoint, match="does not match its architecture") as e:
+        load_model(tmp_path, device="cpu", dtype="float32")
+    assert named in str(e.value)
+
+
+def test_a_damaged_embedded_cache_is_converted_again(tokenizer, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The embedded path: a cache folder with a weight missing is removed and reconverted (the
+    ~40 s GGUF conversion is replaced by writing a tiny llama's intact checkpoint)."""
+    from rome_engine import loading
+
+    good = make_tiny("llama", tokenizer)
+    folder = loading.embedded_folder(tmp_path)
+    folder.mkdir(parents=True)
+    good.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _damage(folder, drop="model.embed_tokens.weight")
+    conversions = []
+
+    def fake_convert(target) -> None:  # noqa: ANN001
+        assert not target.exists(), "the damaged folder is removed before converting again"
+        conversions.append(target)
+        good.model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+
+    monkeypatch.setattr(loading, "convert_embedded", fake_convert)
+    loaded = load_model(None, device="cpu", dtype="float32", cache_dir=tmp_path)
+    assert conversions == [folder]
+    assert loaded.model_id == loading.EMBEDDED_MODEL_ID
+    assert torch.equal(loaded.model.model.embed_tokens.weight, good.model.model.embed_tokens.weight)
+    # an intact cache is loaded as it is
+    load_model(None, device="cpu", dtype="float32", cache_dir=tmp_path)
+    assert conversions == [folder]
