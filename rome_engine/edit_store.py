@@ -81,6 +81,7 @@ MANIFEST = "manifest.json"
 LAYERS = "layers"
 HEADER_KEY = "romegw"
 MAX_REQUEST_CHARS = 100_000  # a stored request's prompt, subject or target (the engine's max_prompt_chars)
+MAX_STORED_TEXT_CHARS = 1 << 30  # an author or comment an older server stored before the limits existed
 
 
 # ------------------------------------------------------------------ atomic I/O
@@ -225,7 +226,10 @@ class LayerHeader:
     fingerprint: dict[str, str]  # touched matrix -> sha256 of its base
 
     @classmethod
-    def from_json(cls, doc: object) -> LayerHeader:
+    def from_json(cls, doc: object, *, stored: bool = False) -> LayerHeader:
+        """``stored``: a header this store wrote itself (its sha256 is in the manifest). An author or
+        comment longer than today's limits was legal when an older server stored it: it is kept
+        (the API clips it when echoing), where an import or a new edit is refused."""
         if not isinstance(doc, dict):
             raise ValueError(f"the {HEADER_KEY} header must be a JSON object, got {_short(doc)}")
         if type(doc.get("format_version")) is not int or doc["format_version"] != FORMAT_VERSION:
@@ -237,8 +241,9 @@ class LayerHeader:
         edit_id = check_edit_id(doc.get("edit_id"))
         version = _int(doc, "version", lo=1, hi=INT63_MAX)
         parent = _int(doc, "parent_version", hi=INT63_MAX)
-        author = _str(doc, "author", limit=MAX_AUTHOR_CHARS, default="")
-        comment = _str(doc, "comment", limit=MAX_COMMENT_CHARS, default="")
+        text_limit = MAX_STORED_TEXT_CHARS if stored else None
+        author = _str(doc, "author", limit=text_limit or MAX_AUTHOR_CHARS, default="")
+        comment = _str(doc, "comment", limit=text_limit or MAX_COMMENT_CHARS, default="")
         for key in ("created_at", "model_id"):
             if key in doc:
                 _str(doc, key, limit=256)
@@ -323,7 +328,7 @@ def encode_layer(layer: EditLayer) -> bytes:
     return safetensors_save(tensors, metadata={HEADER_KEY: json.dumps(layer.header, sort_keys=True)})
 
 
-def decode_layer(data: bytes) -> EditLayer:
+def decode_layer(data: bytes, *, stored: bool = False) -> EditLayer:
     """Parse and validate a layer file; ValueError naming what is wrong.
 
     The header's whole schema is checked (``LayerHeader.from_json``), and the
@@ -337,7 +342,7 @@ def decode_layer(data: bytes) -> EditLayer:
         raw = _read_header_bytes(data)
     except Exception as e:  # safetensors and json raise several kinds on malformed input
         raise ValueError(f"not a readable safetensors layer file: {e}") from e
-    header = LayerHeader.from_json(raw)
+    header = LayerHeader.from_json(raw, stored=stored)
     expected = {f"{m.name}.{side}" for m in header.matrices for side in ("u", "v")}
     if set(tensors) != expected:
         raise ValueError(
@@ -506,7 +511,7 @@ class EditStore:
             raise ValueError(f"layer file {path} cannot be read: {e}") from e
         if sha256_bytes(data) != entry["sha256"]:
             raise ValueError(f"layer file {path} does not match its checksum in the manifest (truncated or altered)")
-        layer = decode_layer(data)
+        layer = decode_layer(data, stored=True)
         if layer.edit_id != edit_id:
             raise ValueError(f"layer file {path} holds edit {layer.edit_id}, not {edit_id}")
         return layer, data

@@ -28,7 +28,7 @@ from .batching import BatchScheduler
 from .bounds import clip
 from .edit_store import EditLayer
 from .editing import DEFAULT_MAX_UPDATE_NORM_RATIO, EditManager, EditView
-from .errors import FailedPrecondition, InvalidRequest, ResourceExhausted, Unavailable
+from .errors import EngineError, FailedPrecondition, InvalidRequest, ResourceExhausted, Unavailable
 from .gate import VersionGate
 from .generation import GenerationChunk, SamplingParams, generate_tokens
 from .loading import LoadedModel
@@ -452,7 +452,10 @@ class Engine:
                     f"an import holds at most max_import_bytes={lim.max_import_bytes} bytes of layer files "
                     f"({size} so far): send fewer per call"
                 )
-            layer = await self.run(manager.check_import_file, data, sha)
+            try:
+                layer = await self.run(manager.check_import_file, data, sha)
+            except EngineError as e:  # the same kind of error, saying which file of the stream it was
+                raise type(e)(f"layer file {count} of the import: {e}") from e
             if any(x.edit_id == layer.edit_id for x in layers):
                 raise InvalidRequest(f"edit {layer.edit_id} is sent twice")
             layers.append(layer)

@@ -256,14 +256,12 @@ def test_the_import_stream_is_bounded(live) -> None:  # noqa: ANN001
 
 
 def test_a_junk_stream_is_refused_at_its_first_message(live) -> None:  # noqa: ANN001
-    """60 messages of 100 kB junk (each under the byte limit): the server refuses the first one as it
+    """60 messages of 150 kB junk (each under the byte limit): the server refuses the first one as it
     arrives, and stops reading, instead of holding all of them in memory before checking any."""
-    sent = []
 
     def messages():  # noqa: ANN202
-        for i in range(60):
-            sent.append(i)
-            yield pb.EditLayerFile(filename="junk.safetensors", content=os.urandom(1000) * 100)
+        for _ in range(60):
+            yield pb.EditLayerFile(filename="junk.safetensors", content=os.urandom(1000) * 150)
 
     before = live.state()
     channel = grpc.insecure_channel(live.srv.target)
@@ -271,7 +269,8 @@ def test_a_junk_stream_is_refused_at_its_first_message(live) -> None:  # noqa: A
         pb_grpc.RomeGatewayStub(channel).ImportEdits(messages(), timeout=60)
     channel.close()
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
-    assert len(sent) < 20, f"the server read {len(sent)} junk messages before refusing"
+    assert e.value.details().startswith("layer file 1 of the import:"), e.value.details()
+    # (how many messages the client had queued by then is gRPC's flow control, not the server's doing)
     live.assert_unchanged(before)
 
 
