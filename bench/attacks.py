@@ -375,22 +375,6 @@ def attack_requests(work: Path, model: Path) -> list[dict]:
                      "effect": f"RSS +{peak.peak - base:.0f} MiB in {time.perf_counter() - t0:.1f} s",
                      "message": msg})  # fmt: skip
 
-        # a burst of edits whose callers give up after 1 s
-        spec = pb.EditSpec(prompt="{} lives in", subject="Bob Jones", target=" Rome",
-                           hparams={**FAST, "v_num_grad_steps": 60, "mom2_n_tokens": 20000})  # fmt: skip
-        burst = [threading.Thread(target=lambda: code_of(
-            lambda: gw.stub.ApplyEdit(pb.ApplyEditRequest(edit=spec, dry_run=True), timeout=1.0)))
-            for _ in range(8)]  # fmt: skip
-        for th in burst:
-            th.start()
-        for th in burst:
-            th.join()
-        time.sleep(0.5)
-        t0 = time.perf_counter()
-        code, _ = code_of(lambda: gw.stub.Score(pb.ScoreRequest(prompt="Hi", continuations=[" there"]), timeout=120))
-        rows.append({"attack": "8 ApplyEdits with 1 s deadlines, then a Score", "code": code,
-                     "effect": f"Score answered after {time.perf_counter() - t0:.2f} s", "message": ""})
-
     with fresh(work, model, "strings") as gw:
         big = "c" * (12 << 20)
         spec = pb.EditSpec(prompt="{} lives in", subject="Carol King", target=" Oslo", hparams=FAST)
@@ -406,6 +390,30 @@ def attack_requests(work: Path, model: Path) -> list[dict]:
         rows.append({"attack": "ApplyEdit with a 10 MB subject", "code": code,
                      "effect": f"longest log line {longest:,} chars", "message": msg[:60]})  # fmt: skip
     return rows
+
+
+def attack_burst(work: Path, model: Path) -> list[dict]:
+    """Edits whose callers give up after 1 s: do they keep computing beside the next caller's edit?"""
+    with fresh(work, model, "burst") as gw:
+        def dry_run(subject: str, timeout: float, steps: int) -> tuple[str, str]:
+            spec = pb.EditSpec(prompt="{} lives in", subject=subject, target=" Rome",
+                               hparams={**FAST, "v_num_grad_steps": steps, "v_stop_prob": 1.0})  # fmt: skip
+            return code_of(lambda: gw.stub.ApplyEdit(pb.ApplyEditRequest(edit=spec, dry_run=True), timeout=timeout))
+
+        dry_run("Warm Up", 600, 3)  # C of the layer, computed once
+        t0 = time.perf_counter()
+        dry_run("Bob Jones", 600, 40)
+        alone = time.perf_counter() - t0
+        burst = [threading.Thread(target=dry_run, args=(f"Person {i}", 1.0, 400)) for i in range(8)]
+        for th in burst:
+            th.start()
+        for th in burst:
+            th.join()
+        t0 = time.perf_counter()
+        code, msg = dry_run("Bob Jones", 600, 40)
+        after = time.perf_counter() - t0
+    return [{"attack": "8 ApplyEdits (400 steps) with 1 s deadlines, then one more", "code": code,
+             "effect": f"the next edit took {after:.1f} s (alone: {alone:.1f} s)", "message": msg}]  # fmt: skip
 
 
 def attack_shutdown(work: Path, model: Path) -> list[dict]:
@@ -432,14 +440,14 @@ def attack_shutdown(work: Path, model: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--only", choices=["imports", "requests", "shutdown"], action="append")
+    parser.add_argument("--only", choices=["imports", "requests", "burst", "shutdown"], action="append")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     with tempfile.TemporaryDirectory(prefix="romegw-attacks-") as tmp:
         work = Path(tmp)
         model = save_tiny(work / "model")
         rows: list[dict] = []
-        only = args.only or ["imports", "requests", "shutdown"]
+        only = args.only or ["imports", "requests", "burst", "shutdown"]
         if "imports" in only:
             with fresh(work, model, "source") as gw:
                 spec = pb.EditSpec(prompt="{} lives in", subject="Erin Hall", target=" Kyiv", hparams=FAST)
@@ -448,6 +456,8 @@ def main() -> None:
             rows += attack_imports(work, model, layer)
         if "requests" in only:
             rows += attack_requests(work, model)
+        if "burst" in only:
+            rows += attack_burst(work, model)
         if "shutdown" in only:
             rows += attack_shutdown(work, model)
     print("| attack | status | effect |\n|---|---|---|")
