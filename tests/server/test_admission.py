@@ -157,9 +157,8 @@ def test_edit_request_is_bounded(serve, tiny_llama) -> None:  # noqa: ANN001
 
 def test_edit_memory_estimate_refuses_what_cannot_fit(serve, tiny_llama) -> None:  # noqa: ANN001
     srv = serve(tiny_llama, EngineLimits(max_request_memory_mb=64), edits=True)
-    with Client(srv.target, timeout=60) as c:
-        with pytest.raises(ResourceExhausted, match="max_request_memory_mb=64"):
-            c.apply_edit("{} lives in", "Alice", " Paris", hparams={**SLOW, "v_num_grad_steps": 1}, dry_run=True)
+    with Client(srv.target, timeout=60) as c, pytest.raises(ResourceExhausted, match="max_request_memory_mb=64"):
+        c.apply_edit("{} lives in", "Alice", " Paris", hparams={**SLOW, "v_num_grad_steps": 1}, dry_run=True)
 
 
 # -- the target already is the answer ---------------------------------------------------
