@@ -59,6 +59,7 @@ def test_sigterm_abandons_a_computing_edit(tokenizer, tmp_path) -> None:  # noqa
         took = time.monotonic() - t0
         t.join(30)
         log = srv.log.read_text()
+        print(f"exit {took:.1f} s after SIGTERM (grace {GRACE} s)")  # noqa: T201
         assert took < GRACE + 8.0, f"exit took {took:.1f} s after SIGTERM with a {GRACE} s grace\n{log[-2000:]}"
         assert srv.proc.returncode == 0, log[-2000:]
         assert "stopped" in log
