@@ -6,6 +6,15 @@ and other RPCs while a long generation runs. A stream is stepped one token
 at a time: when its consumer goes away (the client cancels, its deadline
 passes), the generator is closed and no further step runs.
 
+Expensive work is admitted first (``admission.py``): a per-call memory
+estimate against ``max_request_memory_mb``, then a slot among the running
+traces / scores and the tokens in flight, refused at once (RESOURCE_EXHAUSTED)
+when none is free. Tokenizing runs on the worker threads too, after a cheap
+character-count check. Edit computations and traces get a ``should_stop``
+(``run_to_end``): a caller that goes away, or ``close()``, stops them at their
+next step, and the coroutine that holds the edit lock or the admission slot
+keeps holding it until the worker thread has actually ended.
+
     engine = Engine(load_model(None), EngineLimits())
     async for chunk in engine.generate("The capital of France is", SamplingParams()):
         ...
