@@ -7,8 +7,10 @@ their KV caches are merged into the running batch, left-padded with zeros
 to the batch's length (the attention mask hides the padding; zeros, not
 garbage, so a masked weight of 0 times a padded value stays 0). Every step
 samples each row with its own parameters and stop rules (``DecodeState``),
-retires finished or cancelled rows at once (their rows are dropped from the
-cache), and runs one forward pass for the rest:
+retires finished, cancelled or failed rows at once (their rows are dropped
+from the cache), and runs one forward pass for the rest. A row whose sampling
+raises gets that error and the others go on; a failed prefill fails only the
+prompts it admitted; only a failed decode pass fails the whole batch.
 
     input_ids (B, 1), attention_mask (B, L + 1), position_ids (B, 1) = each row's own length
 
@@ -118,27 +120,35 @@ class BatchScheduler:
                 admitted = []
                 while self._pending and len(self._rows) + len(admitted) < self.max_batch_size:
                     admitted.append(self._pending.popleft())
-            try:
-                with torch.inference_mode():
-                    self._step(admitted)
-            except Exception as e:  # noqa: BLE001 - a failed step fails its streams, not the server
-                log.exception("decode step failed")
-                for p in admitted:
-                    p.emit(e)
-                self._fail_all(e)
+            with torch.inference_mode():
+                if admitted:
+                    try:
+                        self._admit(admitted)
+                    except Exception as e:  # noqa: BLE001 - a failed prefill fails the prompts it held, no other row
+                        log.exception("prefill of %d prompts failed", len(admitted))
+                        for p in admitted:
+                            p.emit(e)
+                try:
+                    self._step()
+                except Exception as e:  # noqa: BLE001 - a failed forward pass fails its streams, not the server
+                    log.exception("decode step failed")
+                    self._fail_all(e)
 
     def _fail_all(self, error: BaseException) -> None:
         for row in self._rows:
             row.emit(error)
         self._rows, self._keys, self._values, self._mask, self._cache = [], [], [], None, None
 
-    def _step(self, admitted: list[_Pending]) -> None:
-        if admitted:
-            self._admit(admitted)
-        # sample every row; retire the finished and the cancelled
+    def _step(self) -> None:
+        # sample every row; retire the finished, the cancelled and the failed
         keep: list[int] = []
         for i, row in enumerate(self._rows):
-            chunk = row.state.cancel() if row.cancelled() else row.state.step(row.logits)
+            try:
+                chunk = row.state.cancel() if row.cancelled() else row.state.step(row.logits)
+            except Exception as e:  # noqa: BLE001 - a row that fails is finished with its own error
+                log.warning("a stream failed while sampling (the others go on): %r", e)
+                row.emit(e)
+                continue
             row.emit(chunk)
             if not row.state.finished:
                 keep.append(i)

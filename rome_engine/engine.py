@@ -6,6 +6,15 @@ and other RPCs while a long generation runs. A stream is stepped one token
 at a time: when its consumer goes away (the client cancels, its deadline
 passes), the generator is closed and no further step runs.
 
+Expensive work is admitted first (``admission.py``): a per-call memory
+estimate against ``max_request_memory_mb``, then a slot among the running
+traces / scores and the tokens in flight, refused at once (RESOURCE_EXHAUSTED)
+when none is free. Tokenizing runs on the worker threads too, after a cheap
+character-count check. Edit computations and traces get a ``should_stop``
+(``run_to_end``): a caller that goes away, or ``close()``, stops them at their
+next step, and the coroutine that holds the edit lock or the admission slot
+keeps holding it until the worker thread has actually ended.
+
     engine = Engine(load_model(None), EngineLimits())
     async for chunk in engine.generate("The capital of France is", SamplingParams()):
         ...
@@ -16,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
@@ -24,6 +34,15 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from . import __version__
+from .admission import (
+    Admission,
+    ModelShape,
+    check_memory,
+    edit_bytes,
+    generate_bytes,
+    score_bytes,
+    trace_bytes,
+)
 from .batching import BatchScheduler
 from .bounds import clip
 from .edit_store import EditLayer
@@ -32,6 +51,9 @@ from .errors import EngineError, FailedPrecondition, InvalidRequest, ResourceExh
 from .gate import VersionGate
 from .generation import GenerationChunk, SamplingParams, generate_tokens
 from .loading import LoadedModel
+from .rome.apply import target_is_answer
+from .rome.hparams import hparams_for
+from .rome.request import EditRequest
 from .scoring import ContinuationScore, encode_prompt, score_continuations
 from .tracing import NoiseCache, TraceRequest, TraceResult
 from .tracing import trace as trace_grid
@@ -60,6 +82,24 @@ class EngineLimits:
     max_import_bytes: int = 64 * 1024 * 1024  # their total size (one SmolLM2 layer file is ~9 KB)
     # refuse a layer with ||u v^T||_F > ratio * ||W||_F (on import and at start)
     max_update_norm_ratio: float = DEFAULT_MAX_UPDATE_NORM_RATIO
+    # -- admission control: refused at once with RESOURCE_EXHAUSTED (0: no limit)
+    max_concurrent_traces: int = 2
+    max_concurrent_scores: int = 4
+    max_tokens_in_flight: int = 262_144  # prompt + new tokens of every running generate/score/trace/edit
+    max_request_memory_mb: int = 2048  # per-call estimate (rome_engine.admission) refused above this
+    max_continuation_chars: int = 20_000  # cheap guard on each Score continuation before tokenizing
+    # -- edit requests (INVALID_ARGUMENT above these)
+    max_edit_chars: int = 2048  # each of prompt, subject, target, checked before tokenizing
+    max_edit_prompt_tokens: int = 512
+    max_edit_subject_tokens: int = 64
+    max_edit_target_tokens: int = 32
+
+
+# temperature: 0 (greedy) or a finite value in [MIN_TEMPERATURE, MAX_TEMPERATURE]; below it the
+# scaled logits overflow to inf and sampling fails (1e-40 did)
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 100.0
+TRACE_BATCH_ROWS = 128  # rows per trace forward pass (tracing.trace's max_batch_rows)
 
 
 @dataclass(frozen=True)
@@ -122,6 +162,13 @@ class Engine:
         self._edit_lock: asyncio.Lock | None = None
         self._queued_edits = 0
         self.noise_cache = NoiseCache()
+        self.shape = ModelShape.of(loaded)
+        self.admission = Admission(
+            max_concurrent={"trace": self.limits.max_concurrent_traces, "score": self.limits.max_concurrent_scores},
+            max_tokens_in_flight=self.limits.max_tokens_in_flight,
+        )
+        # set by close(): every running edit computation and trace stops at its next step
+        self._stopping = threading.Event()
 
     @property
     def edit_version(self) -> int:
@@ -139,12 +186,38 @@ class Engine:
             raise Unavailable("the engine is shutting down")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    async def run_to_end(self, fn: Callable[[Callable[[], bool]], T]) -> T:
+        """Run ``fn(should_stop)`` on a worker thread; if the caller is cancelled (its RPC was
+        cancelled or its deadline passed), ``should_stop()`` turns true and this coroutine still
+        waits for the thread to end before it re-raises, so whatever the caller holds (the edit
+        lock, an admission slot) stays held until the computation has actually stopped.
+        ``close()`` turns every ``should_stop`` true as well."""
+        stop = threading.Event()
+
+        def should_stop() -> bool:
+            return stop.is_set() or self._stopping.is_set()
+
+        job = asyncio.ensure_future(self.run(fn, should_stop))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            stop.set()
+            while not job.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({job})
+            if not job.cancelled() and job.exception() is None:
+                log.info("a cancelled computation finished before it saw the stop")
+            raise
+
     @property
     def active_streams(self) -> int:
         return self._active_streams
 
     def close(self) -> None:
+        """Refuse new work, stop running edit computations and traces at their next step
+        (an edit already storing its layer finishes its commit), stop the batch scheduler."""
         self._closed = True
+        self._stopping.set()
         if self.scheduler is not None:
             self.scheduler.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -159,8 +232,11 @@ class Engine:
             raise InvalidRequest(
                 f"max_new_tokens {params.max_new_tokens} exceeds the limit max_new_tokens={lim.max_new_tokens}"
             )
-        if not params.temperature >= 0.0 or params.temperature > 100.0:
-            raise InvalidRequest(f"temperature must be in [0, 100], got {params.temperature}")
+        t = params.temperature
+        if not (t == 0.0 or (math.isfinite(t) and MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
+            raise InvalidRequest(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {t}"
+            )
         if not 0.0 < params.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {params.top_p}")
         if params.top_k < 0:
@@ -174,14 +250,23 @@ class Engine:
         if not 0 <= params.top_logprobs <= lim.max_top_logprobs:
             raise InvalidRequest(f"top_logprobs must be in [0, {lim.max_top_logprobs}], got {params.top_logprobs}")
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """Tokenize a prompt, enforcing the prompt limits."""
+    def check_prompt_chars(self, prompt: str) -> None:
+        """The cheap checks, before any tokenizing."""
         if not prompt:
             raise InvalidRequest("prompt must not be empty")
         if len(prompt) > self.limits.max_prompt_chars:
             raise InvalidRequest(
                 f"prompt has {len(prompt)} characters, over the limit max_prompt_chars={self.limits.max_prompt_chars}"
             )
+
+    async def encode_prompt_async(self, prompt: str) -> list[int]:
+        """``encode_prompt`` with the tokenizing on a worker thread (never on the event loop)."""
+        self.check_prompt_chars(prompt)
+        return await self.run(self.encode_prompt, prompt)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Tokenize a prompt, enforcing the prompt limits (blocking: call it off the event loop)."""
+        self.check_prompt_chars(prompt)
         ids = encode_prompt(self.loaded.tokenizer, prompt)
         if len(ids) > self.max_prompt_tokens:
             raise InvalidRequest(
@@ -192,13 +277,16 @@ class Engine:
     async def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[GenerationChunk]:
         """Stream the completion of ``prompt``; the last chunk has a finish_reason."""
         self.validate_sampling(params)
-        prompt_ids = self.encode_prompt(prompt)
+        prompt_ids = await self.encode_prompt_async(prompt)
         if len(prompt_ids) + params.max_new_tokens > self.context_length:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds the "
                 f"model's context length of {self.context_length} tokens: lower max_new_tokens"
             )
-        with self._stream_slot():
+        estimate = generate_bytes(self.shape, prompt_tokens=len(prompt_ids), new_tokens=params.max_new_tokens)
+        check_memory("generation", estimate, self.limits.max_request_memory_mb)
+        tokens = len(prompt_ids) + params.max_new_tokens
+        with self._stream_slot(), self.admission.admit("generate", tokens=tokens):
             async with self.gate.read(self.limits.edit_drain_timeout + 5.0):
                 if self.scheduler is not None:
                     stream = self._batched(prompt_ids, params)
@@ -252,68 +340,100 @@ class Engine:
 
     async def score(self, prompt: str, continuations: list[str]) -> tuple[list[ContinuationScore], int]:
         """Scores of the continuations, and the edit version they were computed on."""
+        lim = self.limits
         if not continuations:
             raise InvalidRequest("continuations must name at least one continuation")
-        if len(continuations) > self.limits.max_continuations:
+        if len(continuations) > lim.max_continuations:
             raise InvalidRequest(
-                f"{len(continuations)} continuations exceed the limit max_continuations={self.limits.max_continuations}"
+                f"{len(continuations)} continuations exceed the limit max_continuations={lim.max_continuations}"
             )
         if any(not c for c in continuations):
             raise InvalidRequest("continuations must not be empty strings")
-        prompt_ids = self.encode_prompt(prompt)
-        longest = max(len(encode_prompt(self.loaded.tokenizer, c)) for c in continuations)
-        if len(prompt_ids) + longest > self.max_prompt_tokens:
+        longest_chars = max(len(c) for c in continuations)
+        if longest_chars > lim.max_continuation_chars:
             raise InvalidRequest(
-                f"prompt plus continuation is {len(prompt_ids) + longest} tokens, "
+                f"a continuation has {longest_chars} characters, over the limit "
+                f"max_continuation_chars={lim.max_continuation_chars}"
+            )
+        self.check_prompt_chars(prompt)
+
+        def lengths() -> tuple[int, list[int]]:
+            tok = self.loaded.tokenizer
+            return len(self.encode_prompt(prompt)), [len(encode_prompt(tok, c)) for c in continuations]
+
+        n_prompt, n_conts = await self.run(lengths)
+        if n_prompt + max(n_conts) > self.max_prompt_tokens:
+            raise InvalidRequest(
+                f"prompt plus continuation is {n_prompt + max(n_conts)} tokens, "
                 f"over the limit max_prompt_tokens={self.max_prompt_tokens}"
             )
-        async with self.gate.read(self.limits.edit_drain_timeout + 5.0):
-            scores = await self.run(score_continuations, self.loaded, prompt, list(continuations))
-            return scores, self.edit_version
+        width = n_prompt + max(n_conts)  # the batch is padded to its longest row
+        estimate = score_bytes(self.shape, rows=len(continuations), tokens=width)
+        check_memory("score", estimate, lim.max_request_memory_mb)
+        with self.admission.admit("score", tokens=len(continuations) * width):
+            async with self.gate.read(lim.edit_drain_timeout + 5.0):
+                scores = await self.run_to_end(
+                    lambda _stop: score_continuations(self.loaded, prompt, list(continuations))
+                )
+                return scores, self.edit_version
 
     # -- tracing --------------------------------------------------------------
 
     async def trace(self, request: TraceRequest) -> AsyncIterator[TraceEvent]:
-        """Progress events while the grid is computed, then the result (on one version)."""
+        """Progress events while the grid is computed, then the result (on one version).
+
+        The trace stops at its next batch when the caller goes away or ``close()`` runs; its
+        admission slot is held until the worker thread has actually ended."""
         lim = self.limits
         if request.samples > lim.max_trace_samples:
             raise InvalidRequest(
                 f"samples {request.samples} exceeds the limit max_trace_samples={lim.max_trace_samples}"
             )
-        n_tokens = len(self.encode_prompt(request.prompt))
-        cells = n_tokens * self.loaded.num_layers
+        num_layers = self.loaded.num_layers
+        n_tokens = len(await self.encode_prompt_async(request.prompt))
+        cells = n_tokens * num_layers
         if cells > lim.max_trace_cells:
             raise InvalidRequest(
-                f"the trace grid has {n_tokens} tokens x {self.loaded.num_layers} layers = {cells} cells, "
+                f"the trace grid has {n_tokens} tokens x {num_layers} layers = {cells} cells, "
                 f"over the limit max_trace_cells={lim.max_trace_cells}: shorten the prompt"
             )
+        estimate = trace_bytes(self.shape, tokens=n_tokens, samples=request.samples, batch_rows=TRACE_BATCH_ROWS)
+        check_memory("trace", estimate, lim.max_request_memory_mb)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TraceProgress] = asyncio.Queue()
-        cancelled = threading.Event()
+        rows = min(TRACE_BATCH_ROWS, cells * request.samples)
+        with self.admission.admit("trace", tokens=rows * n_tokens):
+            async with self.gate.read(lim.edit_drain_timeout + 5.0):
+                version = self.edit_version
 
-        def progress(done: int, total: int) -> None:
-            if cancelled.is_set():
-                raise Unavailable("trace cancelled")
-            loop.call_soon_threadsafe(events.put_nowait, TraceProgress(done, total))
+                def compute(should_stop: Callable[[], bool]) -> TraceResult:
+                    def progress(done: int, total: int) -> None:
+                        if should_stop():
+                            raise Unavailable("trace cancelled")
+                        loop.call_soon_threadsafe(events.put_nowait, TraceProgress(done, total))
 
-        async with self.gate.read(lim.edit_drain_timeout + 5.0):
-            version = self.edit_version
-            job = asyncio.ensure_future(
-                self.run(lambda: trace_grid(self.loaded, request, noise_cache=self.noise_cache, progress=progress))
-            )
-            try:
-                while not job.done():
-                    getter = asyncio.ensure_future(events.get())
-                    await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter.done():
-                        yield getter.result()
-                    else:
-                        getter.cancel()
-                while not events.empty():
-                    yield events.get_nowait()
-                yield TraceDone(job.result(), version)
-            finally:
-                cancelled.set()
+                    return trace_grid(
+                        self.loaded, request, noise_cache=self.noise_cache, progress=progress,
+                        max_batch_rows=TRACE_BATCH_ROWS,
+                    )  # fmt: skip
+
+                job = asyncio.ensure_future(self.run_to_end(compute))
+                try:
+                    while not job.done():
+                        getter = asyncio.ensure_future(events.get())
+                        await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
+                        if getter.done():
+                            yield getter.result()
+                        else:
+                            getter.cancel()
+                    while not events.empty():
+                        yield events.get_nowait()
+                    yield TraceDone(job.result(), version)
+                finally:
+                    if not job.done():
+                        job.cancel()  # run_to_end sets the stop and waits for the thread
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await job
 
     # -- edits ----------------------------------------------------------------
 
@@ -346,6 +466,41 @@ class Engine:
         finally:
             self._queued_edits -= 1
 
+    def _check_edit_chars(self, request: EditRequest) -> None:
+        """The cheap checks of an edit request, before any tokenizing."""
+        limit = self.limits.max_edit_chars
+        for name in ("prompt", "subject", "target"):
+            value = getattr(request, name)
+            if len(value) > limit:
+                raise InvalidRequest(f"edit {name} has {len(value)} characters, over the limit max_edit_chars={limit}")
+
+    def _check_edit_size(self, request: EditRequest) -> int:
+        """Token limits, the hparams that size memory, the memory estimate (blocking: tokenizes).
+        Returns the tokens the computation holds in flight."""
+        lim, tok = self.limits, self.loaded.tokenizer
+        counts = {
+            "prompt": (len(encode_prompt(tok, request.filled())), lim.max_edit_prompt_tokens),
+            "subject": (len(tok(request.subject, add_special_tokens=False)["input_ids"]), lim.max_edit_subject_tokens),
+            "target": (len(tok(request.target, add_special_tokens=False)["input_ids"]), lim.max_edit_target_tokens),
+        }
+        for name, (n, limit) in counts.items():
+            if n > limit:
+                raise InvalidRequest(f"edit {name} has {n} tokens, over the limit max_edit_{name}_tokens={limit}")
+        hp = hparams_for(self.loaded).with_overrides(request.hparams)
+        if hp.mom2_seq_len > self.context_length:
+            raise InvalidRequest(
+                f"hparam mom2_seq_len={hp.mom2_seq_len} exceeds the model's context length {self.context_length}"
+            )
+        prompts = 1 + hp.ctx_n_short + hp.ctx_n_long  # the identity template and the prefixed ones
+        longest_prefix = max(hp.ctx_len_short, hp.ctx_len_long) + 4  # a seed word, ". "
+        tokens = longest_prefix + counts["prompt"][0] + counts["target"][0]
+        estimate = edit_bytes(
+            self.shape, prompts=prompts, tokens=tokens, prefix_tokens=max(hp.ctx_len_short, hp.ctx_len_long),
+            mom2_rows=hp.mom2_batch_size, mom2_seq_len=hp.mom2_seq_len,
+        )  # fmt: skip
+        check_memory("edit", estimate, lim.max_request_memory_mb)
+        return (prompts + 1) * tokens
+
     async def apply_edit(
         self,
         request: object,
@@ -354,13 +509,38 @@ class Engine:
         expected_version: int | None = None,
         author: str = "",
         comment: str = "",
+        force: bool = False,
     ) -> tuple[EditView, int]:
-        """Compute a ROME layer and (unless dry_run) make it the new head. Returns (layer, head version)."""
+        """Compute a ROME layer and (unless dry_run) make it the new head. Returns (layer, head version).
+
+        Refused (FAILED_PRECONDITION) when the target already is the model's greedy answer, unless
+        ``force``. If the caller goes away (cancel, deadline) or ``close()`` runs while the layer is
+        computed, the computation stops at its next step; the edit lock is held until it has
+        stopped, so computations never overlap. Once the layer is being stored the commit runs to
+        its end whatever happens to the caller."""
         manager = self._manager()
         self._check_expected(expected_version)
+        if isinstance(request, EditRequest):
+            self._check_edit_chars(request)
         async with self._edit_turn():
             self._check_expected(expected_version)
-            layer = await self.run(lambda: manager.compute_layer(request, author=author, comment=comment))
+            checked = isinstance(request, EditRequest)  # a test's fake compute may take other requests
+            tokens = await self.run(self._check_edit_size, request) if checked else 0
+            if checked and not force and await self.run(target_is_answer, self.loaded, request):
+                raise FailedPrecondition(
+                    f"the model already answers {request.target!r} to {request.filled()!r} (greedy): "
+                    "nothing to edit; set force to apply it anyway"
+                )
+            with self.admission.admit("edit", tokens=tokens):
+
+                def compute(should_stop: Callable[[], bool]) -> object:
+                    def progress(stage: str, done: int, total: int) -> None:
+                        if should_stop():
+                            raise Unavailable(f"the edit was cancelled during {stage}; nothing was stored")
+
+                    return manager.compute_layer(request, author=author, comment=comment, progress=progress)
+
+                layer = await self.run_to_end(compute)
             if dry_run:
                 return EditView(layer.header, None, False), self.edit_version
 

@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 
 KINDS = ("hidden", "mlp", "attn")
 MAX_SAMPLES = 64
+# noise std at most this: the paper's default is 3 x the embeddings' std (about 0.1 - 1); far above,
+# corrupted activations overflow (3e38 gave NaN grids)
+MAX_NOISE = 1000.0
+MAX_WINDOW = 1024  # layers restored together: more than any supported model has
 NOISE_STD_FACTOR = 3.0  # the paper: noise std = 3 x the std of subject-token embeddings
 
 Progress = Callable[[int, int], None]  # (done, total); may raise to abort the work
@@ -110,10 +114,12 @@ class TraceRequest:
             raise InvalidRequest(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not 1 <= self.samples <= MAX_SAMPLES:
             raise InvalidRequest(f"samples must be in [1, {MAX_SAMPLES}], got {self.samples}")
-        if self.window < 1:
-            raise InvalidRequest(f"window must be >= 1, got {self.window}")
-        if self.noise is not None and not (math.isfinite(self.noise) and self.noise >= 0.0):
-            raise InvalidRequest(f"noise must be a finite number >= 0 (or unset for the default), got {self.noise}")
+        if not 1 <= self.window <= MAX_WINDOW:
+            raise InvalidRequest(f"window must be in [1, {MAX_WINDOW}], got {self.window}")
+        if self.noise is not None and not (math.isfinite(self.noise) and 0.0 <= self.noise <= MAX_NOISE):
+            raise InvalidRequest(
+                f"noise must be a number in [0, {MAX_NOISE}] (or unset for the default), got {self.noise}"
+            )
         if self.answer is not None and not self.answer:
             raise InvalidRequest("answer must not be an empty string (leave it unset for the greedy token)")
         if self.seed < 0:

@@ -122,7 +122,31 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         default=float(_env("max_update_norm_ratio", d.max_update_norm_ratio)),
         help="refuse an imported or stored layer whose update norm exceeds this times its matrix's norm",
     )
+    _add_admission_flags(p, d)
     p.set_defaults(func=cmd_serve)
+
+
+# the admission-control and edit-size limits: each a flag, a ROMEGW_* variable and an EngineLimits field
+_ADMISSION_LIMITS = (
+    ("max_concurrent_traces", "Trace calls running at once, 0: no limit"),
+    ("max_concurrent_scores", "Score calls running at once, 0: no limit"),
+    ("max_tokens_in_flight", "prompt + new tokens of all running generate/score/trace/edit work, 0: no limit"),
+    ("max_request_memory_mb", "refuse a call whose memory estimate is above this many MB, 0: no limit"),
+    ("max_continuation_chars", "characters of one Score continuation"),
+    ("max_edit_chars", "characters of an edit's prompt, subject or target"),
+    ("max_edit_prompt_tokens", "tokens of an edit's prompt"),
+    ("max_edit_subject_tokens", "tokens of an edit's subject"),
+    ("max_edit_target_tokens", "tokens of an edit's target"),
+)
+
+
+def _add_admission_flags(p: argparse.ArgumentParser, d: object) -> None:
+    for name, what in _ADMISSION_LIMITS:
+        default = getattr(d, name)
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=int, default=_int_env(name, default),
+            help=f"{what} (default {default}; $ROMEGW_{name.upper()})",
+        )  # fmt: skip
 
 
 def _opt_int(name: str) -> int | None:
@@ -151,6 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_import_files=args.max_import_files,
         max_import_bytes=args.max_import_bytes,
         max_update_norm_ratio=args.max_update_norm_ratio,
+        **{name: getattr(args, name) for name, _ in _ADMISSION_LIMITS},
     )
     config = ServerConfig(
         model=args.model,
@@ -259,6 +284,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", type=int)
     p.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE", help="override (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="compute and report, change nothing")
+    p.add_argument("--force", action="store_true", help="apply even if the target already is the model's answer")
     p.add_argument("--expected-version", type=int, help="refuse if the head version is not this one")
     p.add_argument("--author", default=_env("author", os.environ.get("USER", "")))
     p.add_argument("--comment", default="")
@@ -410,6 +436,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
             expected_version=args.expected_version,
             author=args.author,
             comment=args.comment,
+            force=args.force,
         )
     e = r.edit
     _out(("dry run (nothing changed): " if r.dry_run else f"applied as version {e.version}: ") + _edit_line(e))

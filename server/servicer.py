@@ -127,6 +127,7 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
             expected_version=request.expected_version if request.HasField("expected_version") else None,
             author=request.author,
             comment=request.comment,
+            force=request.force,
         )
         if self.metrics is not None:
             self.metrics.edit_compute.observe(view.header["compute_seconds"])

@@ -103,11 +103,12 @@ def apply_edit_request(
     expected_version: int | None = None,
     author: str = "",
     comment: str = "",
+    force: bool = False,
 ) -> pb.ApplyEditRequest:
     spec = pb.EditSpec(prompt=prompt, subject=subject, target=target, hparams=hparams or {})
     if layer is not None:
         spec.layer = layer
-    req = pb.ApplyEditRequest(edit=spec, dry_run=dry_run, author=author, comment=comment)
+    req = pb.ApplyEditRequest(edit=spec, dry_run=dry_run, author=author, comment=comment, force=force)
     if expected_version is not None:
         req.expected_version = expected_version
     return req
@@ -244,7 +245,8 @@ class Client(_Base):
 
     def apply_edit(self, prompt: str, subject: str, target: str, *, timeout: float | None = None,
                    **options: Any) -> ApplyResult:
-        """Rewrite a fact. Options: layer, hparams, dry_run, expected_version, author, comment."""
+        """Rewrite a fact. Options: layer, hparams, dry_run, expected_version, author, comment, force
+        (apply even when the target already is the model's greedy answer; else FailedPrecondition)."""
         req = apply_edit_request(prompt, subject, target, **options)
         reply = self._unary(self.stub.ApplyEdit, req, timeout)
         return ApplyResult(EditInfo.from_pb(reply.layer), reply.head_version, reply.dry_run)

@@ -34,7 +34,7 @@ from ..errors import FailedPrecondition, InvalidRequest
 from ..generation import SamplingParams, generate_tokens
 from ..layers import rank_one_patch
 from ..loading import LoadedModel
-from ..scoring import encode_prompt, score_continuations
+from ..scoring import encode_prompt, score_continuations, split_continuation
 from .cache import ProgressFn, RomeCache
 from .compute_u import compute_key, right_vector
 from .compute_v import compute_delta
@@ -136,6 +136,15 @@ def greedy_text(loaded: LoadedModel, prompt: str, max_new_tokens: int) -> str:
     return "".join(c.text for c in generate_tokens(loaded, encode_prompt(loaded.tokenizer, prompt), params))
 
 
+def target_is_answer(loaded: LoadedModel, request: EditRequest) -> bool:
+    """Whether the greedy continuation of the filled prompt already starts with the target's tokens
+    (then the edit would change nothing the model says)."""
+    prompt_ids, target_ids = split_continuation(loaded.tokenizer, request.filled(), request.target)
+    params = SamplingParams(max_new_tokens=len(target_ids))
+    greedy = [t for c in generate_tokens(loaded, prompt_ids, params) for t in c.token_ids]
+    return greedy == target_ids
+
+
 def first_answer(text: str) -> str:
     """The answer part of a greedy continuation: up to the first line break or sentence mark."""
     for stop in ("\n", ".", ",", ";", "!", "?"):
@@ -174,7 +183,7 @@ def compute_edit(
             progress(stage, 0, 1)
 
     report("prefixes")
-    templates = context_templates(loaded, hp, cache)
+    templates = context_templates(loaded, hp, cache, progress=progress)
     cov, cov_from_cache = layer_covariance(loaded, layer, hp, cache, progress=progress)
 
     report("key")

@@ -101,11 +101,13 @@ _INT_FIELDS = frozenset(
     f.name for f in dataclasses.fields(RomeHParams) if f.type in ("int", "int | None")
 )
 
-# (lo, hi) inclusive; "layer" is checked against the model by check_layers.
+# (lo, hi) inclusive; "layer" is checked against the model by check_layers. The fields that size
+# memory or time (steps, prefixes, covariance batches) have tight bounds: a request is one call,
+# and ctx_n_short = ctx_len_short = 256 took a server to 21 GB.
 _RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
     {
         "layer": (0, 10_000),
-        "v_num_grad_steps": (0, 1000),
+        "v_num_grad_steps": (0, 200),
         "v_lr": (0.0, 100.0),
         "v_loss_layer": (-1, 10_000),
         "v_weight_decay": (0.0, 1e6),
@@ -117,14 +119,14 @@ _RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
         "k_identity_weight": (0.0, 1000.0),
         "v_cache_prefix": (0, 1),
         "v_skip_lower": (0, 1),
-        "mom2_n_tokens": (1, 100_000_000),
-        "mom2_seq_len": (2, 1_000_000),
-        "mom2_batch_size": (1, 4096),
+        "mom2_n_tokens": (1, 1_000_000),
+        "mom2_seq_len": (2, 4096),  # and at most the model's context length (the engine checks)
+        "mom2_batch_size": (1, 64),
         "cov_shrinkage": (0.0, 0.999),
-        "ctx_len_short": (1, 256),
-        "ctx_n_short": (0, 256),
-        "ctx_len_long": (1, 256),
-        "ctx_n_long": (0, 256),
+        "ctx_len_short": (1, 32),
+        "ctx_n_short": (0, 32),
+        "ctx_len_long": (1, 32),
+        "ctx_n_long": (0, 32),
         "ctx_seed": (0, 2**31 - 1),
     }
 )

@@ -120,3 +120,33 @@ def test_sampled_rows_keep_their_own_seeds(tiny_llama) -> None:  # noqa: ANN001
         assert [collect(q)[0] for q in queues] == expected
     finally:
         sch.close()
+
+
+def test_a_row_that_fails_to_sample_fails_alone(tiny_llama) -> None:  # noqa: ANN001
+    """temperature=1e-40 (the engine refuses it; the scheduler does not check) makes sampling raise:
+    that row gets its own error, the greedy row decoded beside it finishes normally."""
+    expected = alone(tiny_llama, PROMPTS[1], SamplingParams(max_new_tokens=30))
+    sch = BatchScheduler(tiny_llama, max_batch_size=8)
+    try:
+        good: queue.Queue = queue.Queue()
+        bad: queue.Queue = queue.Queue()
+        ids = tiny_llama.tokenizer(PROMPTS[1])["input_ids"]
+        sch.submit(ids, SamplingParams(max_new_tokens=30), emit=good.put, cancelled=lambda: False)
+        first = good.get(timeout=60)  # the good row is running: the bad one joins its batch
+        sch.submit(ids, SamplingParams(max_new_tokens=30, temperature=1e-40, seed=1), emit=bad.put,
+                   cancelled=lambda: False)  # fmt: skip
+        error = bad.get(timeout=60)
+        assert isinstance(error, BaseException)
+        rest, last = collect(good)
+        assert first.token_ids + rest == expected
+        assert last.finish_reason == "length"
+        assert sch.running == 0 or wait_idle(sch)
+    finally:
+        sch.close()
+
+
+def wait_idle(sch: BatchScheduler, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and sch.running:
+        time.sleep(0.01)
+    return sch.running == 0
