@@ -156,6 +156,7 @@ def _opt_int(name: str) -> int | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from rome_engine.engine import EngineLimits
+    from rome_engine.errors import EngineError
 
     from .auth import load_tokens
     from .main import ServerConfig, TlsConfig, serve
@@ -196,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         asyncio.run(serve(config))
-    except ValueError as e:
+    except (ValueError, EngineError) as e:  # a bad flag, a damaged checkpoint or edit store: say what, exit 2
         log.error("%s", e)
         return 2
     return 0
