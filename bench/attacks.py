@@ -120,20 +120,23 @@ def code_of(fn: Callable[[], object]) -> tuple[str, str]:
         return e.code().name, (e.details() or "")[:120]
 
 
-class RssPeak:
-    """The peak resident memory of a process, sampled every 50 ms while in the with block."""
+class _Sampler:
+    """Calls ``sample()`` every ``interval`` seconds on a thread while in the with block."""
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw, self.peak, self._stop = gw, gw.rss_mb(), threading.Event()
+    interval = 0.05
 
-    def __enter__(self) -> RssPeak:
-        def sample() -> None:
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> _Sampler:
+        self._stop = threading.Event()
+
+        def loop() -> None:
             while not self._stop.is_set():
-                with contextlib.suppress(psutil.Error):
-                    self.peak = max(self.peak, self.gw.rss_mb())
-                time.sleep(0.05)
+                self.sample()
+                time.sleep(self.interval)
 
-        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread = threading.Thread(target=loop, daemon=True)
         self._thread.start()
         return self
 
@@ -142,27 +145,29 @@ class RssPeak:
         self._thread.join()
 
 
-class HealthProbe:
-    """The longest health-check wait while in the with block (probed every 200 ms)."""
+class RssPeak(_Sampler):
+    """The peak resident memory of the server process."""
 
     def __init__(self, gw: Gateway) -> None:
-        self.gw, self.worst, self.failed, self._stop = gw, 0.0, 0, threading.Event()
+        self.gw, self.peak = gw, gw.rss_mb()
 
-    def __enter__(self) -> HealthProbe:
-        def probe() -> None:
-            while not self._stop.is_set():
-                status, seconds = self.gw.health(timeout=30)
-                self.worst = max(self.worst, seconds)
-                self.failed += status != "SERVING"
-                time.sleep(0.2)
+    def sample(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            self.peak = max(self.peak, self.gw.rss_mb())
 
-        self._thread = threading.Thread(target=probe, daemon=True)
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+class HealthProbe(_Sampler):
+    """The longest health-check wait (probed every 200 ms)."""
+
+    interval = 0.2
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw, self.worst, self.failed = gw, 0.0, 0
+
+    def sample(self) -> None:
+        status, seconds = self.gw.health(timeout=30)
+        self.worst = max(self.worst, seconds)
+        self.failed += status != "SERVING"
 
 
 # ------------------------------------------------------------------ layer files

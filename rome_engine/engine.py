@@ -466,11 +466,10 @@ class Engine:
         finally:
             self._queued_edits -= 1
 
-    def _check_edit_chars(self, request: EditRequest) -> None:
-        """The cheap checks of an edit request, before any tokenizing."""
+    def check_edit_chars(self, prompt: str, subject: str, target: str) -> None:
+        """The cheap checks of an edit's texts, before any parsing or tokenizing (InvalidRequest)."""
         limit = self.limits.max_edit_chars
-        for name in ("prompt", "subject", "target"):
-            value = getattr(request, name)
+        for name, value in (("prompt", prompt), ("subject", subject), ("target", target)):
             if len(value) > limit:
                 raise InvalidRequest(f"edit {name} has {len(value)} characters, over the limit max_edit_chars={limit}")
 
@@ -521,7 +520,7 @@ class Engine:
         manager = self._manager()
         self._check_expected(expected_version)
         if isinstance(request, EditRequest):
-            self._check_edit_chars(request)
+            self.check_edit_chars(request.prompt, request.subject, request.target)
         async with self._edit_turn():
             self._check_expected(expected_version)
             checked = isinstance(request, EditRequest)  # a test's fake compute may take other requests

@@ -27,8 +27,6 @@ from .metrics import Metrics, StreamTimer
 
 audit = logging.getLogger("romegw.audit")
 
-# an edit's prompt, subject and target are stored in its header and echoed by every ListEdits
-MAX_EDIT_TEXT_CHARS = MAX_COMMENT_CHARS
 # the default byte budget of one ListEdits page (the server passes a fraction of its message limit)
 DEFAULT_PAGE_BYTES = 1024 * 1024
 
@@ -37,12 +35,6 @@ def check_authorship(author: str, comment: str) -> None:
     """The author and comment a mutating RPC stores, against their limits (InvalidRequest)."""
     check_text("author", author, MAX_AUTHOR_CHARS)
     check_text("comment", comment, MAX_COMMENT_CHARS)
-
-
-def check_edit_spec(spec: pb.EditSpec) -> None:
-    """The strings of an edit that its header stores, against their limit (InvalidRequest)."""
-    for name in ("prompt", "subject", "target"):
-        check_text(f"edit.{name}", getattr(spec, name), MAX_EDIT_TEXT_CHARS)
 
 
 def echoable(view: EditView) -> EditView:
@@ -119,7 +111,7 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
         self, request: pb.ApplyEditRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApplyEditResponse:
         check_authorship(request.author, request.comment)  # before the (slow) computation
-        check_edit_spec(request.edit)
+        self.engine.check_edit_chars(request.edit.prompt, request.edit.subject, request.edit.target)
         before = self.engine.edit_version
         view, head = await self.engine.apply_edit(
             convert.edit_request(request.edit),
