@@ -21,6 +21,7 @@ import json
 import logging
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -33,6 +34,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import free_port, gateway_command, write_json
 from rome_engine.loading import ensure_embedded_folder
