@@ -4,7 +4,8 @@ Two questions are asked before expensive work starts, both answered at once
 (no queue): does this one call fit (``check_memory``: a per-call estimate of
 the bytes it allocates against ``max_request_memory_mb``), and is there room
 beside the work already running (``Admission.admit``: concurrent traces,
-concurrent scores, tokens in flight). A refusal is RESOURCE_EXHAUSTED with
+concurrent scores, tokens in flight, and the sum of the running work's memory
+estimates against ``max_memory_in_flight_mb``). A refusal is RESOURCE_EXHAUSTED with
 the limit's name, so a caller knows what to lower or when to retry.
 
 The estimates are upper-bound sketches of the dominant tensors, not exact
@@ -134,23 +135,33 @@ class Admission:
     A limit of 0 means no limit. Thread-safe (one lock around the counters).
     """
 
-    def __init__(self, *, max_concurrent: dict[str, int], max_tokens_in_flight: int) -> None:
+    def __init__(
+        self, *, max_concurrent: dict[str, int], max_tokens_in_flight: int, max_memory_in_flight_mb: int = 0
+    ) -> None:
         self._max = dict(max_concurrent)
         self._max_tokens = max_tokens_in_flight
+        self._max_bytes = max_memory_in_flight_mb * MB
         self._lock = threading.Lock()
         self._running: dict[str, int] = dict.fromkeys(self._max, 0)
         self._tokens = 0
+        self._bytes = 0  # the memory estimates of the admitted work
 
     @property
     def tokens_in_flight(self) -> int:
         return self._tokens
 
+    @property
+    def memory_in_flight(self) -> int:
+        """Bytes: the sum of the running work's memory estimates."""
+        return self._bytes
+
     def running(self, kind: str) -> int:
         return self._running.get(kind, 0)
 
     @contextlib.contextmanager
-    def admit(self, kind: str, *, tokens: int) -> Iterator[None]:
-        """Hold a slot of ``kind`` and ``tokens`` tokens for the block; ResourceExhausted if none is free."""
+    def admit(self, kind: str, *, tokens: int, memory: int = 0) -> Iterator[None]:
+        """Hold a slot of ``kind``, ``tokens`` tokens and ``memory`` estimated bytes for the block;
+        ResourceExhausted if any of them is not free."""
         with self._lock:
             limit = self._max.get(kind, 0)
             if limit > 0 and self._running.get(kind, 0) >= limit:
@@ -163,11 +174,19 @@ class Admission:
                     f"{self._tokens} tokens are in flight and this {kind} adds {tokens}, over the limit "
                     f"max_tokens_in_flight={self._max_tokens}: retry later or send less"
                 )
+            if self._max_bytes > 0 and self._bytes + memory > self._max_bytes:
+                raise ResourceExhausted(
+                    f"running work holds about {self._bytes / MB:.0f} MB and this {kind} needs about "
+                    f"{memory / MB:.0f} MB more, over the limit max_memory_in_flight_mb={self._max_bytes // MB}: "
+                    "retry later or send less"
+                )
             self._running[kind] = self._running.get(kind, 0) + 1
             self._tokens += tokens
+            self._bytes += memory
         try:
             yield
         finally:
             with self._lock:
                 self._running[kind] -= 1
                 self._tokens -= tokens
+                self._bytes -= memory

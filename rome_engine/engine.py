@@ -87,6 +87,7 @@ class EngineLimits:
     max_concurrent_scores: int = 4
     max_tokens_in_flight: int = 262_144  # prompt + new tokens of every running generate/score/trace/edit
     max_request_memory_mb: int = 2048  # per-call estimate (rome_engine.admission) refused above this
+    max_memory_in_flight_mb: int = 8192  # the sum of the running calls' estimates refused above this
     max_continuation_chars: int = 20_000  # cheap guard on each Score continuation before tokenizing
     # -- edit requests (INVALID_ARGUMENT above these)
     max_edit_chars: int = 2048  # each of prompt, subject, target, checked before tokenizing
@@ -166,6 +167,7 @@ class Engine:
         self.admission = Admission(
             max_concurrent={"trace": self.limits.max_concurrent_traces, "score": self.limits.max_concurrent_scores},
             max_tokens_in_flight=self.limits.max_tokens_in_flight,
+            max_memory_in_flight_mb=self.limits.max_memory_in_flight_mb,
         )
         # set by close(): every running edit computation and trace stops at its next step
         self._stopping = threading.Event()
@@ -286,7 +288,7 @@ class Engine:
         estimate = generate_bytes(self.shape, prompt_tokens=len(prompt_ids), new_tokens=params.max_new_tokens)
         check_memory("generation", estimate, self.limits.max_request_memory_mb)
         tokens = len(prompt_ids) + params.max_new_tokens
-        with self._stream_slot(), self.admission.admit("generate", tokens=tokens):
+        with self._stream_slot(), self.admission.admit("generate", tokens=tokens, memory=estimate):
             async with self.gate.read(self.limits.edit_drain_timeout + 5.0):
                 if self.scheduler is not None:
                     stream = self._batched(prompt_ids, params)
@@ -370,7 +372,7 @@ class Engine:
         width = n_prompt + max(n_conts)  # the batch is padded to its longest row
         estimate = score_bytes(self.shape, rows=len(continuations), tokens=width)
         check_memory("score", estimate, lim.max_request_memory_mb)
-        with self.admission.admit("score", tokens=len(continuations) * width):
+        with self.admission.admit("score", tokens=len(continuations) * width, memory=estimate):
             async with self.gate.read(lim.edit_drain_timeout + 5.0):
                 scores = await self.run_to_end(
                     lambda _stop: score_continuations(self.loaded, prompt, list(continuations))
@@ -402,7 +404,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TraceProgress] = asyncio.Queue()
         rows = min(TRACE_BATCH_ROWS, cells * request.samples)
-        with self.admission.admit("trace", tokens=rows * n_tokens):
+        with self.admission.admit("trace", tokens=rows * n_tokens, memory=estimate):
             async with self.gate.read(lim.edit_drain_timeout + 5.0):
                 version = self.edit_version
 
@@ -473,9 +475,9 @@ class Engine:
             if len(value) > limit:
                 raise InvalidRequest(f"edit {name} has {len(value)} characters, over the limit max_edit_chars={limit}")
 
-    def _check_edit_size(self, request: EditRequest) -> int:
+    def _check_edit_size(self, request: EditRequest) -> tuple[int, int]:
         """Token limits, the hparams that size memory, the memory estimate (blocking: tokenizes).
-        Returns the tokens the computation holds in flight."""
+        Returns the tokens the computation holds in flight and its memory estimate (bytes)."""
         lim, tok = self.limits, self.loaded.tokenizer
         counts = {
             "prompt": (len(encode_prompt(tok, request.filled())), lim.max_edit_prompt_tokens),
@@ -498,7 +500,7 @@ class Engine:
             mom2_rows=hp.mom2_batch_size, mom2_seq_len=hp.mom2_seq_len,
         )  # fmt: skip
         check_memory("edit", estimate, lim.max_request_memory_mb)
-        return (prompts + 1) * tokens
+        return (prompts + 1) * tokens, estimate
 
     async def apply_edit(
         self,
@@ -524,13 +526,13 @@ class Engine:
         async with self._edit_turn():
             self._check_expected(expected_version)
             checked = isinstance(request, EditRequest)  # a test's fake compute may take other requests
-            tokens = await self.run(self._check_edit_size, request) if checked else 0
+            tokens, estimate = await self.run(self._check_edit_size, request) if checked else (0, 0)
             if checked and not force and await self.run(target_is_answer, self.loaded, request):
                 raise FailedPrecondition(
                     f"the model already answers {request.target!r} to {request.filled()!r} (greedy): "
                     "nothing to edit; set force to apply it anyway"
                 )
-            with self.admission.admit("edit", tokens=tokens):
+            with self.admission.admit("edit", tokens=tokens, memory=estimate):
 
                 def compute(should_stop: Callable[[], bool]) -> object:
                     def progress(stage: str, done: int, total: int) -> None:

@@ -132,6 +132,7 @@ _ADMISSION_LIMITS = (
     ("max_concurrent_scores", "Score calls running at once, 0: no limit"),
     ("max_tokens_in_flight", "prompt + new tokens of all running generate/score/trace/edit work, 0: no limit"),
     ("max_request_memory_mb", "refuse a call whose memory estimate is above this many MB, 0: no limit"),
+    ("max_memory_in_flight_mb", "refuse work when the running calls' estimates would sum above this, 0: no limit"),
     ("max_continuation_chars", "characters of one Score continuation"),
     ("max_edit_chars", "characters of an edit's prompt, subject or target"),
     ("max_edit_prompt_tokens", "tokens of an edit's prompt"),
