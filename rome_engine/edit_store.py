@@ -81,6 +81,7 @@ MANIFEST = "manifest.json"
 LAYERS = "layers"
 HEADER_KEY = "romegw"
 MAX_REQUEST_CHARS = 100_000  # a stored request's prompt, subject or target (the engine's max_prompt_chars)
+MAX_HEADER_BYTES = 256 * 1024  # a header as JSON: every field above within its limit fits many times over
 MAX_STORED_TEXT_CHARS = 1 << 30  # an author or comment an older server stored before the limits existed
 
 
@@ -221,7 +222,7 @@ class LayerHeader:
     parent_version: int
     author: str
     comment: str
-    request: dict  # prompt, subject, target (str), layer (int), hparams (str -> JSON scalar)
+    request: dict  # prompt, subject, target (str), layer (int), hparams (str -> number or null)
     matrices: tuple[MatrixRecord, ...]
     fingerprint: dict[str, str]  # touched matrix -> sha256 of its base
 
@@ -238,6 +239,12 @@ class LayerHeader:
             json.dumps(doc, ensure_ascii=False).encode("utf-8")
         except (UnicodeEncodeError, ValueError) as e:
             raise ValueError(f"the header holds text that is not valid Unicode: {e}") from None
+        size = len(json.dumps(doc))  # as the API echoes it (header_json, non-ASCII escaped)
+        if not stored and size > MAX_HEADER_BYTES:
+            raise ValueError(
+                f"the header is {size} bytes as JSON, over the limit of {MAX_HEADER_BYTES}: "
+                "a layer's header holds its request and provenance, nothing bulky"
+            )
         edit_id = check_edit_id(doc.get("edit_id"))
         version = _int(doc, "version", lo=1, hi=INT63_MAX)
         parent = _int(doc, "parent_version", hi=INT63_MAX)
@@ -254,7 +261,7 @@ class LayerHeader:
         hparams = _dict(request, "hparams", default={})
         for k, v in hparams.items():
             number = isinstance(v, float) and math.isfinite(v) or isinstance(v, int) and abs(v) <= 2**53
-            if not (v is None or isinstance(v, (bool, str)) or number):
+            if isinstance(v, bool) or not (v is None or number):
                 raise ValueError(f"request.hparams.{_short(k)} must be a finite number, got {_short(v)}")
         if "layer" in doc:
             _int(doc, "layer")
@@ -533,43 +540,54 @@ class EditStore:
 
     # -- writing ------------------------------------------------------------
 
-    def _commit(self, entry: dict) -> None:
-        self.manifest.entries.append(entry)
+    def _commit(self, *entries: dict) -> None:
+        """Append ``entries`` to the history in one atomic manifest write (all of them or none)."""
+        self.manifest.entries.extend(entries)
         try:
             atomic_write(self.root / MANIFEST, self.manifest.to_json())
         except BaseException:
-            self.manifest.entries.pop()
+            del self.manifest.entries[len(self.manifest.entries) - len(entries) :]
             raise
 
     def add_layer(self, layer: EditLayer, *, active: list[str], op: str = "apply", extra: dict | None = None) -> dict:
         """Write the layer file, then the manifest entry whose state has ``active`` layers."""
-        path = self.layer_path(layer.edit_id)  # a UUID inside layers/, checked before anything is written
-        rel = f"{LAYERS}/{path.name}"
-        data = encode_layer(layer)
-        if layer.edit_id in self.manifest.apply_entries():
-            raise FailedPrecondition(f"edit {layer.edit_id} is already in the store")
-        atomic_write(path, data)
-        h = layer.header
-        entry = {
-            "op": op,
-            "version": self.manifest.max_version + 1,
-            "parent_version": self.manifest.head_version,
-            "edit_id": layer.edit_id,
-            "file": rel,
-            "sha256": sha256_bytes(data),
-            "active": list(active),
-            "at": utc_now(),
-            "author": h.get("author", ""),
-            "comment": h.get("comment", ""),
-            **(extra or {}),
-        }
+        return self.add_layers([layer], base_active=active[:-1], op=op, extras=[extra or {}])[0]
+
+    def add_layers(
+        self, layers: list[EditLayer], *, base_active: list[str], op: str, extras: list[dict]
+    ) -> list[dict]:
+        """Several layers, each a new version on top of the previous one (``base_active`` + the
+        layers so far): every file is written first, then all their entries in ONE manifest write,
+        so a crash or an error leaves all of them stored or none."""
+        ids = [layer.edit_id for layer in layers]
+        known = self.manifest.apply_entries()
+        for edit_id in ids:
+            if edit_id in known or ids.count(edit_id) > 1:
+                raise FailedPrecondition(f"edit {edit_id} is already in the store")
+        written: list[Path] = []
+        entries: list[dict] = []
+        active, version, parent = list(base_active), self.manifest.max_version, self.manifest.head_version
         try:
-            self._commit(entry)
+            for layer, extra in zip(layers, extras, strict=True):
+                path = self.layer_path(layer.edit_id)  # a UUID inside layers/, checked before anything is written
+                data = encode_layer(layer)
+                atomic_write(path, data)
+                written.append(path)
+                active, version = [*active, layer.edit_id], version + 1
+                h = layer.header
+                entries.append({
+                    "op": op, "version": version, "parent_version": parent, "edit_id": layer.edit_id,
+                    "file": f"{LAYERS}/{path.name}", "sha256": sha256_bytes(data), "active": list(active),
+                    "at": utc_now(), "author": h.get("author", ""), "comment": h.get("comment", ""), **extra,
+                })  # fmt: skip
+                parent = version
+            self._commit(*entries)
         except BaseException:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            for path in written:
+                with contextlib.suppress(OSError):
+                    path.unlink()
             raise
-        return entry
+        return entries
 
     def add_state(
         self, op: str, *, version: int, active: list[str], author: str = "", comment: str = "", **extra: object

@@ -94,12 +94,18 @@ class EditManager:
         A layer that cannot be read, fails its checksum or schema, or does not fit
         this model makes its versions unservable, never the start: the newest
         version whose layers all check out is served (and a ``recover`` entry
-        recorded, unless the store is read-only).
+        recorded, unless the store is read-only). ``recover`` entries are an earlier
+        start's fallback, not a decision: each start aims at the newest version an
+        apply, import or revert made, so a layer that verifies again is served again.
         """
         self.store.remove_orphans()
         manifest = self.store.manifest
-        recorded = manifest.head_version
-        for entry in reversed(manifest.entries):
+        recorded = manifest.head_version  # where the history stands (perhaps an earlier start's recovery)
+        # the operators' last decision, not an earlier start's fallback: a layer that failed to
+        # verify once (a transient read error, a stricter limit) is served again once it verifies
+        decided = [e for e in manifest.entries if e["op"] != "recover"]
+        intended = int(decided[-1]["version"]) if decided else 0
+        for entry in reversed(decided):
             version, ids = int(entry["version"]), list(entry["active"])
             problem = self._load_all(ids)
             if problem is None:
@@ -117,11 +123,14 @@ class EditManager:
         self.weights.materialize([self._layers[i] for i in ids])
         self.head_version, self.active = version, ids
         if version != recorded:
-            log.error("edit store: serving version %d instead of the recorded head %d", version, recorded)
+            if version == intended:
+                reason = f"the layers of version {version} verify again"
+                log.warning("edit store: serving version %d again (an earlier start served %d)", version, recorded)
+            else:
+                reason = f"layers of version {intended} failed verification"
+                log.error("edit store: serving version %d instead of the recorded head %d", version, intended)
             try:
-                self.store.add_state(
-                    "recover", version=version, active=ids, reason=f"layers of version {recorded} failed verification"
-                )
+                self.store.add_state("recover", version=version, active=ids, reason=reason)
             except OSError as e:  # a read-only store: serve anyway, the next writable start records it
                 log.warning("edit store %s: cannot record the recovery (%s); serving version %d", self.store.root,
                             e, version)
@@ -238,10 +247,16 @@ class EditManager:
 
     def store_layer(self, layer: EditLayer, *, op: str = "apply", extra: dict | None = None) -> dict:
         """Make the layer durable (file, then manifest entry); the weights do not change yet."""
+        return self.store_layers([layer], op=op, extras=[extra or {}])[0]
+
+    def store_layers(self, layers: list[EditLayer], *, op: str, extras: list[dict]) -> list[dict]:
+        """Make several layers durable at once, each a version on top of the last (all or none);
+        the weights do not change yet."""
         with self._storage_errors():
-            entry = self.store.add_layer(layer, active=[*self.active, layer.edit_id], op=op, extra=extra)
-        self._layers[layer.edit_id] = layer
-        return entry
+            entries = self.store.add_layers(layers, base_active=self.active, op=op, extras=extras)
+        for layer in layers:
+            self._layers[layer.edit_id] = layer
+        return entries
 
     @contextlib.contextmanager
     def _storage_errors(self):  # noqa: ANN202

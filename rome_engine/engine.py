@@ -101,6 +101,7 @@ class EngineLimits:
 MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 100.0
 TRACE_BATCH_ROWS = 128  # rows per trace forward pass (tracing.trace's max_batch_rows)
+TOKENIZING_AT_ONCE = 2  # requests tokenized at once, before they are admitted (the others wait their turn)
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class Engine:
             max_tokens_in_flight=self.limits.max_tokens_in_flight,
             max_memory_in_flight_mb=self.limits.max_memory_in_flight_mb,
         )
+        self._tokenizing: asyncio.Semaphore | None = None
         # set by close(): every running edit computation and trace stops at its next step
         self._stopping = threading.Event()
 
@@ -264,7 +266,15 @@ class Engine:
     async def encode_prompt_async(self, prompt: str) -> list[int]:
         """``encode_prompt`` with the tokenizing on a worker thread (never on the event loop)."""
         self.check_prompt_chars(prompt)
-        return await self.run(self.encode_prompt, prompt)
+        return await self.tokenize(self.encode_prompt, prompt)
+
+    async def tokenize(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a tokenizing step on a worker thread, at most ``TOKENIZING_AT_ONCE`` at a time: the
+        work comes before admission (its result sizes it), so its own memory is bounded here."""
+        if self._tokenizing is None:  # created on the serving loop at first use
+            self._tokenizing = asyncio.Semaphore(TOKENIZING_AT_ONCE)
+        async with self._tokenizing:
+            return await self.run(fn, *args)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Tokenize a prompt, enforcing the prompt limits (blocking: call it off the event loop)."""
@@ -363,7 +373,7 @@ class Engine:
             tok = self.loaded.tokenizer
             return len(self.encode_prompt(prompt)), [len(encode_prompt(tok, c)) for c in continuations]
 
-        n_prompt, n_conts = await self.run(lengths)
+        n_prompt, n_conts = await self.tokenize(lengths)
         if n_prompt + max(n_conts) > self.max_prompt_tokens:
             raise InvalidRequest(
                 f"prompt plus continuation is {n_prompt + max(n_conts)} tokens, "
@@ -391,6 +401,11 @@ class Engine:
             raise InvalidRequest(
                 f"samples {request.samples} exceeds the limit max_trace_samples={lim.max_trace_samples}"
             )
+        for name, text in (("subject", request.subject), ("answer", request.answer or "")):
+            if len(text) > lim.max_edit_chars:  # cheap, before anything is tokenized
+                raise InvalidRequest(
+                    f"trace {name} has {len(text)} characters, over the limit max_edit_chars={lim.max_edit_chars}"
+                )
         num_layers = self.loaded.num_layers
         n_tokens = len(await self.encode_prompt_async(request.prompt))
         cells = n_tokens * num_layers
@@ -511,6 +526,7 @@ class Engine:
         author: str = "",
         comment: str = "",
         force: bool = False,
+        on_commit: Callable[[EditView], None] | None = None,
     ) -> tuple[EditView, int]:
         """Compute a ROME layer and (unless dry_run) make it the new head. Returns (layer, head version).
 
@@ -518,7 +534,7 @@ class Engine:
         ``force``. If the caller goes away (cancel, deadline) or ``close()`` runs while the layer is
         computed, the computation stops at its next step; the edit lock is held until it has
         stopped, so computations never overlap. Once the layer is being stored the commit runs to
-        its end whatever happens to the caller."""
+        its end whatever happens to the caller, ``on_commit`` (an audit line) included."""
         manager = self._manager()
         self._check_expected(expected_version)
         if isinstance(request, EditRequest):
@@ -545,31 +561,41 @@ class Engine:
             if dry_run:
                 return EditView(layer.header, None, False), self.edit_version
 
-            async def commit() -> dict:
+            async def commit() -> EditView:
                 async with self.gate.write(self.limits.edit_drain_timeout):
                     entry = await self.run(manager.store_layer, layer)
                     await self.run(manager.activate, entry["active"], int(entry["version"]))
-                    return entry
+                log.info(
+                    "edit %s applied: version %d -> %d (%s: %r -> %r) by %r",
+                    layer.edit_id,
+                    entry["parent_version"],
+                    entry["version"],
+                    clip(layer.header["request"]["subject"]),
+                    clip(layer.header["request"]["prompt"]),
+                    clip(layer.header["request"]["target"]),
+                    clip(author),
+                )
+                view = EditView(layer.header, entry, True)
+                if on_commit is not None:
+                    on_commit(view)
+                return view
 
             # once the layer is being stored, a caller that goes away (deadline, cancel) must not
-            # leave it stored but not live: the commit runs to its end regardless
-            entry = await asyncio.shield(asyncio.ensure_future(commit()))
-            log.info(
-                "edit %s applied: version %d -> %d (%s: %r -> %r) by %r",
-                layer.edit_id,
-                entry["parent_version"],
-                entry["version"],
-                clip(layer.header["request"]["subject"]),
-                clip(layer.header["request"]["prompt"]),
-                clip(layer.header["request"]["target"]),
-                clip(author),
-            )
-            return EditView(layer.header, entry, True), self.edit_version
+            # leave it stored but not live, nor unaudited: the commit runs to its end regardless
+            view = await asyncio.shield(asyncio.ensure_future(commit()))
+            return view, self.edit_version
 
     async def revert_edit(
-        self, *, to_version: int | None = None, edit_id: str | None = None, author: str = "", comment: str = ""
+        self,
+        *,
+        to_version: int | None = None,
+        edit_id: str | None = None,
+        author: str = "",
+        comment: str = "",
+        on_commit: Callable[[int, list[str]], None] | None = None,
     ) -> tuple[int, list[str], float]:
-        """Revert to a version, or remove one layer. Returns (head version, removed ids, seconds)."""
+        """Revert to a version, or remove one layer. Returns (head version, removed ids, seconds).
+        ``on_commit(version, removed)`` runs once it is live, even if the caller has gone."""
         manager = self._manager()
         t0 = time.perf_counter()
         async with self._edit_turn():
@@ -586,9 +612,11 @@ class Engine:
                         )
                     )
                     await self.run(manager.activate, active, version)
+                log.info("revert by %r: head version now %d, removed %s", clip(author), version, removed or "nothing")
+                if on_commit is not None:
+                    on_commit(version, removed)
 
             await asyncio.shield(asyncio.ensure_future(commit()))
-            log.info("revert by %r: head version now %d, removed %s", clip(author), version, removed or "nothing")
             return version, removed, time.perf_counter() - t0
 
     async def list_edits(self, *, include_inactive: bool) -> list[EditView]:
@@ -611,12 +639,14 @@ class Engine:
         files: AsyncIterable[tuple[bytes, str | None]] | Iterable[tuple[bytes, str | None]],
         *,
         author: str = "",
+        on_commit: Callable[[list[EditView]], None] | None = None,
     ) -> list[EditView]:
         """Apply layer files computed elsewhere on the same base, oldest first, each as a new version.
 
         Each file is checked as it arrives (reading stops at the first bad one, or past
         max_import_files / max_import_bytes); the files are stored only once all of them
-        passed, so a refused import changes nothing.
+        passed, all in one manifest write, so a refused import changes nothing.
+        ``on_commit`` (an audit line) runs once they are live, even if the caller has gone.
         """
         manager = self._manager()
         lim = self.limits
@@ -640,19 +670,25 @@ class Engine:
             if any(x.edit_id == layer.edit_id for x in layers):
                 raise InvalidRequest(f"edit {layer.edit_id} is sent twice")
             layers.append(layer)
-        imported = []
+        if not layers:
+            return []
         async with self._edit_turn():
             for layer in layers:
                 await self.run(manager.check_import_base, layer)
-            async with self.gate.write(self.limits.edit_drain_timeout):
-                for layer in layers:
-                    extra = {"origin_version": layer.version, "author": author or layer.header.get("author", "")}
-                    entry = await self.run(
-                        lambda layer=layer, extra=extra: manager.store_layer(layer, op="import", extra=extra)
-                    )
-                    await self.run(manager.activate, entry["active"], int(entry["version"]))
-                    imported.append(EditView(layer.header, entry, True))
-        return imported
+            extras = [{"origin_version": x.version, "author": author or x.header.get("author", "")} for x in layers]
+
+            async def commit() -> list[EditView]:
+                async with self.gate.write(self.limits.edit_drain_timeout):
+                    entries = await self.run(lambda: manager.store_layers(layers, op="import", extras=extras))
+                    await self.run(manager.activate, entries[-1]["active"], int(entries[-1]["version"]))
+                views = [EditView(x.header, e, True) for x, e in zip(layers, entries, strict=True)]
+                if on_commit is not None:
+                    on_commit(views)
+                return views
+
+            # all the layers are stored in one manifest write and made live together; a caller
+            # that goes away meanwhile does not leave some stored, or stored but not live
+            return await asyncio.shield(asyncio.ensure_future(commit()))
 
     def info(self) -> EngineInfo:
         m = self.loaded

@@ -77,6 +77,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-concurrent-streams", type=int, default=_int_env("max_concurrent_streams", d.max_concurrent_streams)
     )
+    p.add_argument(
+        "--max-concurrent-rpcs", type=int, default=_int_env("max_concurrent_rpcs", 256),
+        help="calls in progress at once, all RPCs together (0: no limit); more are RESOURCE_EXHAUSTED",
+    )
     p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", "10")))
     p.add_argument(
         "--prestop-seconds",
@@ -187,6 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         limits=limits,
         grace_seconds=args.grace_seconds,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
         prestop_seconds=args.prestop_seconds,
         edit_store=args.edit_store,
         cache_dir=args.cache_dir,

@@ -76,6 +76,7 @@ class ServerConfig:
     dtype: str | None = None
     limits: EngineLimits = field(default_factory=EngineLimits)
     max_message_bytes: int = 16 * 1024 * 1024
+    max_concurrent_rpcs: int = 256  # calls in progress at once (all RPCs); more are RESOURCE_EXHAUSTED by gRPC
     grace_seconds: float = 10.0
     prestop_seconds: float = 0.0  # after SIGTERM: health NOT_SERVING while still serving, before the grace period
     max_page_bytes: int = DEFAULT_PAGE_BYTES  # byte budget of a ListEdits page (also <= max_message_bytes / 4)
@@ -153,6 +154,7 @@ def build_server(
     interceptors.append(ErrorInterceptor(metrics))
     server = grpc.aio.server(
         interceptors=interceptors,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

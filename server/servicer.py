@@ -113,21 +113,10 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
         check_authorship(request.author, request.comment)  # before the (slow) computation
         self.engine.check_edit_chars(request.edit.prompt, request.edit.subject, request.edit.target)
         before = self.engine.edit_version
-        view, head = await self.engine.apply_edit(
-            convert.edit_request(request.edit),
-            dry_run=request.dry_run,
-            expected_version=request.expected_version if request.HasField("expected_version") else None,
-            author=request.author,
-            comment=request.comment,
-            force=request.force,
-        )
-        if self.metrics is not None:
-            self.metrics.edit_compute.observe(view.header["compute_seconds"])
-            source = "cache" if view.header.get("covariance_from_cache") else "computed"
-            self.metrics.covariance.labels(source).inc()
-            if not request.dry_run:
+
+        def committed(view: EditView) -> None:  # inside the engine's commit: even if the caller has gone
+            if self.metrics is not None:
                 self.metrics.edits_applied.inc()
-        if not request.dry_run:
             self._audit(
                 "ApplyEdit",
                 before,
@@ -137,6 +126,20 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
                 author=request.author,
                 comment=request.comment,
             )
+
+        view, head = await self.engine.apply_edit(
+            convert.edit_request(request.edit),
+            dry_run=request.dry_run,
+            expected_version=request.expected_version if request.HasField("expected_version") else None,
+            author=request.author,
+            comment=request.comment,
+            force=request.force,
+            on_commit=committed,
+        )
+        if self.metrics is not None:
+            self.metrics.edit_compute.observe(view.header["compute_seconds"])
+            source = "cache" if view.header.get("covariance_from_cache") else "computed"
+            self.metrics.covariance.labels(source).inc()
         layer = convert.edit_layer(echoable(view))
         return pb.ApplyEditResponse(layer=layer, dry_run=request.dry_run, head_version=head)
 
@@ -148,16 +151,20 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
             raise InvalidRequest("set to_version (a version to return to) or edit_id (one layer to remove)")
         check_authorship(request.author, request.comment)
         before = self.engine.edit_version
+
+        def committed(_version: int, removed: list[str]) -> None:  # inside the engine's commit
+            if self.metrics is not None:
+                self.metrics.edits_reverted.inc()
+            self._audit(
+                "RevertEdit", before, target=target, removed=removed, author=request.author, comment=request.comment
+            )
+
         version, removed, seconds = await self.engine.revert_edit(
             to_version=request.to_version if target == "to_version" else None,
             edit_id=request.edit_id if target == "edit_id" else None,
             author=request.author,
             comment=request.comment,
-        )
-        if self.metrics is not None:
-            self.metrics.edits_reverted.inc()
-        self._audit(
-            "RevertEdit", before, target=target, removed=removed, author=request.author, comment=request.comment
+            on_commit=committed,
         )
         return pb.RevertEditResponse(
             head_version=version, removed_edit_ids=removed, active_layers=self.engine.active_layers, seconds=seconds
@@ -170,9 +177,12 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
         if not 0 < size <= 1000:
             raise InvalidRequest(f"page_size must be in [1, 1000], got {request.page_size}")
         try:
-            start = int(request.page_token or 0)
+            token = request.page_token or "0"
+            if not (token.isascii() and token.isdigit() and len(token) <= 12):  # no sign, space or "_"
+                raise ValueError(token)
+            start = int(token)
         except ValueError:
-            raise InvalidRequest(f"page_token {request.page_token!r} is not one this server gave out") from None
+            raise InvalidRequest(f"page_token {clip(request.page_token)!r} is not one this server gave out") from None
         views = await self.engine.list_edits(include_inactive=request.include_inactive)
         page, end = edit_page(views, start, size, self.page_bytes)
         return pb.ListEditsResponse(
@@ -195,10 +205,13 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
         # checked one by one as they arrive: a bad file or a stream past the limits stops the reading
         files = ((m.content, m.sha256 or None) async for m in request_iterator)
         before = self.engine.edit_version
-        views = await self.engine.import_edits(files)
-        if self.metrics is not None:
-            self.metrics.edits_applied.inc(len(views))
-        self._audit("ImportEdits", before, edit_ids=[v.header["edit_id"] for v in views])
+
+        def committed(views: list[EditView]) -> None:  # inside the engine's commit
+            if self.metrics is not None:
+                self.metrics.edits_applied.inc(len(views))
+            self._audit("ImportEdits", before, edit_ids=[v.header["edit_id"] for v in views])
+
+        views = await self.engine.import_edits(files, on_commit=committed)
         return pb.ImportEditsResponse(
             imported=[convert.edit_layer(v) for v in views], head_version=self.engine.edit_version
         )

@@ -265,6 +265,13 @@ def test_an_oversized_stored_update_is_not_restored(tiny_llama, tmp_path) -> Non
                          max_update_norm_ratio=ratio / 2)
     assert strict.restore() == 0  # the layer is over the limit: the base is served
     strict.activate([], 0)
+    # that start's fallback is not a decision: once the layer verifies again, it is served again
+    again = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=lambda *_: None,
+                        max_update_norm_ratio=ratio * 2)
+    assert again.restore() == 1 and again.active == [layer.edit_id]
+    ops = [(e["op"], e["version"]) for e in json.loads((tmp_path / "manifest.json").read_text())["entries"]]
+    assert ops == [("apply", 1), ("recover", 0), ("recover", 1)]
+    again.activate([], 0)
 
 
 @pytest.mark.parametrize(

@@ -136,6 +136,30 @@ def test_trace_noise_and_window_are_bounded(serve, tiny_llama) -> None:  # noqa:
             list(c.trace("The Eiffel Tower is in", "The Eiffel Tower", noise=3e38))
         with pytest.raises(InvalidArgument, match="window"):
             list(c.trace("The Eiffel Tower is in", "The Eiffel Tower", kind="mlp", window=2**31 - 1))
+        with pytest.raises(InvalidArgument, match="trace answer has 8000000 characters"):  # before tokenizing
+            list(c.trace("The Eiffel Tower is in", "The Eiffel Tower", answer=" Paris" * 1_333_333 + "xx"))
+
+
+def test_calls_in_progress_are_capped_for_the_whole_server(serve, tiny_llama) -> None:  # noqa: ANN001
+    """Beyond max_concurrent_rpcs, gRPC itself refuses a call before any handler (or tokenizer) runs."""
+    srv = serve(tiny_llama, max_concurrent_rpcs=2)
+    with Client(srv.target, timeout=60) as a, Client(srv.target, timeout=60) as b, Client(srv.target) as c:
+        streams = [x.generate("Once upon a time", max_new_tokens=1024) for x in (a, b)]
+        for s in streams:
+            next(s)  # both are running
+        with pytest.raises(ResourceExhausted):
+            c.score("Hello", [" there"])
+        for s in streams:
+            s.close()  # cancels the call
+        assert wait_until(lambda: _scores(c))
+
+
+def _scores(c: Client) -> bool:
+    try:
+        c.score("Hello", [" there"])
+    except ResourceExhausted:
+        return False
+    return True
 
 
 def test_edit_request_is_bounded(serve, tiny_llama) -> None:  # noqa: ANN001

@@ -9,8 +9,10 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -26,8 +28,9 @@ from rome_engine.engine import EngineLimits
 from romegw_client import Client
 from romegw_client._pb import gateway_pb2 as pb
 from romegw_client._pb import gateway_pb2_grpc as pb_grpc
-from romegw_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from romegw_client.errors import FailedPrecondition, GatewayError, InvalidArgument, ResourceExhausted
 from romegw_client.types import LayerFile
+from tests.conftest import wait_until
 
 PROMPT = "The Eiffel Tower is located in"
 SOME_ID = uuid.UUID("abcdef01-2345-4678-9abc-def012345678")
@@ -472,3 +475,50 @@ def test_a_server_starts_on_a_read_only_store_with_a_stray_file(tiny_llama, serv
         assert c.generate_text(PROMPT, max_new_tokens=4, temperature=0.0).text is not None
     assert srv.engine.edits.active == [layers[0].edit_id]
     assert tree(store) == before  # nothing written, nothing removed
+
+
+# ------------------------------------------------------------------ found by the review of the fix
+
+
+def test_a_bulky_header_is_refused(live) -> None:  # noqa: ANN001
+    """A header that fits the message limit but would make every later ListEdits reply huge, or
+    that carries text as hyperparameters, is refused before anything is stored."""
+    header, tensors = live.parts(seed=5)
+    header["junk"] = header["junk2"] = "\u00e9" * 30_000  # 120 kB of UTF-8 in the file, 360 kB echoed as JSON
+    content = safetensors_save(tensors, metadata={"romegw": json.dumps(header, ensure_ascii=False)})
+    assert "bytes as JSON, over the limit" in refused(live, content)
+    header, tensors = live.parts(seed=6)
+    header["request"]["hparams"]["v_lr"] = "a string"
+    assert "must be a finite number" in refused(live, encode(header, tensors))
+
+
+def test_an_import_whose_caller_leaves_during_the_commit_is_whole_live_and_audited(live, caplog) -> None:  # noqa: ANN001
+    """The caller's deadline passes while the import waits for a running stream: afterwards all of its
+    layers are stored AND live (never some of them, never stored but not served), and audited."""
+    import asyncio
+
+    engine, loop = live.srv.engine, live.srv._loop
+    release = asyncio.Event()
+    held = threading.Event()
+
+    async def running_stream() -> None:  # what a Generate stream holds while it runs
+        async with engine.gate.read():
+            held.set()
+            await release.wait()
+
+    holder = asyncio.run_coroutine_threadsafe(running_stream(), loop)
+    assert held.wait(10)
+    before = engine.edit_version
+    files = [layer_file(encode(*live.parts(seed=20 + i))) for i in range(3)]
+    with caplog.at_level(logging.INFO, logger="romegw.audit"), pytest.raises(GatewayError) as e:
+        live.client.import_edits(files, timeout=1.0)
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    loop.call_soon_threadsafe(release.set)
+    holder.result(timeout=10)
+    assert wait_until(lambda: engine.edit_version == before + 3, timeout=30)
+    manifest = json.loads((live.root / "data" / "edits" / "manifest.json").read_text())
+    assert manifest["entries"][-1]["version"] == engine.edit_version  # served = recorded
+    assert [x["op"] for x in manifest["entries"][-3:]] == ["import"] * 3
+    assert any("what=ImportEdits" in r.getMessage() for r in caplog.records), "the import was never audited"
+    live.client.revert_edit(to_version=0)
+    assert live.answer() == live.greedy

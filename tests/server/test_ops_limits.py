@@ -156,3 +156,10 @@ def test_an_edit_with_the_longest_legal_strings_logs_short_lines(tiny_llama, tmp
     lines = [r.getMessage() for r in caplog.records]
     assert any("what=ApplyEdit" in line for line in lines) and any("applied" in line for line in lines)
     assert max(len(line) for line in lines) < 2000, max(lines, key=len)[:300]
+
+
+@pytest.mark.parametrize("token", ["-3", " 1", "1_0", "9" * 13, "+1"])
+def test_a_page_token_is_one_the_server_gave_out(tiny_llama, serve, token) -> None:  # noqa: ANN001
+    srv = serve(tiny_llama, edits=True)
+    with Client(srv.target, timeout=60) as c, pytest.raises(InvalidArgument, match="page_token"):
+        c.list_edits(page_token=token)
