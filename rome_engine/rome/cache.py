@@ -13,6 +13,7 @@ later start would read.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -31,12 +32,17 @@ T = TypeVar("T")
 class RomeCache:
     """Disk folder + in-memory caches of ROME's per-model statistics (thread-safe)."""
 
-    def __init__(self, cache_dir: Path | str | None = None, *, corpus: Path | str | None = None) -> None:
+    def __init__(
+        self, cache_dir: Path | str | None = None, *, corpus: Path | str | None = None, max_entries: int = 16
+    ) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.corpus = Path(corpus) if corpus is not None else None
         if self.corpus is not None and not self.corpus.is_file():
             raise FileNotFoundError(f"corpus {self.corpus} is not a file (give a .txt or .jsonl)")
-        self._memory: dict[str, object] = {}
+        # least recently used first; hparams that key an entry (layer, mom2_*, ctx_*) come from
+        # callers, so the entries are bounded: the oldest goes once there are max_entries
+        self._memory: collections.OrderedDict[str, object] = collections.OrderedDict()
+        self.max_entries = max_entries
         self._lock = threading.RLock()  # guards _memory; also serialises computing one entry
         self._model_keys: dict[int, str] = {}
 
@@ -60,9 +66,12 @@ class RomeCache:
         """The in-memory value of ``key``, else ``compute()`` (stored); and whether it was cached."""
         with self._lock:
             if key in self._memory:
+                self._memory.move_to_end(key)
                 return self._memory[key], True  # type: ignore[return-value]
             value = compute()
             self._memory[key] = value
+            while len(self._memory) > self.max_entries:
+                self._memory.popitem(last=False)
             return value, False
 
     def clear_memory(self) -> None:
