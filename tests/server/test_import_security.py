@@ -509,13 +509,16 @@ def test_an_import_whose_caller_leaves_during_the_commit_is_whole_live_and_audit
     holder = asyncio.run_coroutine_threadsafe(running_stream(), loop)
     assert held.wait(10)
     before = engine.edit_version
+    assert engine.active_layers == 0
     files = [layer_file(encode(*live.parts(seed=20 + i))) for i in range(3)]
     with caplog.at_level(logging.INFO, logger="romegw.audit"), pytest.raises(GatewayError) as e:
-        live.client.import_edits(files, timeout=1.0)
+        live.client.import_edits(files, timeout=5.0)  # checking 3 small files takes milliseconds
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert engine.gate._writer, "the import never reached its commit (it waits there for the stream)"
     loop.call_soon_threadsafe(release.set)
     holder.result(timeout=10)
-    assert wait_until(lambda: engine.edit_version == before + 3, timeout=30)
+    assert wait_until(lambda: engine.active_layers == 3, timeout=30)  # all three, live (after any earlier test)
+    assert engine.edit_version > before
     manifest = json.loads((live.root / "data" / "edits" / "manifest.json").read_text())
     assert manifest["entries"][-1]["version"] == engine.edit_version  # served = recorded
     assert [x["op"] for x in manifest["entries"][-3:]] == ["import"] * 3

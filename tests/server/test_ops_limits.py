@@ -116,9 +116,11 @@ def test_no_log_line_carries_a_huge_request_string(tiny_llama, serve, tmp_path, 
     srv = serve(tiny_llama, edits=True, edit_store=tmp_path / "store")
     huge = "s" * (10 * MB)
     with caplog.at_level(logging.DEBUG), Client(srv.target, timeout=60) as c:
-        # the engine's message quotes the subject: the interceptor logs and returns it clipped
-        with pytest.raises(InvalidArgument, match="does not occur in prompt") as err:
+        with pytest.raises(InvalidArgument, match="characters, over the limit"):  # refused before it is read
             c.trace_result("The Eiffel Tower is in", huge, samples=1)
+        # the engine's message quotes a (legal) subject and the prompt: logged and returned clipped
+        with pytest.raises(InvalidArgument, match="chars cut.*include the subject verbatim") as err:
+            c.apply_edit("The Eiffel Tower is in" + " and" * 500, "s" * 2000, " Paris")
         assert len(str(err.value)) < 1500
         with pytest.raises(InvalidArgument):
             c.apply_edit("{} lives in", huge, " Paris", author="a" * MB, comment="c" * MB)
@@ -126,7 +128,7 @@ def test_no_log_line_carries_a_huge_request_string(tiny_llama, serve, tmp_path, 
         c.revert_edit(to_version=0, author="a" * 256, comment="c" * 4096)
     lines = [r.getMessage() for r in caplog.records]
     assert any(r.name == "romegw.audit" and "what=RevertEdit" in r.getMessage() for r in caplog.records)
-    assert any("does not occur in prompt" in line for line in lines)
+    assert any("include the subject verbatim" in line for line in lines)
     assert max(len(line) for line in lines) < 2000, max(lines, key=len)[:300]
 
 
