@@ -68,11 +68,11 @@ class TraceResult:
     corrupted_prob: float
     scores: torch.Tensor  # (T, L) restored probabilities P(answer), float32 on the CPU
     kind: str
-    noise: float
+    noise: float  # the std used: the request's, or the model's default level
     samples: int
     window: int
     seconds: float
-    forward_passes: int
+    forward_passes: int  # the clean run, the corrupted runs and their KV prefixes, the restorations
 
     @property
     def indirect_effect(self) -> torch.Tensor:

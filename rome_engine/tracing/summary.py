@@ -56,11 +56,11 @@ class TraceSummary:
     last_token_effect: list[float]  # (L,) mean IE restoring at the last prompt token
     mean_clean_prob: float
     mean_corrupted_prob: float
-    noise: float
+    noise: float  # one std for every fact
     samples: int
     window: int
     seconds: float
-    forward_passes: int
+    forward_passes: int  # over all facts, skipped ones included
 
     @property
     def peak_layer(self) -> int:
