@@ -3,6 +3,7 @@ against the per-position reference, the paper's semantics checked by hand, summa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -268,6 +269,19 @@ def test_progress_and_batch_bound(peaked, monkeypatch) -> None:  # noqa: ANN001
 
     with pytest.raises(RuntimeError):
         trace(loaded, TraceRequest(PROMPT, SUBJECT, samples=1, noise=1.0), progress=cancel)
+
+
+def test_clean_run_is_immutable_and_corrupted_runs_run_once(peaked) -> None:  # noqa: ANN001
+    loaded = peaked["gpt2"]
+    req = TraceRequest(PROMPT, SUBJECT, kind="mlp", samples=2, window=3, noise=1.0)
+    clean = tracing_runs.run_clean(loaded, req)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        clean.prob = 0.0  # type: ignore[misc]
+    runs = tracing_runs.CorruptedRuns(loaded, clean, 1.0, samples=2, seed=0)
+    assert runs.passes == 0  # nothing runs before it is asked for
+    prob = runs.prob
+    assert runs.passes == 1 and runs.prob == prob and runs.passes == 1
+    assert prob == pytest.approx(trace(loaded, req).corrupted_prob, abs=1e-7)
 
 
 def test_peak_property() -> None:
