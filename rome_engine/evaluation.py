@@ -184,23 +184,25 @@ def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float,
 
 
 @dataclass(frozen=True)
-class _Measure:
-    efficacy: bool
-    paraphrase: float
-    neighborhood: float
-    greedy_new: bool
-    greedy_paraphrase: float
-    neighbor_texts: tuple[str, ...]
-    fluency: float
-    edit_text: str
-    paraphrase_text: str
+class FactScores:
+    """One record's scores on one state of the model (unedited, or edited)."""
+
+    efficacy: bool  # P(new) > P(true) on the edit prompt
+    paraphrase: float  # share of paraphrases with P(new) > P(true)
+    neighborhood: float  # share of neighbour prompts with P(true) > P(new)
+    greedy_new: bool  # the greedy continuation of the edit prompt starts with the new object
+    greedy_paraphrase: float  # share of paraphrases whose greedy continuation does
+    neighbor_texts: tuple[str, ...]  # greedy continuations of the neighbour prompts
+    fluency: float  # n-gram entropy of a greedy generation (NaN: not measured)
+    edit_text: str  # greedy continuation of the edit prompt
+    paraphrase_text: str  # greedy continuation of the first paraphrase
 
 
 def _share(flags: Sequence[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
 
-def _measure(loaded: LoadedModel, rec: CounterFactRecord, window: int, fluency_tokens: int) -> _Measure:
+def _measure(loaded: LoadedModel, rec: CounterFactRecord, window: int, fluency_tokens: int) -> FactScores:
     new, true = rec.target_new, rec.target_true
     neigh_true = rec.neighborhood_true or true
     prompt = rec.filled_prompt
@@ -209,7 +211,7 @@ def _measure(loaded: LoadedModel, rec: CounterFactRecord, window: int, fluency_t
     neighbor_texts = tuple(greedy_text(loaded, _join(p, new)[0], window) for p in rec.neighborhood_prompts)
     gen_prompts = rec.generation_prompts[:1] or (prompt,)
     fluency = [ngram_entropy(p + greedy_text(loaded, p, fluency_tokens)) for p in gen_prompts] if fluency_tokens else []
-    return _Measure(
+    return FactScores(
         efficacy=prefers(loaded, prompt, new, true),
         paraphrase=_share([prefers(loaded, p, new, true) for p in rec.paraphrase_prompts]),
         neighborhood=_share([prefers(loaded, p, neigh_true, new) for p in rec.neighborhood_prompts]),
@@ -224,38 +226,61 @@ def _measure(loaded: LoadedModel, rec: CounterFactRecord, window: int, fluency_t
 
 @dataclass(frozen=True)
 class RecordScores:
+    """One record's scores before (``pre``) and after (``post``) its edit, and the edit's figures."""
+
     case_id: int
     subject: str
     target_new: str
     target_true: str
-    efficacy_pre: bool
-    efficacy: bool
-    paraphrase_pre: float
-    paraphrase: float
-    neighborhood_pre: float
-    neighborhood: float
-    greedy_new_pre: bool
-    greedy_new: bool
-    greedy_paraphrase_pre: float
-    greedy_paraphrase: float
+    pre: FactScores
+    post: FactScores
     neighbor_unchanged: float  # share of neighbour prompts whose greedy continuation did not change
-    fluency_pre: float
-    fluency: float
     edit_seconds: float
     cov_from_cache: bool
     layer: int
     target_after: float  # P(new | edit prompt) after the edit, whole object
     v_steps: int
     update_norm: float
-    edit_text_pre: str  # greedy continuation of the edit prompt, before / after
-    edit_text: str
-    paraphrase_text: str  # greedy continuation of the first paraphrase after the edit
-    neighbor_texts_pre: tuple[str, ...]  # greedy continuations of the neighbour prompts, before / after
-    neighbor_texts: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        """The record of the JSON report: flat, each score "x" after the edit and "x_pre" before."""
+        pre, post = self.pre, self.post
+        return {
+            "case_id": self.case_id,
+            "subject": self.subject,
+            "target_new": self.target_new,
+            "target_true": self.target_true,
+            "efficacy_pre": pre.efficacy,
+            "efficacy": post.efficacy,
+            "paraphrase_pre": pre.paraphrase,
+            "paraphrase": post.paraphrase,
+            "neighborhood_pre": pre.neighborhood,
+            "neighborhood": post.neighborhood,
+            "greedy_new_pre": pre.greedy_new,
+            "greedy_new": post.greedy_new,
+            "greedy_paraphrase_pre": pre.greedy_paraphrase,
+            "greedy_paraphrase": post.greedy_paraphrase,
+            "neighbor_unchanged": self.neighbor_unchanged,
+            "fluency_pre": pre.fluency,
+            "fluency": post.fluency,
+            "edit_seconds": self.edit_seconds,
+            "cov_from_cache": self.cov_from_cache,
+            "layer": self.layer,
+            "target_after": self.target_after,
+            "v_steps": self.v_steps,
+            "update_norm": self.update_norm,
+            "edit_text_pre": pre.edit_text,
+            "edit_text": post.edit_text,
+            "paraphrase_text": post.paraphrase_text,  # after the edit only
+            "neighbor_texts_pre": pre.neighbor_texts,
+            "neighbor_texts": post.neighbor_texts,
+        }
 
 
 @dataclass(frozen=True)
-class Metrics:
+class MeanScores:
+    """The means over the records of one state of the model (unedited, or edited)."""
+
     efficacy: float
     paraphrase: float
     neighborhood: float
@@ -269,8 +294,8 @@ class Metrics:
 class EvalReport:
     model_id: str
     n: int
-    unedited: Metrics
-    edited: Metrics
+    unedited: MeanScores
+    edited: MeanScores
     neighbor_greedy_unchanged: float
     mean_edit_seconds: float
     cov_cache_hits: int
@@ -279,8 +304,10 @@ class EvalReport:
     records: tuple[RecordScores, ...] = field(repr=False, default=())
 
     def to_json(self, *, with_records: bool = True) -> str:
-        data = dataclasses.asdict(self)
-        if not with_records:
+        data = dataclasses.asdict(dataclasses.replace(self, records=()))
+        if with_records:
+            data["records"] = [r.to_dict() for r in self.records]
+        else:
             data.pop("records")
         return json.dumps(data, indent=1, default=_json_default)
 
@@ -331,19 +358,18 @@ def _harmonic(xs: Sequence[float]) -> float:
     return 0.0 if min(xs) <= 0 else len(xs) / sum(1 / x for x in xs)
 
 
-def _metrics(recs: Sequence[RecordScores], pre: bool) -> Metrics:
-    s = "_pre" if pre else ""
-    eff = _mean([float(getattr(r, "efficacy" + s)) for r in recs])
-    para = _mean([getattr(r, "paraphrase" + s) for r in recs])
-    neigh = _mean([getattr(r, "neighborhood" + s) for r in recs])
-    return Metrics(
+def _means(scores: Sequence[FactScores]) -> MeanScores:
+    eff = _mean([float(s.efficacy) for s in scores])
+    para = _mean([s.paraphrase for s in scores])
+    neigh = _mean([s.neighborhood for s in scores])
+    return MeanScores(
         efficacy=eff,
         paraphrase=para,
         neighborhood=neigh,
         score=_harmonic([eff, para, neigh]),
-        greedy_efficacy=_mean([float(getattr(r, "greedy_new" + s)) for r in recs]),
-        greedy_paraphrase=_mean([getattr(r, "greedy_paraphrase" + s) for r in recs]),
-        fluency=_mean([getattr(r, "fluency" + s) for r in recs]),
+        greedy_efficacy=_mean([float(s.greedy_new) for s in scores]),
+        greedy_paraphrase=_mean([s.greedy_paraphrase for s in scores]),
+        fluency=_mean([s.fluency for s in scores]),
     )
 
 
@@ -376,30 +402,15 @@ def evaluate_record(
         subject=rec.subject,
         target_new=rec.target_new,
         target_true=rec.target_true,
-        efficacy_pre=pre.efficacy,
-        efficacy=post.efficacy,
-        paraphrase_pre=pre.paraphrase,
-        paraphrase=post.paraphrase,
-        neighborhood_pre=pre.neighborhood,
-        neighborhood=post.neighborhood,
-        greedy_new_pre=pre.greedy_new,
-        greedy_new=post.greedy_new,
-        greedy_paraphrase_pre=pre.greedy_paraphrase,
-        greedy_paraphrase=post.greedy_paraphrase,
+        pre=pre,
+        post=post,
         neighbor_unchanged=_share(unchanged),
-        fluency_pre=pre.fluency,
-        fluency=post.fluency,
         edit_seconds=result.compute_seconds,
         cov_from_cache=result.cov_from_cache,
         layer=result.layer,
         target_after=result.target_after,
         v_steps=result.v_steps,
         update_norm=result.update_norm,
-        edit_text_pre=pre.edit_text,
-        edit_text=post.edit_text,
-        paraphrase_text=post.paraphrase_text,
-        neighbor_texts_pre=pre.neighbor_texts,
-        neighbor_texts=post.neighbor_texts,
     )
     return scores, result.hparams
 
@@ -427,16 +438,16 @@ def run_eval(
         scores.append(s)
         log.info(
             "eval %d/%d case %d %r -> %r: eff %s para %.2f neigh %.2f greedy %s (%r) %.1f s",
-            i + 1, len(chosen), rec.case_id, rec.subject, rec.target_new, s.efficacy, s.paraphrase,
-            s.neighborhood, s.greedy_new, s.edit_text, s.edit_seconds,
+            i + 1, len(chosen), rec.case_id, rec.subject, rec.target_new, s.post.efficacy, s.post.paraphrase,
+            s.post.neighborhood, s.post.greedy_new, s.post.edit_text, s.edit_seconds,
         )  # fmt: skip
         if progress is not None:
             progress("eval", i + 1, len(chosen))
     return EvalReport(
         model_id=loaded.model_id,
         n=len(scores),
-        unedited=_metrics(scores, pre=True),
-        edited=_metrics(scores, pre=False),
+        unedited=_means([s.pre for s in scores]),
+        edited=_means([s.post for s in scores]),
         neighbor_greedy_unchanged=_mean([s.neighbor_unchanged for s in scores]),
         mean_edit_seconds=_mean([s.edit_seconds for s in scores]),
         cov_cache_hits=sum(s.cov_from_cache for s in scores),

@@ -3,18 +3,19 @@ against the per-position reference, the paper's semantics checked by hand, summa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 
-from rome_engine import tracing
 from rome_engine.errors import InvalidRequest
 from rome_engine.hooks import Trace
 from rome_engine.loading import LoadedModel, wrap_model
 from rome_engine.scoring import encode_prompt, score_continuations, split_continuation
 from rome_engine.tracing import (
+    MAX_SAMPLES,
     Fact,
     NoiseCache,
     TraceRequest,
@@ -28,6 +29,8 @@ from rome_engine.tracing import (
     trace_summary,
     window_layers,
 )
+from rome_engine.tracing import noise as tracing_noise
+from rome_engine.tracing import runs as tracing_runs
 from tests.conftest import SHARED_DATA, tiny_config
 
 PROMPT = "Yesterday the Eiffel Tower was in the city of"
@@ -84,7 +87,7 @@ def test_missing_subject_names_subject_and_prompt(tokenizer) -> None:  # noqa: A
     [
         {"kind": "neurons"},
         {"samples": 0},
-        {"samples": 65},
+        {"samples": MAX_SAMPLES + 1},
         {"window": 0},
         {"noise": -0.1},
         {"noise": math.nan},
@@ -123,8 +126,8 @@ def test_noise_level_is_three_std_of_subject_embeddings(tiny_llama, monkeypatch)
     assert noise_level(tiny_llama) != pytest.approx(noise_level(tiny_llama, subjects), rel=1e-3)
 
     calls = []
-    real = tracing.noise_level
-    monkeypatch.setattr(tracing, "noise_level", lambda *a: calls.append(1) or real(*a))
+    real = tracing_noise.noise_level
+    monkeypatch.setattr(tracing_noise, "noise_level", lambda *a: calls.append(1) or real(*a))
     cache = NoiseCache()
     first = cache.get(tiny_llama)
     assert cache.get(tiny_llama) == first and len(calls) == 1
@@ -238,13 +241,13 @@ def test_default_answer_is_greedy_and_seed_matters(peaked) -> None:  # noqa: ANN
 def test_progress_and_batch_bound(peaked, monkeypatch) -> None:  # noqa: ANN001
     loaded = peaked["gpt2"]
     widths: list[int] = []
-    real = tracing._forward
+    real = tracing_runs.forward
 
     def spy(model, ids, *args, **kwargs):  # noqa: ANN001, ANN202
         widths.append(ids.shape[0])
         return real(model, ids, *args, **kwargs)
 
-    monkeypatch.setattr(tracing, "_forward", spy)
+    monkeypatch.setattr(tracing_runs, "forward", spy)
     calls: list[tuple[int, int]] = []
     r = trace(
         loaded,
@@ -266,6 +269,19 @@ def test_progress_and_batch_bound(peaked, monkeypatch) -> None:  # noqa: ANN001
 
     with pytest.raises(RuntimeError):
         trace(loaded, TraceRequest(PROMPT, SUBJECT, samples=1, noise=1.0), progress=cancel)
+
+
+def test_clean_run_is_immutable_and_corrupted_runs_run_once(peaked) -> None:  # noqa: ANN001
+    loaded = peaked["gpt2"]
+    req = TraceRequest(PROMPT, SUBJECT, kind="mlp", samples=2, window=3, noise=1.0)
+    clean = tracing_runs.run_clean(loaded, req)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        clean.prob = 0.0  # type: ignore[misc]
+    runs = tracing_runs.CorruptedRuns(loaded, clean, 1.0, samples=2, seed=0)
+    assert runs.passes == 0  # nothing runs before it is asked for
+    prob = runs.prob
+    assert runs.passes == 1 and runs.prob == prob and runs.passes == 1
+    assert prob == pytest.approx(trace(loaded, req).corrupted_prob, abs=1e-7)
 
 
 def test_peak_property() -> None:

@@ -37,5 +37,8 @@ def test_trace_bad_input(tiny_llama, serve) -> None:  # noqa: ANN001
             c.trace_result("The Eiffel Tower is in", "Big Ben")
         with pytest.raises(InvalidArgument, match="samples"):
             c.trace_result("The Eiffel Tower is in", "Eiffel", samples=0)
+        # the serving limit on samples is the engine's (the library's own bound is far higher)
+        with pytest.raises(InvalidArgument, match="max_trace_samples=64"):
+            c.trace_result("The Eiffel Tower is in", "Eiffel", samples=65)
         with pytest.raises(InvalidArgument, match="max_trace_cells=40"):
             c.trace_result("The Eiffel Tower is in the middle of a big old city", "Eiffel")
