@@ -43,8 +43,8 @@ from rome_engine.editing import EditManager, rome_compute
 from rome_engine.engine import Engine, EngineLimits
 from rome_engine.loading import LoadedModel, load_model
 from romegw_client import SERVICE_NAME
-from romegw_client._pb import gateway_pb2 as pb
-from romegw_client._pb import gateway_pb2_grpc as pb_grpc
+from romegw_client.pb import gateway_pb2 as pb
+from romegw_client.pb import gateway_pb2_grpc as pb_grpc
 
 from .auth import TokenTable
 from .interceptors import AuthInterceptor, ErrorInterceptor

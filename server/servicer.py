@@ -18,8 +18,8 @@ from rome_engine.bounds import MAX_AUTHOR_CHARS, MAX_COMMENT_CHARS, check_text, 
 from rome_engine.editing import EditView
 from rome_engine.engine import Engine, TraceDone
 from rome_engine.errors import InvalidRequest
-from romegw_client._pb import gateway_pb2 as pb
-from romegw_client._pb import gateway_pb2_grpc as pb_grpc
+from romegw_client.pb import gateway_pb2 as pb
+from romegw_client.pb import gateway_pb2_grpc as pb_grpc
 
 from . import convert
 from .interceptors import caller

@@ -24,9 +24,9 @@ from safetensors.torch import save as safetensors_save
 from rome_engine.edit_store import FORMAT_VERSION
 from rome_engine.engine import EngineLimits
 from romegw_client import Client
-from romegw_client._pb import gateway_pb2 as pb
-from romegw_client._pb import gateway_pb2_grpc as pb_grpc
 from romegw_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from romegw_client.pb import gateway_pb2 as pb
+from romegw_client.pb import gateway_pb2_grpc as pb_grpc
 from romegw_client.types import LayerFile
 
 PROMPT = "The Eiffel Tower is located in"
