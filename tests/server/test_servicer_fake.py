@@ -4,6 +4,7 @@ shape of the streams, each through the real gRPC server and the SDK, in millisec
 from __future__ import annotations
 
 import logging
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -320,3 +321,15 @@ def test_malformed_request_bytes_are_invalid_argument(serve: Serve) -> None:
         ch.unary_unary("/romegw.v1.RomeGateway/Score")(b"\xff\xff\xff", timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fake.given("score") == []
+
+
+def test_metrics_come_from_the_engine_interface() -> None:
+    fake = FakeEngine(edit_version=3, active_layers=2)
+    with ServerThread(fake, ServerConfig(host="127.0.0.1", port=0, metrics_port=0)) as srv:
+        with Client(srv.target, timeout=10) as c:
+            c.score("p", ["a"])
+        text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
+    assert 'model_id="fake-model"' in text and 'device="cpu"' in text  # from engine.info()
+    assert "romegw_model_load_seconds 0.5" in text
+    assert "romegw_edit_head_version 3.0" in text and "romegw_edit_active_layers 2.0" in text
+    assert 'romegw_rpc_requests_total{code="OK",method="Score"} 1.0' in text
