@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import free_port, gateway_command, write_json
 from rome_engine.loading import ensure_embedded_folder
-from romegw_client._pb import gateway_pb2 as pb
-from romegw_client._pb import gateway_pb2_grpc as pb_grpc
+from romegw_client.pb import gateway_pb2 as pb
+from romegw_client.pb import gateway_pb2_grpc as pb_grpc
 
 log = logging.getLogger("attacks")
 FAST = {"v_num_grad_steps": 3, "mom2_n_tokens": 2000, "ctx_n_short": 1, "ctx_n_long": 1}

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: machine description, timing, tables."""
+"""Helpers shared by the benchmarks (machine description, timing, tables) and by the tests that run
+``rome-gateway serve`` as a process (free_port, gateway_command, wait_until_serving: their one home)."""
 
 from __future__ import annotations
 

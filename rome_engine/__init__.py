@@ -6,6 +6,7 @@ Public names:
     generation.generate_tokens, SamplingParams - the decode loop
     scoring.score_continuations           - log-probabilities of continuations
     engine.Engine                         - the async facade the server calls
+    protocol.EngineClient                 - the interface the server is typed against (Engine implements it)
     errors.*                              - typed errors the server maps to statuses
 """
 

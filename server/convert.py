@@ -18,7 +18,7 @@ from rome_engine.generation import (
 from rome_engine.rome.request import EditRequest
 from rome_engine.scoring import ContinuationScore
 from rome_engine.tracing import TraceRequest
-from romegw_client._pb import gateway_pb2 as pb
+from romegw_client.pb import gateway_pb2 as pb
 
 _FINISH = {
     None: pb.FINISH_REASON_UNSPECIFIED,

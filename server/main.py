@@ -42,9 +42,10 @@ from rome_engine.edit_store import EditStore
 from rome_engine.editing import EditManager, rome_compute
 from rome_engine.engine import Engine, EngineLimits
 from rome_engine.loading import LoadedModel, load_model
+from rome_engine.protocol import EngineClient
 from romegw_client import SERVICE_NAME
-from romegw_client._pb import gateway_pb2 as pb
-from romegw_client._pb import gateway_pb2_grpc as pb_grpc
+from romegw_client.pb import gateway_pb2 as pb
+from romegw_client.pb import gateway_pb2_grpc as pb_grpc
 
 from .auth import TokenTable
 from .interceptors import AuthInterceptor, ErrorInterceptor
@@ -145,7 +146,7 @@ def build_engine(loaded: LoadedModel, config: ServerConfig) -> Engine:
 
 
 def build_server(
-    engine: Engine, config: ServerConfig, metrics: Metrics | None = None
+    engine: EngineClient, config: ServerConfig, metrics: Metrics | None = None
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A configured but not yet started server, and its health servicer."""
     interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -187,14 +188,14 @@ class Running:
     metrics_httpd: object | None
 
 
-def make_metrics(engine: Engine) -> Metrics:
-    m = engine.loaded
-    metrics = Metrics(model_id=m.model_id, dtype=m.dtype_name, device=str(m.device), load_seconds=m.load_seconds)
+def make_metrics(engine: EngineClient) -> Metrics:
+    m = engine.info()
+    metrics = Metrics(model_id=m.model_id, dtype=m.dtype, device=m.device, load_seconds=m.load_seconds)
     metrics.bind(engine)
     return metrics
 
 
-async def start(engine: Engine, config: ServerConfig) -> Running:
+async def start(engine: EngineClient, config: ServerConfig) -> Running:
     check_exposure(config)
     warn_plaintext_tokens(config)
     metrics = make_metrics(engine)
@@ -280,7 +281,7 @@ async def serve(config: ServerConfig) -> None:
 class ServerThread:
     """An in-process server on its own event loop thread (tests, benchmarks)."""
 
-    def __init__(self, engine: Engine, config: ServerConfig | None = None) -> None:
+    def __init__(self, engine: EngineClient, config: ServerConfig | None = None) -> None:
         self.engine = engine
         self.config = config or ServerConfig(host="127.0.0.1", port=0)
         self.port = 0

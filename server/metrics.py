@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 
 from rome_engine import __version__
+from rome_engine.protocol import EngineClient
 
 _LATENCY = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5)
@@ -103,13 +104,13 @@ class Metrics:
         self.build_info.info({"model_id": model_id, "dtype": dtype, "device": device, "version": __version__})
         r.register(_ProcessCollector())
 
-    def bind(self, engine: object) -> None:
+    def bind(self, engine: EngineClient) -> None:
         """Gauges read from the engine at scrape time (always current, nothing to keep in step)."""
         self.active_streams.set_function(lambda: engine.active_streams)
         self.queued_requests.set_function(lambda: engine.gate.waiting)
         self.head_version.set_function(lambda: engine.edit_version)
         self.active_layers.set_function(lambda: engine.active_layers)
-        if getattr(engine, "scheduler", None) is not None:
+        if engine.scheduler is not None:
             engine.scheduler.on_step = self.batch_size.observe
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:

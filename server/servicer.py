@@ -16,10 +16,11 @@ import grpc
 
 from rome_engine.bounds import MAX_AUTHOR_CHARS, MAX_COMMENT_CHARS, check_text, clip
 from rome_engine.editing import EditView
-from rome_engine.engine import Engine, TraceDone
+from rome_engine.engine import TraceDone
 from rome_engine.errors import InvalidRequest
-from romegw_client._pb import gateway_pb2 as pb
-from romegw_client._pb import gateway_pb2_grpc as pb_grpc
+from rome_engine.protocol import EngineClient
+from romegw_client.pb import gateway_pb2 as pb
+from romegw_client.pb import gateway_pb2_grpc as pb_grpc
 
 from . import convert
 from .interceptors import caller
@@ -67,7 +68,7 @@ def edit_page(views: list[EditView], start: int, count: int, max_bytes: int) -> 
 
 class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
     def __init__(
-        self, engine: Engine, metrics: Metrics | None = None, *, page_bytes: int = DEFAULT_PAGE_BYTES
+        self, engine: EngineClient, metrics: Metrics | None = None, *, page_bytes: int = DEFAULT_PAGE_BYTES
     ) -> None:
         self.engine = engine
         self.metrics = metrics

@@ -22,10 +22,10 @@ from typing import Any
 
 import grpc
 
-from ._pb import gateway_pb2 as pb
-from ._pb import gateway_pb2_grpc as pb_grpc
 from .errors import GatewayError, from_rpc_error
 from .health import STATUS_NAMES, HealthCheckRequest, check_method
+from .pb import gateway_pb2 as pb
+from .pb import gateway_pb2_grpc as pb_grpc
 from .types import (
     ApplyResult,
     Completion,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._pb import gateway_pb2 as pb
+from .pb import gateway_pb2 as pb
 
 FINISH_REASONS = {
     pb.FINISH_REASON_UNSPECIFIED: None,

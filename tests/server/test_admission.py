@@ -20,9 +20,9 @@ import pytest
 
 from rome_engine.engine import EngineLimits
 from romegw_client import Client, Completion
-from romegw_client._pb import gateway_pb2 as pb
-from romegw_client._pb import gateway_pb2_grpc as pb_grpc
 from romegw_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from romegw_client.pb import gateway_pb2 as pb
+from romegw_client.pb import gateway_pb2_grpc as pb_grpc
 from tests.conftest import wait_until
 
 FAST = {"v_num_grad_steps": 3, "mom2_n_tokens": 500, "mom2_seq_len": 32, "ctx_n_short": 1, "ctx_n_long": 1}

@@ -3,56 +3,32 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from romegw_client import Client, GatewayError
+from bench.common import free_port, gateway_command, wait_until_serving
+from romegw_client import Client
 
 pytestmark = pytest.mark.embedded
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cli() -> list[str]:
-    exe = shutil.which("rome-gateway", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "romegw_server.cli"]
 
 
 def test_serve_embedded_then_generate_paris(tmp_path) -> None:  # noqa: ANN001
     port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as f:
-        proc = subprocess.Popen([*cli(), "serve", "--port", str(port)], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*gateway_command(), "serve", "--port", str(port)], stdout=f, stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240  # the first start converts the GGUF file (~40 s)
+        wait_until_serving(target, proc, log, timeout=240)  # the first start converts the GGUF file (~40 s)
         with Client(target, timeout=5) as c:
-            while True:
-                assert proc.poll() is None, log.read_text()
-                try:
-                    if c.health() == "SERVING":
-                        break
-                except GatewayError:
-                    pass
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.5)
             out = c.generate_text("The capital of France is", max_new_tokens=8)
             assert out.text.startswith(" Paris"), out.text
             info = c.model_info()
             assert info.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
             assert info.family == "llama" and info.num_layers == 30
         printed = subprocess.run(
-            [*cli(), "generate", "The capital of France is", "--max-new-tokens", "3", "--target", target],
+            [*gateway_command(), "generate", "The capital of France is", "--max-new-tokens", "3", "--target", target],
             capture_output=True, text=True, timeout=120, env={**os.environ},
         )
         assert printed.returncode == 0, printed.stderr

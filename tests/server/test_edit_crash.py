@@ -8,7 +8,6 @@ import errno
 import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import free_port, wait_until_serving
 from romegw_client import Client, GatewayError, ResourceExhausted
 from tests.conftest import make_tiny
 
@@ -25,35 +25,25 @@ FAST = {"v_num_grad_steps": 3, "mom2_n_tokens": 2000, "ctx_n_short": 1, "ctx_n_l
 FACTS = [("{} lives in", f"Person {i}", f" City{i}") for i in range(40)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
-    def __init__(self, model_dir: Path, store: Path, cache: Path, log: Path, crash: tuple[int, str] = (0, "")) -> None:
+    """``rome-gateway serve`` as a process (``crashing_server.py``: dies at write ``crash``, if set),
+    with ``extra`` arguments added."""
+
+    def __init__(
+        self, model_dir: Path, store: Path, cache: Path, log: Path, crash: tuple[int, str] = (0, ""),
+        extra: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         args = ["serve", "--model", str(model_dir), "--edit-store", str(store), "--cache-dir", str(cache),
-                "--port", str(self.port), "--device", "cpu"]
+                "--port", str(self.port), "--device", "cpu", *extra]
         cmd = [sys.executable, str(HERE / "crashing_server.py"), str(crash[0]), crash[1] or "none", "--", *args]
         self.log = log
         with log.open("a") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parents[1])
 
     def wait_serving(self, timeout: float = 120) -> None:
-        end = time.monotonic() + timeout
-        with Client(self.target, timeout=2) as c:
-            while time.monotonic() < end:
-                assert self.proc.poll() is None, self.log.read_text()[-3000:]
-                try:
-                    if c.health() == "SERVING":
-                        return
-                except GatewayError:
-                    pass
-                time.sleep(0.2)
-        raise AssertionError("server did not start: " + self.log.read_text()[-3000:])
+        wait_until_serving(self.target, self.proc, self.log, timeout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rome_engine.engine import EngineLimits
-from romegw_client._pb import gateway_pb2 as pb
-from romegw_client._pb import gateway_pb2_grpc as pb_grpc
+from romegw_client.pb import gateway_pb2 as pb
+from romegw_client.pb import gateway_pb2_grpc as pb_grpc
 from romegw_server.auth import TokenTable
 
 GEN = "fuzz-generate-token-000000000000"

@@ -26,9 +26,9 @@ from safetensors.torch import save as safetensors_save
 from rome_engine.edit_store import FORMAT_VERSION
 from rome_engine.engine import EngineLimits
 from romegw_client import Client
-from romegw_client._pb import gateway_pb2 as pb
-from romegw_client._pb import gateway_pb2_grpc as pb_grpc
 from romegw_client.errors import FailedPrecondition, GatewayError, InvalidArgument, ResourceExhausted
+from romegw_client.pb import gateway_pb2 as pb
+from romegw_client.pb import gateway_pb2_grpc as pb_grpc
 from romegw_client.types import LayerFile
 from tests.conftest import wait_until
 

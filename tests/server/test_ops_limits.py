@@ -18,7 +18,7 @@ from rome_engine.edit_store import EditStore
 from rome_engine.editing import EditManager
 from rome_engine.engine import Engine, EngineLimits
 from romegw_client import Client, InvalidArgument
-from romegw_client._pb import gateway_pb2 as pb
+from romegw_client.pb import gateway_pb2 as pb
 from romegw_server.main import ServerConfig, ServerThread
 from tests.rome_engine.test_edit_store import random_layer
 

@@ -4,31 +4,15 @@ process exits soon after the grace period, and the edit store holds nothing half
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 from romegw_client import Client
 from tests.conftest import make_tiny
 from tests.server.test_admission import SLOW
-from tests.server.test_edit_crash import HERE, Server, free_port, store_state
+from tests.server.test_edit_crash import Server, store_state
 
 GRACE = 1.0
-
-
-class GracefulServer(Server):
-    """``rome-gateway serve`` (no crash) with a short grace period."""
-
-    def __init__(self, model_dir, store, cache, log) -> None:  # noqa: ANN001
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        args = ["serve", "--model", str(model_dir), "--edit-store", str(store), "--cache-dir", str(cache),
-                "--port", str(self.port), "--device", "cpu", "--grace-seconds", str(GRACE)]  # fmt: skip
-        cmd = [sys.executable, str(HERE / "crashing_server.py"), "0", "none", "--", *args]
-        self.log = log
-        with log.open("a") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parents[1])
 
 
 def test_sigterm_abandons_a_computing_edit(tokenizer, tmp_path) -> None:  # noqa: ANN001
@@ -36,7 +20,7 @@ def test_sigterm_abandons_a_computing_edit(tokenizer, tmp_path) -> None:  # noqa
     make_tiny("llama", tokenizer).model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     store = tmp_path / "store"
-    srv = GracefulServer(model_dir, store, tmp_path / "cache", tmp_path / "log")
+    srv = Server(model_dir, store, tmp_path / "cache", tmp_path / "log", extra=("--grace-seconds", str(GRACE)))
     try:
         srv.wait_serving()
         outcome: dict[str, object] = {}

@@ -1,0 +1,110 @@
+"""The interface the server depends on: what ``server/`` calls on an engine, and nothing more.
+
+``engine.Engine`` is the implementation; the server's handlers, wiring and metrics are typed
+against ``EngineClient`` so that they can be served and tested on a fake engine with no model
+(``tests/server/fake_engine.py``), as vLLM's entrypoints depend on its ``EngineClient``.
+Streams are async iterators: ``generate`` yields chunks whose last one carries a finish reason
+and the usage; ``trace`` yields progress events, then one ``TraceDone``. Errors are the typed
+ones of ``errors.py`` (the server maps each to a status code).
+
+    def serve_on(engine: EngineClient) -> None: ...
+    serve_on(Engine(load_model(None)))
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # annotations only: importing this module loads no torch
+    from .batching import BatchScheduler
+    from .editing import EditView
+    from .engine import EngineInfo, EngineLimits, TraceEvent
+    from .gate import VersionGate
+    from .generation import GenerationChunk, SamplingParams
+    from .rome.request import EditRequest
+    from .scoring import ContinuationScore
+    from .tracing import TraceRequest
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    limits: EngineLimits
+    gate: VersionGate  # the metrics read ``gate.waiting`` (requests queued behind an edit)
+    scheduler: BatchScheduler | None  # set: the metrics observe its batch sizes (``on_step``)
+
+    @property
+    def edit_version(self) -> int:
+        """The head version being served."""
+        ...
+
+    @property
+    def active_layers(self) -> int: ...
+
+    @property
+    def active_streams(self) -> int: ...
+
+    def info(self) -> EngineInfo: ...
+
+    def close(self) -> None:
+        """No new work; running edit computations and traces stop at their next step."""
+        ...
+
+    # -- generation and scoring
+
+    def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[GenerationChunk]: ...
+
+    async def score(self, prompt: str, continuations: list[str]) -> tuple[list[ContinuationScore], int]:
+        """The scores and the edit version they were computed on."""
+        ...
+
+    def trace(self, request: TraceRequest) -> AsyncIterator[TraceEvent]: ...
+
+    # -- edits
+
+    def check_edit_chars(self, prompt: str, subject: str, target: str) -> None:
+        """InvalidRequest when a text is over ``limits.max_edit_chars`` (cheap, before parsing)."""
+        ...
+
+    async def apply_edit(
+        self,
+        request: EditRequest,
+        *,
+        dry_run: bool = False,
+        expected_version: int | None = None,
+        author: str = "",
+        comment: str = "",
+        force: bool = False,
+        on_commit: Callable[[EditView], None] | None = None,
+    ) -> tuple[EditView, int]:
+        """The computed layer and the head version after it; ``on_commit`` runs once it is live
+        (even if the caller has gone)."""
+        ...
+
+    async def revert_edit(
+        self,
+        *,
+        to_version: int | None = None,
+        edit_id: str | None = None,
+        author: str = "",
+        comment: str = "",
+        on_commit: Callable[[int, list[str]], None] | None = None,
+    ) -> tuple[int, list[str], float]:
+        """(head version, removed edit ids, seconds); ``on_commit(version, removed)`` once it is live."""
+        ...
+
+    async def list_edits(self, *, include_inactive: bool) -> list[EditView]: ...
+
+    async def get_edit(self, edit_id: str) -> EditView: ...
+
+    async def export_edits(self, from_version: int, to_version: int | None) -> list[tuple[dict, bytes]]:
+        """(manifest entry, layer file bytes) of each version in the range, oldest first."""
+        ...
+
+    async def import_edits(
+        self,
+        files: AsyncIterable[tuple[bytes, str | None]] | Iterable[tuple[bytes, str | None]],
+        *,
+        author: str = "",
+        on_commit: Callable[[list[EditView]], None] | None = None,
+    ) -> list[EditView]: ...

@@ -1,0 +1,213 @@
+"""A fake engine for server tests: ``rome_engine.protocol.EngineClient`` with no model.
+
+Replies are scripted, calls are recorded, and any method can be made to fail:
+
+    fake = FakeEngine()
+    fake.chunks = [GenerationChunk("Hi"), ZeroDivisionError()]   # a stream that breaks after one chunk
+    fake.errors["score"] = NotFound("no such thing")             # the next Score call raises it
+    with ServerThread(fake) as srv, Client(srv.target) as c: ...
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from rome_engine.editing import EditView
+from rome_engine.engine import EngineInfo, EngineLimits, TraceDone, TraceEvent, TraceProgress
+from rome_engine.errors import InvalidRequest, NotFound
+from rome_engine.gate import VersionGate
+from rome_engine.generation import FINISH_LENGTH, GenerationChunk, SamplingParams
+from rome_engine.rome.request import EditRequest
+from rome_engine.scoring import ContinuationScore, TokenScore
+from rome_engine.tracing import TraceRequest, TraceResult
+
+
+def edit_view(
+    edit_id: str, version: int, *, author: str = "", comment: str = "", active: bool = True, stored: bool = True
+) -> EditView:
+    """A layer as the engine shows it (the only place the fake builds the header's shape)."""
+    header = {
+        "format_version": 1,
+        "edit_id": edit_id,
+        "version": version,
+        "parent_version": version - 1,
+        "created_at": "2026-01-01T00:00:00Z",
+        "author": author,
+        "comment": comment,
+        "request": {
+            "prompt": "{} lives in",
+            "subject": f"Person {version}",
+            "target": f" City{version}",
+            "layer": 2,
+            "hparams": {"v_lr": 0.5, "clamp_norm_factor": 4},
+        },
+        "layer": 2,
+        "matrices": [{"name": "model.layers.2.mlp.down_proj.weight", "shape": [64, 128], "update_norm": 1.5}],
+        "probabilities": {
+            "target_before": 0.01, "target_after": 0.9, "old_before": 0.4, "old_after": 0.05, "old_object": " Rome",
+        },
+        "compute_seconds": 0.25,
+        "covariance_from_cache": True,
+        "model_id": "fake",
+    }  # fmt: skip
+    entry = {
+        "version": version, "parent_version": version - 1, "edit_id": edit_id, "op": "apply",
+        "file": f"layers/{edit_id}.safetensors", "sha256": "ab" * 32, "active": [],
+    }  # fmt: skip
+    return EditView(header, entry if stored else None, active)
+
+
+def trace_result(kind: str = "hidden") -> TraceResult:
+    return TraceResult(
+        tokens=["The", " Eiffel", " Tower", " is"], subject_range=(1, 3), answer=" Paris", answer_id=42,
+        clean_prob=0.8, corrupted_prob=0.1, scores=torch.arange(8, dtype=torch.float32).reshape(4, 2) / 10,
+        kind=kind, noise=0.3, samples=10, window=10, seconds=0.5, forward_passes=81,
+    )  # fmt: skip
+
+
+@dataclass
+class FakeEngine:
+    limits: EngineLimits = field(default_factory=EngineLimits)
+    edit_version: int = 0
+    active_layers: int = 0
+    active_streams: int = 0
+    # scripted replies; an exception in a stream's list is raised at that point of the stream
+    chunks: list[GenerationChunk | Exception] = field(default_factory=list)
+    scores: list[ContinuationScore] = field(default_factory=list)
+    trace_events: list[TraceEvent | Exception] = field(default_factory=list)
+    views: list[EditView] = field(default_factory=list)  # newest first, as the engine lists them
+    errors: dict[str, Exception] = field(default_factory=dict)  # method name -> raised on its next call
+    calls: list[tuple[str, object]] = field(default_factory=list)  # (method name, what it was given)
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        self.gate = VersionGate()
+        self.scheduler = None
+
+    def _call(self, name: str, given: object = None) -> None:
+        self.calls.append((name, given))
+        if name in self.errors:
+            raise self.errors.pop(name)
+
+    def given(self, name: str) -> list[object]:
+        return [g for n, g in self.calls if n == name]
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            model_id="fake-model", family="llama", architecture="FakeForCausalLM", dtype="float32", device="cpu",
+            num_parameters=1234, num_layers=2, hidden_size=64, vocab_size=100, head_version=self.edit_version,
+            active_layers=self.active_layers, limits=self.limits, max_prompt_tokens=255, load_seconds=0.5,
+            version="0.0-fake", active_streams=self.active_streams,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+        self._call("generate", (prompt, params))
+        chunks = self.chunks or [GenerationChunk("ok", [7], finish_reason=FINISH_LENGTH, completion_tokens=1)]
+        for chunk in chunks:
+            if isinstance(chunk, Exception):
+                raise chunk
+            yield chunk
+
+    async def score(self, prompt: str, continuations: list[str]) -> tuple[list[ContinuationScore], int]:
+        self._call("score", (prompt, continuations))
+        return self.scores or [ContinuationScore(c, -1.0, -1.0, (TokenScore(1, c, -1.0),)) for c in continuations], (
+            self.edit_version
+        )
+
+    async def trace(self, request: TraceRequest) -> AsyncIterator[TraceEvent]:
+        self._call("trace", request)
+        events = self.trace_events or [
+            TraceProgress(2, 8), TraceProgress(8, 8), TraceDone(trace_result(request.kind), self.edit_version)
+        ]  # fmt: skip
+        for event in events:
+            if isinstance(event, Exception):
+                raise event
+            yield event
+
+    def check_edit_chars(self, prompt: str, subject: str, target: str) -> None:
+        self._call("check_edit_chars", (prompt, subject, target))
+        for name, text in (("prompt", prompt), ("subject", subject), ("target", target)):
+            if len(text) > self.limits.max_edit_chars:
+                raise InvalidRequest(f"{name} is over max_edit_chars={self.limits.max_edit_chars}")
+
+    async def apply_edit(
+        self,
+        request: EditRequest,
+        *,
+        dry_run: bool = False,
+        expected_version: int | None = None,
+        author: str = "",
+        comment: str = "",
+        force: bool = False,
+        on_commit: Callable[[EditView], None] | None = None,
+    ) -> tuple[EditView, int]:
+        options = {"dry_run": dry_run, "expected_version": expected_version, "author": author, "comment": comment,
+                   "force": force}  # fmt: skip
+        self._call("apply_edit", (request, options))
+        view = edit_view(f"e{self.edit_version + 1}", self.edit_version + 1, author=author, comment=comment,
+                         active=not dry_run, stored=not dry_run)  # fmt: skip
+        if not dry_run:
+            self.edit_version += 1
+            self.views.insert(0, view)
+            if on_commit is not None:
+                on_commit(view)
+        return view, self.edit_version
+
+    async def revert_edit(
+        self,
+        *,
+        to_version: int | None = None,
+        edit_id: str | None = None,
+        author: str = "",
+        comment: str = "",
+        on_commit: Callable[[int, list[str]], None] | None = None,
+    ) -> tuple[int, list[str], float]:
+        self._call("revert_edit", {"to_version": to_version, "edit_id": edit_id, "author": author, "comment": comment})
+        removed = [v.header["edit_id"] for v in self.views if to_version is not None and v.version > to_version]
+        removed = removed or ([edit_id] if edit_id else [])
+        self.edit_version = to_version if to_version is not None else self.edit_version + 1
+        if on_commit is not None:
+            on_commit(self.edit_version, removed)
+        return self.edit_version, removed, 0.125
+
+    async def list_edits(self, *, include_inactive: bool) -> list[EditView]:
+        self._call("list_edits", include_inactive)
+        return [v for v in self.views if include_inactive or v.active]
+
+    async def get_edit(self, edit_id: str) -> EditView:
+        self._call("get_edit", edit_id)
+        for view in self.views:
+            if view.header["edit_id"] == edit_id:
+                return view
+        raise NotFound(f"no edit {edit_id!r}")
+
+    async def export_edits(self, from_version: int, to_version: int | None) -> list[tuple[dict, bytes]]:
+        self._call("export_edits", (from_version, to_version))
+        top = self.edit_version if to_version is None else to_version
+        views = [v for v in reversed(self.views) if from_version < v.version <= top]
+        return [(v.entry or {}, json.dumps(v.header).encode()) for v in views]
+
+    async def import_edits(
+        self,
+        files: AsyncIterable[tuple[bytes, str | None]] | Iterable[tuple[bytes, str | None]],
+        *,
+        author: str = "",
+        on_commit: Callable[[list[EditView]], None] | None = None,
+    ) -> list[EditView]:
+        received = [f async for f in files] if isinstance(files, AsyncIterable) else list(files)
+        self._call("import_edits", received)
+        imported = []
+        for content, _sha in received:
+            self.edit_version += 1
+            imported.append(edit_view(json.loads(content)["edit_id"], self.edit_version))
+        self.views[:0] = imported[::-1]
+        if on_commit is not None:
+            on_commit(imported)
+        return imported
