@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_edits import EDIT  # noqa: E402
-from bench.common import served  # noqa: E402
-from rome_engine.loading import LoadedModel, load_model  # noqa: E402
-from romegw_client import Client  # noqa: E402
+from bench.bench_edits import EDIT
+from bench.common import served
+from rome_engine.loading import LoadedModel, load_model
+from romegw_client import Client
 
 
 def weight_bytes(loaded: LoadedModel) -> int:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rome_engine.loading import LoadedModel, default_cache_dir, load_model  # noqa: E402
-from rome_engine.rome import EditRequest, RomeCache, compute_edit, hparams_for  # noqa: E402
-from rome_engine.rome.covariance import sample_texts, second_moment  # noqa: E402
+from rome_engine.loading import LoadedModel, default_cache_dir, load_model
+from rome_engine.rome import EditRequest, RomeCache, compute_edit, hparams_for
+from rome_engine.rome.covariance import sample_texts, second_moment
 
 EDIT = ("The Eiffel Tower is in", "Eiffel Tower", "Rome")
 VARIANTS = {

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rome_engine.loading import LoadedModel, load_model  # noqa: E402
-from rome_engine.tracing import NoiseCache, TraceRequest, trace, trace_per_position  # noqa: E402
+from rome_engine.loading import LoadedModel, load_model
+from rome_engine.tracing import NoiseCache, TraceRequest, trace, trace_per_position
 
 
 def run(

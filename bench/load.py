@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import free_port, gateway_command, wait_until_serving  # noqa: E402
-from romegw_client import Client, GatewayError  # noqa: E402
+from bench.common import free_port, gateway_command, wait_until_serving
+from romegw_client import Client, GatewayError
 
 PROMPTS = [
     "The Eiffel Tower is in",

@@ -26,15 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_generate import hf_single_tps, prompt  # noqa: E402
-from bench.bench_memory import weight_bytes  # noqa: E402
-from rome_engine.generation import SamplingParams, cache_kwarg, generate_tokens  # noqa: E402
-from rome_engine.loading import LoadedModel, load_model  # noqa: E402
+from bench.bench_generate import hf_single_tps, prompt
+from bench.bench_memory import weight_bytes
+from rome_engine.generation import SamplingParams, cache_kwarg, generate_tokens
+from rome_engine.loading import LoadedModel, load_model
 
 PROMPT = prompt(0)  # bench_generate's single-stream prompt
 
 
-def best_of(fn, repeats: int = 5) -> float:  # noqa: ANN001
+def best_of(fn, repeats: int = 5) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -13,9 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import bench_edits, bench_generate, bench_load, bench_memory, bench_rome, bench_trace  # noqa: E402
-from bench.common import machine, print_table, write_json  # noqa: E402
-from rome_engine.loading import load_model  # noqa: E402
+from bench import bench_edits, bench_generate, bench_load, bench_memory, bench_rome, bench_trace
+from bench.common import machine, print_table, write_json
+from rome_engine.loading import load_model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,13 +124,13 @@ class BatchScheduler:
                 if admitted:
                     try:
                         self._admit(admitted)
-                    except Exception as e:  # noqa: BLE001 - a failed prefill fails the prompts it held, no other row
+                    except Exception as e:  # a failed prefill fails the prompts it held, no other row
                         log.exception("prefill of %d prompts failed", len(admitted))
                         for p in admitted:
                             p.emit(e)
                 try:
                     self._step()
-                except Exception as e:  # noqa: BLE001 - a failed forward pass fails its streams, not the server
+                except Exception as e:  # a failed forward pass fails its streams, not the server
                     log.exception("decode step failed")
                     self._fail_all(e)
 
@@ -145,7 +145,7 @@ class BatchScheduler:
         for i, row in enumerate(self._rows):
             try:
                 chunk = row.state.cancel() if row.cancelled() else row.state.step(row.logits)
-            except Exception as e:  # noqa: BLE001 - a row that fails is finished with its own error
+            except Exception as e:  # a row that fails is finished with its own error
                 log.warning("a stream failed while sampling (the others go on): %r", e)
                 row.emit(e)
                 continue

@@ -259,7 +259,7 @@ class EditManager:
         return entries
 
     @contextlib.contextmanager
-    def _storage_errors(self):  # noqa: ANN202
+    def _storage_errors(self):
         """Disk failures become errors that say nothing changed (the write is atomic)."""
         try:
             yield

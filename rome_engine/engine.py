@@ -467,7 +467,7 @@ class Engine:
             )
 
     @contextlib.asynccontextmanager
-    async def _edit_turn(self):  # noqa: ANN202
+    async def _edit_turn(self):
         """Edits are serialized; at most max_queued_edits wait behind the running one."""
         if self._edit_lock is None:
             self._edit_lock = asyncio.Lock()
@@ -713,7 +713,7 @@ class Engine:
         )
 
     @contextlib.contextmanager
-    def _stream_slot(self):  # noqa: ANN202
+    def _stream_slot(self):
         with self._streams_lock:
             if self._active_streams >= self.limits.max_concurrent_streams:
                 raise ResourceExhausted(

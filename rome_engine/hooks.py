@@ -75,7 +75,7 @@ class Trace:
                     module.register_forward_hook(self._post_hook(name, capture_output, detach, edit_output))
                 )
 
-    def _pre_hook(self, name: str, capture: bool, detach: bool, edit: EditFn | None):  # noqa: ANN202
+    def _pre_hook(self, name: str, capture: bool, detach: bool, edit: EditFn | None):
         def hook(_module: nn.Module, args: tuple) -> tuple | None:
             if threading.get_ident() != self._owner:
                 return None
@@ -91,7 +91,7 @@ class Trace:
 
         return hook
 
-    def _post_hook(self, name: str, capture: bool, detach: bool, edit: EditFn | None):  # noqa: ANN202
+    def _post_hook(self, name: str, capture: bool, detach: bool, edit: EditFn | None):
         def hook(_module: nn.Module, _args: tuple, output: object) -> object:
             if threading.get_ident() != self._owner:
                 return output
@@ -127,7 +127,7 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass early (see ``stop_after``)."""
 
 
-class stop_after:  # noqa: N801 - used like a function in a with statement
+class stop_after:  # used like a function in a with statement
     """End forward passes right after module ``name`` has run.
 
         with Trace(model, [k], capture_input=True) as tr, stop_after(model, k):

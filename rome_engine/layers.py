@@ -124,7 +124,7 @@ class LayerWeights:
         return sorted(self._base)
 
 
-class rank_one_patch:  # noqa: N801 - used like a function in a with statement
+class rank_one_patch:  # used like a function in a with statement
     """Evaluate the model *as if* ``factors`` were applied, without touching its weights.
 
     A forward hook on each edited projection adds (x . v) u to its output:
@@ -142,7 +142,7 @@ class rank_one_patch:  # noqa: N801 - used like a function in a with statement
             module = loaded.model.get_submodule(module_name)
             u, v = f.u, f.v
 
-            def hook(_m: torch.nn.Module, args: tuple, output: torch.Tensor, u=u, v=v) -> torch.Tensor:  # noqa: ANN001
+            def hook(_m: torch.nn.Module, args: tuple, output: torch.Tensor, u=u, v=v) -> torch.Tensor:
                 if threading.get_ident() != owner:
                     return output
                 x = args[0]  # (..., in)

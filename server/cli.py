@@ -513,7 +513,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _spinner(what: str):  # noqa: ANN202
+def _spinner(what: str):
     """Elapsed seconds on stderr while a unary call runs (edits take seconds to minutes)."""
     done = threading.Event()
 

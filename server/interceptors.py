@@ -67,7 +67,7 @@ def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     def parse(data: bytes) -> Any:
         try:
             return deserializer(data)
-        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+        except Exception as e:  # protobuf's DecodeError and friends
             return _Malformed(e)
 
     return parse
@@ -121,12 +121,12 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception,
 def _code_of(context: grpc.aio.ServicerContext, outcome: _Outcome) -> grpc.StatusCode:
     try:
         code = context.code()
-    except Exception:  # noqa: BLE001 - older grpcio have no code() on aio contexts
+    except Exception:  # older grpcio have no code() on aio contexts
         code = None
     return code if isinstance(code, grpc.StatusCode) else outcome.code
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]], metrics: Metrics | None):  # noqa: ANN202
+def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]], metrics: Metrics | None):
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         outcome, t0 = _Outcome(), time.perf_counter()
         try:
@@ -136,7 +136,7 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]], metrics: M
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             outcome.code = grpc.StatusCode.UNKNOWN
             raise
-        except Exception as e:  # noqa: BLE001 - the one place that turns bugs into INTERNAL
+        except Exception as e:  # the one place that turns bugs into INTERNAL
             await _abort(context, method, e, outcome)
         finally:
             if metrics is not None:
@@ -145,7 +145,7 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]], metrics: M
     return handler
 
 
-def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]], metrics: Metrics | None):  # noqa: ANN202
+def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]], metrics: Metrics | None):
     async def handler(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         outcome, t0 = _Outcome(), time.perf_counter()
         try:
@@ -159,7 +159,7 @@ def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]], metri
         except GeneratorExit:  # the client went away (cancelled, deadline)
             outcome.code = grpc.StatusCode.CANCELLED
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await _abort(context, method, e, outcome)
         finally:
             if metrics is not None:

@@ -33,7 +33,7 @@ class _ProcessCollector:
     def __init__(self) -> None:
         self._proc = psutil.Process(os.getpid())
 
-    def collect(self):  # noqa: ANN201
+    def collect(self):
         rss = GaugeMetricFamily("romegw_process_resident_memory_bytes", "Resident memory of the server process.")
         rss.add_metric([], float(self._proc.memory_info().rss))
         yield rss

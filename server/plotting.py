@@ -21,7 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display; must come before pyplot is imported
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 log = logging.getLogger(__name__)
 

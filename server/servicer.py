@@ -86,7 +86,7 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
             extra,
         )
 
-    async def Generate(  # noqa: N802 - gRPC method names
+    async def Generate(  # CamelCase: the gRPC method names
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         params = convert.sampling_params(request, self.engine.limits.default_max_new_tokens)
@@ -97,18 +97,18 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
                 timer.done(chunk.prompt_tokens)
             yield convert.generate_response(chunk)
 
-    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:  # noqa: N802
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         scores, version = await self.engine.score(request.prompt, list(request.continuations))
         return convert.score_response(scores, version)
 
-    async def GetModelInfo(  # noqa: N802
+    async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         return convert.model_info(self.engine.info())
 
     # -- edits ----------------------------------------------------------------
 
-    async def ApplyEdit(  # noqa: N802
+    async def ApplyEdit(
         self, request: pb.ApplyEditRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApplyEditResponse:
         check_authorship(request.author, request.comment)  # before the (slow) computation
@@ -144,7 +144,7 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
         layer = convert.edit_layer(echoable(view))
         return pb.ApplyEditResponse(layer=layer, dry_run=request.dry_run, head_version=head)
 
-    async def RevertEdit(  # noqa: N802
+    async def RevertEdit(
         self, request: pb.RevertEditRequest, context: grpc.aio.ServicerContext
     ) -> pb.RevertEditResponse:
         target = request.WhichOneof("target")
@@ -171,7 +171,7 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
             head_version=version, removed_edit_ids=removed, active_layers=self.engine.active_layers, seconds=seconds
         )
 
-    async def ListEdits(  # noqa: N802
+    async def ListEdits(
         self, request: pb.ListEditsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListEditsResponse:
         size = request.page_size or 50
@@ -190,17 +190,17 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
             edits=page, next_page_token=str(end) if end < len(views) else "", head_version=self.engine.edit_version
         )
 
-    async def GetEdit(self, request: pb.GetEditRequest, context: grpc.aio.ServicerContext) -> pb.EditLayer:  # noqa: N802
+    async def GetEdit(self, request: pb.GetEditRequest, context: grpc.aio.ServicerContext) -> pb.EditLayer:
         return convert.edit_layer(echoable(await self.engine.get_edit(request.edit_id)))
 
-    async def ExportEdits(  # noqa: N802
+    async def ExportEdits(
         self, request: pb.ExportEditsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EditLayerFile]:
         to_version = request.to_version if request.HasField("to_version") else None
         for entry, data in await self.engine.export_edits(request.from_version, to_version):
             yield convert.layer_file(entry, data)
 
-    async def ImportEdits(  # noqa: N802
+    async def ImportEdits(
         self, request_iterator: AsyncIterator[pb.EditLayerFile], context: grpc.aio.ServicerContext
     ) -> pb.ImportEditsResponse:
         # checked one by one as they arrive: a bad file or a stream past the limits stops the reading
@@ -219,7 +219,7 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
 
     # -- tracing --------------------------------------------------------------
 
-    async def Trace(  # noqa: N802
+    async def Trace(
         self, request: pb.TraceRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TraceResponse]:
         async for event in self.engine.trace(convert.trace_request(request)):

@@ -30,7 +30,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
-def tokenizer():  # noqa: ANN201
+def tokenizer():
     """The embedded model's real tokenizer (byte-level BPE, 49152 tokens)."""
     tok = AutoTokenizer.from_pretrained(ensure_embedded_folder())
     if tok.pad_token_id is None:
@@ -38,7 +38,7 @@ def tokenizer():  # noqa: ANN201
     return tok
 
 
-def tiny_config(family: str, vocab_size: int):  # noqa: ANN201
+def tiny_config(family: str, vocab_size: int):
     """A tiny random config of a supported family (4 layers, width 64)."""
     common = {"vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
     if family == "gpt2":
@@ -62,19 +62,19 @@ def tiny_config(family: str, vocab_size: int):  # noqa: ANN201
     raise ValueError(family)
 
 
-def make_tiny(family: str, tokenizer, seed: int = 0) -> LoadedModel:  # noqa: ANN001
+def make_tiny(family: str, tokenizer, seed: int = 0) -> LoadedModel:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)), dtype=torch.float32)
     return wrap_model(model, tokenizer, model_id=f"tiny-{family}", device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
-def tiny_gpt2(tokenizer) -> LoadedModel:  # noqa: ANN001
+def tiny_gpt2(tokenizer) -> LoadedModel:
     return make_tiny("gpt2", tokenizer)
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tokenizer) -> LoadedModel:  # noqa: ANN001
+def tiny_llama(tokenizer) -> LoadedModel:
     return make_tiny("llama", tokenizer)
 
 
@@ -85,7 +85,7 @@ def embedded() -> LoadedModel:
 
 
 @pytest.fixture
-def serve(tmp_path_factory) -> Iterator[Callable[..., object]]:  # noqa: ANN001
+def serve(tmp_path_factory) -> Iterator[Callable[..., object]]:
     """Start a real gRPC server on a free loopback port: ``srv = serve(loaded, limits=...)``.
 
     ``edits=True`` gives it an edit manager over ``edit_store`` (default: a fresh

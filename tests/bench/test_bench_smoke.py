@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.embedded
-def test_bench_smoke(tmp_path) -> None:  # noqa: ANN001
+def test_bench_smoke(tmp_path) -> None:
     out = tmp_path / "results.json"
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(out)],
                          capture_output=True, text=True, timeout=1200, cwd=ROOT)

@@ -9,7 +9,7 @@ from tests.conftest import make_tiny
 FAST = {"v_num_grad_steps": 2, "mom2_n_tokens": 1000, "ctx_n_short": 1, "ctx_n_long": 1}
 
 
-def test_load_small(tokenizer, tmp_path) -> None:  # noqa: ANN001
+def test_load_small(tokenizer, tmp_path) -> None:
     model_dir = tmp_path / "model"
     tiny = make_tiny("llama", tokenizer)
     tiny.model.save_pretrained(model_dir)

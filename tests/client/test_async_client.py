@@ -9,7 +9,7 @@ import pytest
 from romegw_client import AsyncClient, Client, InvalidArgument
 
 
-def test_async_client_generate_score_info(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_async_client_generate_score_info(tiny_llama, serve) -> None:
     srv = serve(tiny_llama)
     with Client(srv.target) as c:
         sync_ids = c.generate_text("Hello world", max_new_tokens=6).token_ids

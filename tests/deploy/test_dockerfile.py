@@ -98,7 +98,7 @@ def test_healthcheck_and_environment_are_consistent() -> None:
     assert {"ROMEGW_TLS_CA", "ROMEGW_TLS_SERVER_NAME", "ROMEGW_TLS_CLIENT_CERT", "ROMEGW_TLS_CLIENT_KEY"} <= named
 
 
-def test_healthcheck_command_passes_against_a_mutual_tls_server(tiny_llama, serve, pki) -> None:  # noqa: ANN001, F811
+def test_healthcheck_command_passes_against_a_mutual_tls_server(tiny_llama, serve, pki) -> None:  # noqa: F811
     """The HEALTHCHECK line as the container runs it (sh -c, the image's ENV plus TLS secrets)."""
     from romegw_server.main import TlsConfig
 

@@ -16,7 +16,7 @@ PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog", "A", "O
 LENGTHS = [20, 7, 30, 12]
 
 
-def alone(loaded, prompt: str, params: SamplingParams) -> list[int]:  # noqa: ANN001
+def alone(loaded, prompt: str, params: SamplingParams) -> list[int]:
     ids = loaded.tokenizer(prompt)["input_ids"]
     return [i for c in generate_tokens(loaded, ids, params) for i in c.token_ids]
 
@@ -33,7 +33,7 @@ def collect(q: queue.Queue) -> tuple[list[int], GenerationChunk]:
 
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
-def test_batched_greedy_equals_alone_with_staggered_joins(family, request) -> None:  # noqa: ANN001
+def test_batched_greedy_equals_alone_with_staggered_joins(family, request) -> None:
     loaded = request.getfixturevalue(family)
     expected = [alone(loaded, p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, LENGTHS, strict=True)]
     sch = BatchScheduler(loaded, max_batch_size=8)
@@ -53,7 +53,7 @@ def test_batched_greedy_equals_alone_with_staggered_joins(family, request) -> No
 
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
-def test_prompts_arriving_together_share_one_prefill(family, request) -> None:  # noqa: ANN001
+def test_prompts_arriving_together_share_one_prefill(family, request) -> None:
     loaded = request.getfixturevalue(family)
     expected = [alone(loaded, p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, LENGTHS, strict=True)]
     sch = BatchScheduler(loaded, max_batch_size=8)
@@ -70,7 +70,7 @@ def test_prompts_arriving_together_share_one_prefill(family, request) -> None:  
         sch.close()
 
 
-def test_batch_limit_queues_the_rest(tiny_llama) -> None:  # noqa: ANN001
+def test_batch_limit_queues_the_rest(tiny_llama) -> None:
     sch = BatchScheduler(tiny_llama, max_batch_size=2)
     try:
         queues = [queue.Queue() for _ in range(5)]
@@ -84,7 +84,7 @@ def test_batch_limit_queues_the_rest(tiny_llama) -> None:  # noqa: ANN001
         sch.close()
 
 
-def test_cancelled_row_leaves_and_others_continue(tiny_llama) -> None:  # noqa: ANN001
+def test_cancelled_row_leaves_and_others_continue(tiny_llama) -> None:
     sch = BatchScheduler(tiny_llama, max_batch_size=4)
     try:
         stop = threading.Event()
@@ -107,7 +107,7 @@ def test_cancelled_row_leaves_and_others_continue(tiny_llama) -> None:  # noqa: 
         sch.close()
 
 
-def test_sampled_rows_keep_their_own_seeds(tiny_llama) -> None:  # noqa: ANN001
+def test_sampled_rows_keep_their_own_seeds(tiny_llama) -> None:
     params = [SamplingParams(max_new_tokens=15, temperature=1.2, top_k=40, seed=s) for s in (1, 2, 3)]
     expected = [alone(tiny_llama, "Once upon", p) for p in params]
     sch = BatchScheduler(tiny_llama, max_batch_size=4)
@@ -122,7 +122,7 @@ def test_sampled_rows_keep_their_own_seeds(tiny_llama) -> None:  # noqa: ANN001
         sch.close()
 
 
-def test_a_row_that_fails_to_sample_fails_alone(tiny_llama) -> None:  # noqa: ANN001
+def test_a_row_that_fails_to_sample_fails_alone(tiny_llama) -> None:
     """temperature=1e-40 (the engine refuses it; the scheduler does not check) makes sampling raise:
     that row gets its own error, the greedy row decoded beside it finishes normally."""
     expected = alone(tiny_llama, PROMPTS[1], SamplingParams(max_new_tokens=30))

@@ -30,7 +30,7 @@ def param_hashes(model: torch.nn.Module) -> dict[str, str]:
             for n, p in model.named_parameters()}
 
 
-def random_layer(loaded, weights: LayerWeights, layer_index: int, seed: int, version: int = 1) -> EditLayer:  # noqa: ANN001
+def random_layer(loaded, weights: LayerWeights, layer_index: int, seed: int, version: int = 1) -> EditLayer:
     g = torch.Generator().manual_seed(seed)
     name = loaded.spec.mlp_out_weight_name(layer_index)
     out_dim, in_dim = loaded.spec.as_out_in(weights.parameter(name)).shape
@@ -46,7 +46,7 @@ def random_layer(loaded, weights: LayerWeights, layer_index: int, seed: int, ver
 
 
 @pytest.fixture
-def model_copy(request):  # noqa: ANN001, ANN201
+def model_copy(request):
     """A private copy of a tiny model (these tests change weights)."""
     from tests.conftest import make_tiny
 
@@ -54,7 +54,7 @@ def model_copy(request):  # noqa: ANN001, ANN201
 
 
 @pytest.mark.parametrize("model_copy", ["gpt2", "llama"], indirect=True)
-def test_materialize_is_bit_exact_and_order_stable(model_copy) -> None:  # noqa: ANN001
+def test_materialize_is_bit_exact_and_order_stable(model_copy) -> None:
     loaded = model_copy
     before = param_hashes(loaded.model)
     w = LayerWeights(loaded)
@@ -70,7 +70,7 @@ def test_materialize_is_bit_exact_and_order_stable(model_copy) -> None:  # noqa:
 
 
 @pytest.mark.parametrize("model_copy", ["gpt2", "llama"], indirect=True)
-def test_delta_orientation_and_patch_equivalence(model_copy) -> None:  # noqa: ANN001
+def test_delta_orientation_and_patch_equivalence(model_copy) -> None:
     """W' x = W x + u (v . x) in (out, in) terms, for Conv1D (GPT-2) and Linear (Llama) storage."""
     loaded = model_copy
     w = LayerWeights(loaded)
@@ -92,7 +92,7 @@ def test_delta_orientation_and_patch_equivalence(model_copy) -> None:  # noqa: A
     w.materialize([])
 
 
-def test_layer_file_roundtrip_and_tamper_detection(tiny_llama) -> None:  # noqa: ANN001
+def test_layer_file_roundtrip_and_tamper_detection(tiny_llama) -> None:
     w = LayerWeights(tiny_llama)
     layer = random_layer(tiny_llama, w, 2, seed=1)
     data = encode_layer(layer)
@@ -104,7 +104,7 @@ def test_layer_file_roundtrip_and_tamper_detection(tiny_llama) -> None:  # noqa:
         decode_layer(data[: len(data) // 2])
 
 
-def test_store_manifest_revert_and_restart(tiny_llama, tmp_path, caplog) -> None:  # noqa: ANN001
+def test_store_manifest_revert_and_restart(tiny_llama, tmp_path, caplog) -> None:
     loaded = tiny_llama
     before = param_hashes(loaded.model)
     store = EditStore(tmp_path, loaded.model_id)
@@ -162,7 +162,7 @@ def test_store_manifest_revert_and_restart(tiny_llama, tmp_path, caplog) -> None
     assert param_hashes(loaded.model) == before
 
 
-def test_store_refuses_another_models_store_and_orphans_are_removed(tiny_llama, tmp_path) -> None:  # noqa: ANN001
+def test_store_refuses_another_models_store_and_orphans_are_removed(tiny_llama, tmp_path) -> None:
     store = EditStore(tmp_path, tiny_llama.model_id)
     m = EditManager(tiny_llama, store, compute=lambda *_: None)
     layer = random_layer(tiny_llama, m.weights, 0, seed=0)
@@ -177,7 +177,7 @@ def test_store_refuses_another_models_store_and_orphans_are_removed(tiny_llama, 
     LayerWeights(tiny_llama).materialize([])
 
 
-def test_import_refuses_a_layer_for_another_base(tiny_llama, tokenizer, tmp_path) -> None:  # noqa: ANN001
+def test_import_refuses_a_layer_for_another_base(tiny_llama, tokenizer, tmp_path) -> None:
     from tests.conftest import make_tiny
 
     other = make_tiny("llama", tokenizer, seed=1)  # same shapes, other weights
@@ -227,7 +227,7 @@ def _embeddings(h: dict, t: dict) -> None:
 
 
 @pytest.mark.parametrize("damage", [_no_request, _u_column, _nan, _embeddings])
-def test_a_store_entry_that_fails_at_start_is_skipped_like_a_damaged_layer(damage, tiny_llama, tmp_path) -> None:  # noqa: ANN001
+def test_a_store_entry_that_fails_at_start_is_skipped_like_a_damaged_layer(damage, tiny_llama, tmp_path) -> None:
     """Headers the old import accepted (no request; u of shape (N, 1)) made every later start crash."""
     before = param_hashes(tiny_llama.model)
     store = EditStore(tmp_path, tiny_llama.model_id)
@@ -252,7 +252,7 @@ def test_a_store_entry_that_fails_at_start_is_skipped_like_a_damaged_layer(damag
     assert param_hashes(tiny_llama.model) == before
 
 
-def test_an_oversized_stored_update_is_not_restored(tiny_llama, tmp_path) -> None:  # noqa: ANN001
+def test_an_oversized_stored_update_is_not_restored(tiny_llama, tmp_path) -> None:
     m = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=lambda *_: None)
     layer = random_layer(tiny_llama, m.weights, 0, seed=0)
     m.store_layer(layer)
@@ -286,13 +286,13 @@ def test_an_oversized_stored_update_is_not_restored(tiny_llama, tmp_path) -> Non
         b"{not json",
     ],
 )
-def test_a_damaged_manifest_is_refused_with_a_clear_error(manifest, tiny_llama, tmp_path) -> None:  # noqa: ANN001
+def test_a_damaged_manifest_is_refused_with_a_clear_error(manifest, tiny_llama, tmp_path) -> None:
     (tmp_path / "manifest.json").write_bytes(manifest)
     with pytest.raises(FailedPrecondition, match="manifest .* is damaged"):
         EditStore(tmp_path, tiny_llama.model_id)
 
 
-def test_a_manifest_naming_a_file_outside_layers_is_refused(tiny_llama, tmp_path) -> None:  # noqa: ANN001
+def test_a_manifest_naming_a_file_outside_layers_is_refused(tiny_llama, tmp_path) -> None:
     m = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=lambda *_: None)
     layer = random_layer(tiny_llama, m.weights, 0, seed=0)
     m.store_layer(layer)
@@ -303,7 +303,7 @@ def test_a_manifest_naming_a_file_outside_layers_is_refused(tiny_llama, tmp_path
         EditStore(tmp_path, tiny_llama.model_id)
 
 
-def test_a_layer_with_a_path_as_edit_id_is_never_written(tiny_llama, tmp_path) -> None:  # noqa: ANN001
+def test_a_layer_with_a_path_as_edit_id_is_never_written(tiny_llama, tmp_path) -> None:
     store = EditStore(tmp_path / "edits", tiny_llama.model_id)
     m = EditManager(tiny_llama, store, compute=lambda *_: None)
     layer = random_layer(tiny_llama, m.weights, 0, seed=0)
@@ -313,7 +313,7 @@ def test_a_layer_with_a_path_as_edit_id_is_never_written(tiny_llama, tmp_path) -
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["edits", "layers"]
 
 
-def test_a_computed_layer_that_a_restart_would_refuse_is_never_stored(tiny_llama, tmp_path) -> None:  # noqa: ANN001
+def test_a_computed_layer_that_a_restart_would_refuse_is_never_stored(tiny_llama, tmp_path) -> None:
     from types import SimpleNamespace
 
     from rome_engine.errors import InvalidRequest
@@ -321,7 +321,7 @@ def test_a_computed_layer_that_a_restart_would_refuse_is_never_stored(tiny_llama
     name = tiny_llama.spec.mlp_out_weight_name(0)
     scale = {"value": 100.0}
 
-    def compute(loaded, request):  # noqa: ANN001, ANN202
+    def compute(loaded, request):
         return SimpleNamespace(
             param_name=name, left=torch.ones(64) * scale["value"], right=torch.ones(128), layer=0,
             hparams=SimpleNamespace(to_dict=lambda: {"v_lr": 0.5}), old_object=" Z", cov_from_cache=False,

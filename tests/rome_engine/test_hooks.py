@@ -9,7 +9,7 @@ import torch
 from rome_engine.hooks import Trace, replay, run_until_stopped, stop_after
 
 
-def test_capture_and_edit_then_removed(tiny_llama) -> None:  # noqa: ANN001
+def test_capture_and_edit_then_removed(tiny_llama) -> None:
     m, spec = tiny_llama.model, tiny_llama.spec
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -30,7 +30,7 @@ def test_capture_and_edit_then_removed(tiny_llama) -> None:  # noqa: ANN001
         assert torch.equal(m(ids).logits, clean)  # the hook is gone
 
 
-def test_other_threads_are_not_patched(tiny_llama) -> None:  # noqa: ANN001
+def test_other_threads_are_not_patched(tiny_llama) -> None:
     m, spec = tiny_llama.model, tiny_llama.spec
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -52,7 +52,7 @@ def test_other_threads_are_not_patched(tiny_llama) -> None:  # noqa: ANN001
     assert torch.equal(seen["logits"], clean)
 
 
-def test_replay_skips_blocks_on_this_thread_only(tiny_llama) -> None:  # noqa: ANN001
+def test_replay_skips_blocks_on_this_thread_only(tiny_llama) -> None:
     m, spec = tiny_llama.model, tiny_llama.spec
     ids = torch.tensor([[5, 6, 7, 8]])
     other_ids = torch.tensor([[9, 10, 11, 12]])

@@ -15,7 +15,7 @@ from tests.conftest import make_tiny
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"])
-def test_each_family_loads_from_a_folder_and_generates(family, tokenizer, tmp_path) -> None:  # noqa: ANN001
+def test_each_family_loads_from_a_folder_and_generates(family, tokenizer, tmp_path) -> None:
     tiny = make_tiny(family, tokenizer)
     tiny.model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -34,7 +34,7 @@ def test_each_family_loads_from_a_folder_and_generates(family, tokenizer, tmp_pa
         assert torch.equal(a, b)
 
 
-def test_bfloat16_load(tokenizer, tmp_path) -> None:  # noqa: ANN001
+def test_bfloat16_load(tokenizer, tmp_path) -> None:
     tiny = make_tiny("llama", tokenizer)
     tiny.model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -45,7 +45,7 @@ def test_bfloat16_load(tokenizer, tmp_path) -> None:  # noqa: ANN001
     assert chunks[-1].finish_reason is not None
 
 
-def test_unknown_architecture_lists_the_supported_ones(tmp_path) -> None:  # noqa: ANN001
+def test_unknown_architecture_lists_the_supported_ones(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     with pytest.raises(UnsupportedModel) as err:
         load_model(tmp_path, device="cpu")
@@ -67,12 +67,12 @@ def test_dtype_and_device_options() -> None:
             load_model("/nonexistent", device="cuda")
 
 
-def test_missing_folder_fails_clearly(tmp_path) -> None:  # noqa: ANN001
+def test_missing_folder_fails_clearly(tmp_path) -> None:
     with pytest.raises(OSError):
         load_model(tmp_path / "nope", device="cpu")
 
 
-def _damage(folder, *, drop: str | None = None, add: str | None = None) -> None:  # noqa: ANN001
+def _damage(folder, *, drop: str | None = None, add: str | None = None) -> None:
     """Rewrite the folder's model.safetensors without the tensor ``drop`` / with an extra tensor ``add``."""
     from safetensors.torch import load_file, save_file
 
@@ -92,7 +92,7 @@ def _damage(folder, *, drop: str | None = None, add: str | None = None) -> None:
         ({"add": "model.layers.9.mlp.extra.weight"}, "1 unexpected (model.layers.9.mlp.extra.weight)"),
     ],
 )
-def test_a_checkpoint_with_missing_or_unexpected_weights_fails_to_load(damage, named, tokenizer, tmp_path) -> None:  # noqa: ANN001
+def test_a_checkpoint_with_missing_or_unexpected_weights_fails_to_load(damage, named, tokenizer, tmp_path) -> None:
     from rome_engine.loading import DamagedCheckpoint
 
     make_tiny("llama", tokenizer).model.save_pretrained(tmp_path)
@@ -104,7 +104,7 @@ def test_a_checkpoint_with_missing_or_unexpected_weights_fails_to_load(damage, n
     assert named in str(e.value)
 
 
-def test_a_damaged_embedded_cache_is_converted_again(tokenizer, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_a_damaged_embedded_cache_is_converted_again(tokenizer, tmp_path, monkeypatch) -> None:
     """The embedded path: a cache folder with a weight missing is removed and reconverted (the
     ~40 s GGUF conversion is replaced by writing a tiny llama's intact checkpoint)."""
     from rome_engine import loading
@@ -117,7 +117,7 @@ def test_a_damaged_embedded_cache_is_converted_again(tokenizer, tmp_path, monkey
     _damage(folder, drop="model.embed_tokens.weight")
     conversions = []
 
-    def fake_convert(target) -> None:  # noqa: ANN001
+    def fake_convert(target) -> None:
         assert not target.exists(), "the damaged folder is removed before converting again"
         conversions.append(target)
         good.model.save_pretrained(target)

@@ -10,7 +10,7 @@ from rome_engine.engine import Engine, EngineLimits
 from rome_engine.protocol import EngineClient
 
 
-def test_the_engine_implements_the_protocol(tiny_llama) -> None:  # noqa: ANN001
+def test_the_engine_implements_the_protocol(tiny_llama) -> None:
     engine = Engine(tiny_llama, EngineLimits(max_batch_size=0))
     try:
         assert isinstance(engine, EngineClient)

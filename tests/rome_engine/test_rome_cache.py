@@ -5,7 +5,7 @@ from __future__ import annotations
 from rome_engine.rome.cache import RomeCache
 
 
-def test_the_memory_cache_keeps_the_most_recently_used_entries(tmp_path) -> None:  # noqa: ANN001
+def test_the_memory_cache_keeps_the_most_recently_used_entries(tmp_path) -> None:
     cache = RomeCache(tmp_path, max_entries=2)
     computed: list[str] = []
 

@@ -37,7 +37,7 @@ PROMPT = "Yesterday the Eiffel Tower was in the city of"
 SUBJECT = "Eiffel Tower"
 
 
-def make_peaked(family: str, tokenizer) -> LoadedModel:  # noqa: ANN001
+def make_peaked(family: str, tokenizer) -> LoadedModel:
     """A tiny random model with large weights: confident predictions that noise can destroy
     (with the default init every probability is ~1/V and any comparison passes)."""
     torch.manual_seed(0)
@@ -50,14 +50,14 @@ def make_peaked(family: str, tokenizer) -> LoadedModel:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def peaked(tokenizer) -> dict[str, LoadedModel]:  # noqa: ANN001
+def peaked(tokenizer) -> dict[str, LoadedModel]:
     return {f: make_peaked(f, tokenizer) for f in ("gpt2", "llama")}
 
 
 # -- subject tokens -----------------------------------------------------------
 
 
-def test_subject_range_covers_exactly_the_subject_tokens(tokenizer) -> None:  # noqa: ANN001
+def test_subject_range_covers_exactly_the_subject_tokens(tokenizer) -> None:
     ids = encode_prompt(tokenizer, PROMPT)
     start, end = find_subject_range(tokenizer, PROMPT, SUBJECT)
     assert tokenizer.decode(ids[start:end]).strip() == SUBJECT
@@ -68,7 +68,7 @@ def test_subject_range_covers_exactly_the_subject_tokens(tokenizer) -> None:  # 
     assert find_subject_range(tokenizer, PROMPT, " " + SUBJECT) == (start, end)
 
 
-def test_subject_range_counts_special_tokens_like_encode_prompt(tokenizer) -> None:  # noqa: ANN001
+def test_subject_range_counts_special_tokens_like_encode_prompt(tokenizer) -> None:
     prompt = "<|im_start|>The Eiffel Tower is in"
     ids = encode_prompt(tokenizer, prompt)
     start, end = find_subject_range(tokenizer, prompt, "Eiffel Tower")
@@ -76,7 +76,7 @@ def test_subject_range_counts_special_tokens_like_encode_prompt(tokenizer) -> No
     assert tokenizer.decode(ids[start:end]).strip() == "Eiffel Tower"
 
 
-def test_missing_subject_names_subject_and_prompt(tokenizer) -> None:  # noqa: ANN001
+def test_missing_subject_names_subject_and_prompt(tokenizer) -> None:
     with pytest.raises(InvalidRequest) as err:
         find_subject_range(tokenizer, PROMPT, "Colosseum")
     assert "Colosseum" in str(err.value) and PROMPT in str(err.value)
@@ -97,13 +97,13 @@ def test_missing_subject_names_subject_and_prompt(tokenizer) -> None:  # noqa: A
         {"seed": -1},
     ],
 )
-def test_request_validation(kwargs) -> None:  # noqa: ANN001
+def test_request_validation(kwargs) -> None:
     fields = {"prompt": PROMPT, "subject": SUBJECT, **kwargs}
     with pytest.raises(InvalidRequest):
         TraceRequest(**fields)
 
 
-def test_window_is_centred_and_clamped(tiny_gpt2) -> None:  # noqa: ANN001
+def test_window_is_centred_and_clamped(tiny_gpt2) -> None:
     assert window_layers(15, 10, 30) == range(10, 20)
     assert window_layers(0, 10, 30) == range(0, 5)
     assert window_layers(29, 10, 30) == range(24, 30)
@@ -118,7 +118,7 @@ def test_window_is_centred_and_clamped(tiny_gpt2) -> None:  # noqa: ANN001
 # -- noise --------------------------------------------------------------------
 
 
-def test_noise_level_is_three_std_of_subject_embeddings(tiny_llama, monkeypatch) -> None:  # noqa: ANN001
+def test_noise_level_is_three_std_of_subject_embeddings(tiny_llama, monkeypatch) -> None:
     subjects = ["Eiffel Tower", "Barack Obama"]
     ids = [i for s in subjects for i in tiny_llama.tokenizer(s, add_special_tokens=False)["input_ids"]]
     weight = tiny_llama.model.get_input_embeddings().weight
@@ -140,7 +140,7 @@ def test_noise_level_is_three_std_of_subject_embeddings(tiny_llama, monkeypatch)
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("kind", ["hidden", "mlp", "attn"])
-def test_batched_equals_per_position(peaked, family, kind) -> None:  # noqa: ANN001
+def test_batched_equals_per_position(peaked, family, kind) -> None:
     loaded = peaked[family]
     req = TraceRequest(PROMPT, SUBJECT, kind=kind, samples=3, window=3, noise=1.0, seed=7)
     batched = trace(loaded, req, max_batch_rows=5)  # uneven batches that split cells
@@ -155,13 +155,13 @@ def test_batched_equals_per_position(peaked, family, kind) -> None:  # noqa: ANN
 
 
 @pytest.mark.parametrize("family", ["gptj", "gpt_neox", "mistral", "qwen2"])
-def test_batched_equals_per_position_other_families(tokenizer, family) -> None:  # noqa: ANN001
+def test_batched_equals_per_position_other_families(tokenizer, family) -> None:
     loaded = make_peaked(family, tokenizer)
     req = TraceRequest(PROMPT, SUBJECT, kind="hidden", samples=2, noise=1.0)
     torch.testing.assert_close(trace(loaded, req).scores, trace_per_position(loaded, req).scores, atol=1e-4, rtol=0)
 
 
-def test_hidden_trace_semantics(peaked) -> None:  # noqa: ANN001
+def test_hidden_trace_semantics(peaked) -> None:
     loaded = peaked["llama"]
     req = TraceRequest(PROMPT, SUBJECT, kind="hidden", samples=4, noise=1.0)
     r = trace(loaded, req)
@@ -178,14 +178,14 @@ def test_hidden_trace_semantics(peaked) -> None:  # noqa: ANN001
     assert float(r.indirect_effect[-1, -1]) == pytest.approx(r.clean_prob - r.corrupted_prob, abs=1e-5)
 
 
-def test_zero_noise_corrupts_nothing(peaked) -> None:  # noqa: ANN001
+def test_zero_noise_corrupts_nothing(peaked) -> None:
     r = trace(peaked["gpt2"], TraceRequest(PROMPT, SUBJECT, kind="mlp", samples=2, noise=0.0))
     assert r.corrupted_prob == pytest.approx(r.clean_prob, abs=1e-6)
     torch.testing.assert_close(r.scores, torch.full_like(r.scores, r.clean_prob), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["hidden", "mlp"])
-def test_one_cell_by_hand(peaked, kind) -> None:  # noqa: ANN001
+def test_one_cell_by_hand(peaked, kind) -> None:
     """The documented contract, rebuilt from plain hooks: noise[s] = noise * randn(S, E, D)
     from torch.Generator().manual_seed(seed), added to the subject's embeddings; clean
     outputs written back at token t in the restored modules; P(answer) averaged."""
@@ -225,7 +225,7 @@ def test_one_cell_by_hand(peaked, kind) -> None:  # noqa: ANN001
     assert result.clean_prob == pytest.approx(math.exp(paris), rel=1e-4)
 
 
-def test_default_answer_is_greedy_and_seed_matters(peaked) -> None:  # noqa: ANN001
+def test_default_answer_is_greedy_and_seed_matters(peaked) -> None:
     loaded = peaked["gpt2"]
     ids = torch.tensor([encode_prompt(loaded.tokenizer, PROMPT)])
     with torch.no_grad():
@@ -238,12 +238,12 @@ def test_default_answer_is_greedy_and_seed_matters(peaked) -> None:  # noqa: ANN
     assert a.corrupted_prob != pytest.approx(c.corrupted_prob, abs=1e-6)
 
 
-def test_progress_and_batch_bound(peaked, monkeypatch) -> None:  # noqa: ANN001
+def test_progress_and_batch_bound(peaked, monkeypatch) -> None:
     loaded = peaked["gpt2"]
     widths: list[int] = []
     real = tracing_runs.forward
 
-    def spy(model, ids, *args, **kwargs):  # noqa: ANN001, ANN202
+    def spy(model, ids, *args, **kwargs):
         widths.append(ids.shape[0])
         return real(model, ids, *args, **kwargs)
 
@@ -271,7 +271,7 @@ def test_progress_and_batch_bound(peaked, monkeypatch) -> None:  # noqa: ANN001
         trace(loaded, TraceRequest(PROMPT, SUBJECT, samples=1, noise=1.0), progress=cancel)
 
 
-def test_clean_run_is_immutable_and_corrupted_runs_run_once(peaked) -> None:  # noqa: ANN001
+def test_clean_run_is_immutable_and_corrupted_runs_run_once(peaked) -> None:
     loaded = peaked["gpt2"]
     req = TraceRequest(PROMPT, SUBJECT, kind="mlp", samples=2, window=3, noise=1.0)
     clean = tracing_runs.run_clean(loaded, req)
@@ -294,7 +294,7 @@ def test_peak_property() -> None:
 # -- summaries ----------------------------------------------------------------
 
 
-def test_trace_summary_matches_the_full_traces(peaked) -> None:  # noqa: ANN001
+def test_trace_summary_matches_the_full_traces(peaked) -> None:
     loaded = peaked["llama"]
     facts = [
         Fact(PROMPT, SUBJECT, None),
@@ -330,7 +330,7 @@ def test_trace_summary_matches_the_full_traces(peaked) -> None:  # noqa: ANN001
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "known_1000.json").exists(), reason="no shared known_1000.json")
-def test_load_known_facts(tmp_path) -> None:  # noqa: ANN001
+def test_load_known_facts(tmp_path) -> None:
     path = SHARED_DATA / "known_1000.json"
     facts = load_known_facts(path)
     assert len(facts) == len(json.loads(path.read_text()))
@@ -344,7 +344,7 @@ def test_load_known_facts(tmp_path) -> None:  # noqa: ANN001
 
 
 @pytest.mark.embedded
-def test_embedded_model_eiffel_tower(embedded) -> None:  # noqa: ANN001
+def test_embedded_model_eiffel_tower(embedded) -> None:
     req = TraceRequest("The Eiffel Tower is in", "Eiffel Tower", kind="hidden", samples=3)
     r = trace(embedded, req, noise_cache=NoiseCache())
     assert r.answer == " Paris" and r.clean_prob > 0.1

@@ -47,7 +47,7 @@ def raw_stub(target: str) -> tuple[grpc.Channel, pb_grpc.RomeGatewayStub]:
 # -- one bad row --------------------------------------------------------------------
 
 
-def test_subnormal_temperature_is_refused_and_a_batch_mate_keeps_decoding(serve, tiny_llama) -> None:  # noqa: ANN001
+def test_subnormal_temperature_is_refused_and_a_batch_mate_keeps_decoding(serve, tiny_llama) -> None:
     srv = serve(tiny_llama)
     out: dict[str, object] = {}
     started = threading.Event()
@@ -79,7 +79,7 @@ def test_subnormal_temperature_is_refused_and_a_batch_mate_keeps_decoding(serve,
 # -- limits on one call -------------------------------------------------------------
 
 
-def test_score_memory_estimate_refuses_a_huge_batch(serve, tiny_llama) -> None:  # noqa: ANN001
+def test_score_memory_estimate_refuses_a_huge_batch(serve, tiny_llama) -> None:
     """8 continuations of ~1,900 tokens: the (8, 1900, 49152) float32 logits alone are 3 GB."""
     srv = serve(tiny_llama)
     long = " word" * 1900
@@ -91,7 +91,7 @@ def test_score_memory_estimate_refuses_a_huge_batch(serve, tiny_llama) -> None: 
         assert c.score("The", [" word"]).scores  # small work still answers
 
 
-def test_huge_continuation_is_refused_by_characters_and_health_keeps_answering(serve, tiny_llama) -> None:  # noqa: ANN001
+def test_huge_continuation_is_refused_by_characters_and_health_keeps_answering(serve, tiny_llama) -> None:
     srv = serve(tiny_llama)
     with Client(srv.target, timeout=60) as c:
         with pytest.raises(InvalidArgument, match="max_continuation_chars=20000"):
@@ -99,7 +99,7 @@ def test_huge_continuation_is_refused_by_characters_and_health_keeps_answering(s
         assert c.health(timeout=1) == "SERVING"
 
 
-def test_tokenizing_runs_off_the_event_loop(serve, tiny_llama) -> None:  # noqa: ANN001
+def test_tokenizing_runs_off_the_event_loop(serve, tiny_llama) -> None:
     """A large (allowed) continuation is tokenized on a worker thread: health answers meanwhile."""
     limits = EngineLimits(max_continuation_chars=6_000_000, max_prompt_tokens=10_000_000)
     srv = serve(tiny_llama, limits)
@@ -129,7 +129,7 @@ def test_tokenizing_runs_off_the_event_loop(serve, tiny_llama) -> None:  # noqa:
     assert max(latencies) < 1.0, f"health took {max(latencies):.2f} s while {took:.2f} s of tokenizing ran"
 
 
-def test_trace_noise_and_window_are_bounded(serve, tiny_llama) -> None:  # noqa: ANN001
+def test_trace_noise_and_window_are_bounded(serve, tiny_llama) -> None:
     srv = serve(tiny_llama)
     with Client(srv.target, timeout=60) as c:
         with pytest.raises(InvalidArgument, match="noise"):
@@ -140,7 +140,7 @@ def test_trace_noise_and_window_are_bounded(serve, tiny_llama) -> None:  # noqa:
             list(c.trace("The Eiffel Tower is in", "The Eiffel Tower", answer=" Paris" * 1_333_333 + "xx"))
 
 
-def test_calls_in_progress_are_capped_for_the_whole_server(serve, tiny_llama) -> None:  # noqa: ANN001
+def test_calls_in_progress_are_capped_for_the_whole_server(serve, tiny_llama) -> None:
     """Beyond max_concurrent_rpcs, gRPC itself refuses a call before any handler (or tokenizer) runs."""
     srv = serve(tiny_llama, max_concurrent_rpcs=2)
     with Client(srv.target, timeout=60) as a, Client(srv.target, timeout=60) as b, Client(srv.target) as c:
@@ -162,7 +162,7 @@ def _scores(c: Client) -> bool:
     return True
 
 
-def test_edit_request_is_bounded(serve, tiny_llama) -> None:  # noqa: ANN001
+def test_edit_request_is_bounded(serve, tiny_llama) -> None:
     srv = serve(tiny_llama, edits=True)
     with Client(srv.target, timeout=60) as c:
         with pytest.raises(InvalidArgument, match="max_edit_chars=2048"):
@@ -179,7 +179,7 @@ def test_edit_request_is_bounded(serve, tiny_llama) -> None:  # noqa: ANN001
         assert c.list_edits().head_version == 0
 
 
-def test_edit_memory_estimate_refuses_what_cannot_fit(serve, tiny_llama) -> None:  # noqa: ANN001
+def test_edit_memory_estimate_refuses_what_cannot_fit(serve, tiny_llama) -> None:
     srv = serve(tiny_llama, EngineLimits(max_request_memory_mb=64), edits=True)
     with Client(srv.target, timeout=60) as c, pytest.raises(ResourceExhausted, match="max_request_memory_mb=64"):
         c.apply_edit("{} lives in", "Alice", " Paris", hparams={**SLOW, "v_num_grad_steps": 1}, dry_run=True)
@@ -188,7 +188,7 @@ def test_edit_memory_estimate_refuses_what_cannot_fit(serve, tiny_llama) -> None
 # -- the target already is the answer ---------------------------------------------------
 
 
-def test_edit_whose_target_is_already_the_answer_needs_force(serve, tiny_llama) -> None:  # noqa: ANN001
+def test_edit_whose_target_is_already_the_answer_needs_force(serve, tiny_llama) -> None:
     srv = serve(tiny_llama, edits=True)
     with Client(srv.target, timeout=300) as c:
         found = None
@@ -211,7 +211,7 @@ def test_edit_whose_target_is_already_the_answer_needs_force(serve, tiny_llama) 
 # -- cancelled edits stop and never overlap ------------------------------------------------
 
 
-def test_expired_edits_stop_and_never_overlap(serve, tiny_llama) -> None:  # noqa: ANN001
+def test_expired_edits_stop_and_never_overlap(serve, tiny_llama) -> None:
     srv = serve(tiny_llama, edits=True)
     manager = srv.engine.edits
     real = manager.compute
@@ -236,7 +236,7 @@ def test_expired_edits_stop_and_never_overlap(serve, tiny_llama) -> None:  # noq
         with Client(srv.target) as c:
             try:
                 c.apply_edit("{} lives in", f"Person {i}", " Paris", hparams=SLOW, timeout=1.0)
-            except Exception as e:  # noqa: BLE001 - the deadline is the point
+            except Exception as e:  # the deadline is the point
                 return type(e).__name__
             return "ok"
 
@@ -259,7 +259,7 @@ def test_expired_edits_stop_and_never_overlap(serve, tiny_llama) -> None:  # noq
 # -- many expensive calls at once -----------------------------------------------------------
 
 
-def test_concurrent_traces_and_scores_are_admitted_within_limits(serve, tiny_llama) -> None:  # noqa: ANN001
+def test_concurrent_traces_and_scores_are_admitted_within_limits(serve, tiny_llama) -> None:
     """24 Traces and 8 long Scores at once against limits set low: the excess is refused at once,
     memory stays bounded, health and a small Generate keep answering."""
     limits = EngineLimits(

@@ -27,7 +27,7 @@ def tokens() -> TokenTable:
     return TokenTable([("generate", GEN, "frontend"), ("edit", EDIT, "alice")])
 
 
-def test_roles(tiny_llama, serve, caplog) -> None:  # noqa: ANN001
+def test_roles(tiny_llama, serve, caplog) -> None:
     srv = serve(tiny_llama, edits=True, tokens=tokens())
     with Client(srv.target) as c, pytest.raises(Unauthenticated, match="missing"):
         c.generate_text("Hi", max_new_tokens=2)
@@ -53,7 +53,7 @@ def test_roles(tiny_llama, serve, caplog) -> None:  # noqa: ANN001
     assert GEN not in everything and EDIT not in everything  # tokens never reach the logs
 
 
-def test_tokens_from_file_and_env(tmp_path) -> None:  # noqa: ANN001
+def test_tokens_from_file_and_env(tmp_path) -> None:
     f = tmp_path / "tokens"
     f.write_text(f"# role token name\nedit {EDIT} alice\n\ngenerate {GEN}\n")
     table = load_tokens(f, env="generate:another-generate-token-1234 web")
@@ -83,7 +83,7 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool, san: bool | str = False):  # noqa: ANN001, ANN202
+def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool, san: bool | str = False):
     now = datetime.datetime.now(datetime.timezone.utc)
     b = (
         x509.CertificateBuilder()
@@ -105,14 +105,14 @@ def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool, sa
     return b.sign(issuer_key, hashes.SHA256())
 
 
-def _pem_key(key) -> bytes:  # noqa: ANN001
+def _pem_key(key) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:  # noqa: ANN001
+def pki(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("pki")
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert("romegw test CA", ca_key, _name("romegw test CA"), ca_key, ca=True)
@@ -138,7 +138,7 @@ def pki(tmp_path_factory) -> dict[str, Path]:  # noqa: ANN001
     return out
 
 
-def test_tls_with_a_self_signed_certificate(tiny_llama, serve, pki) -> None:  # noqa: ANN001
+def test_tls_with_a_self_signed_certificate(tiny_llama, serve, pki) -> None:
     srv = serve(tiny_llama, tls=TlsConfig(pki["srv_cert"], pki["srv_key"]))
     creds = channel_credentials(pki["ca"].read_bytes())
     with Client(srv.target, credentials=creds) as c:
@@ -147,7 +147,7 @@ def test_tls_with_a_self_signed_certificate(tiny_llama, serve, pki) -> None:  # 
         c.model_info()
 
 
-def test_mutual_tls_needs_a_client_certificate(tiny_llama, serve, pki) -> None:  # noqa: ANN001
+def test_mutual_tls_needs_a_client_certificate(tiny_llama, serve, pki) -> None:
     srv = serve(tiny_llama, tls=TlsConfig(pki["srv_cert"], pki["srv_key"], client_ca=pki["ca"]))
     ca = pki["ca"].read_bytes()
     with Client(srv.target, credentials=channel_credentials(ca), timeout=3) as c, pytest.raises(Unavailable):
@@ -172,7 +172,7 @@ def test_the_role_table_is_an_allow_list() -> None:
     assert decision.code == grpc.StatusCode.PERMISSION_DENIED and "'edit' role" in decision.message
 
 
-def test_an_rpc_no_role_names_is_refused_before_lookup(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_an_rpc_no_role_names_is_refused_before_lookup(tiny_llama, serve) -> None:
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
     srv = serve(tiny_llama, tokens=tokens())
@@ -196,7 +196,7 @@ def test_an_rpc_no_role_names_is_refused_before_lookup(tiny_llama, serve) -> Non
         assert c.health() == "SERVING"
 
 
-def test_plaintext_tokens_beyond_loopback_are_warned_about(tiny_llama, serve, pki, caplog) -> None:  # noqa: ANN001
+def test_plaintext_tokens_beyond_loopback_are_warned_about(tiny_llama, serve, pki, caplog) -> None:
     def warnings(**config: object) -> list[str]:
         caplog.clear()
         with caplog.at_level(logging.WARNING):
@@ -216,7 +216,7 @@ TLS_ENV = ("ROMEGW_TLS_CERT", "ROMEGW_TLS_KEY", "ROMEGW_TLS_CA", "ROMEGW_TLS_SER
            "ROMEGW_TLS_CLIENT_KEY", "ROMEGW_TOKEN", "ROMEGW_TARGET")
 
 
-def run_cli(monkeypatch, capsys, argv: list[str], env: dict[str, object]) -> tuple[int, str]:  # noqa: ANN001
+def run_cli(monkeypatch, capsys, argv: list[str], env: dict[str, object]) -> tuple[int, str]:
     """``rome-gateway ARGV`` in this process, with exactly ``env`` among the TLS variables."""
     from romegw_server import cli
 
@@ -228,7 +228,7 @@ def run_cli(monkeypatch, capsys, argv: list[str], env: dict[str, object]) -> tup
     return code, capsys.readouterr().out
 
 
-def test_health_command_under_tls_with_the_environment_only(tiny_llama, serve, pki, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_health_command_under_tls_with_the_environment_only(tiny_llama, serve, pki, monkeypatch, capsys) -> None:
     # a production-like certificate names gateway.test; the health check connects to 127.0.0.1
     srv = serve(tiny_llama, tls=TlsConfig(pki["named_cert"], pki["named_key"]))
     env = {"ROMEGW_TARGET": srv.target, "ROMEGW_TLS_CERT": pki["named_cert"], "ROMEGW_TLS_KEY": pki["named_key"],
@@ -240,7 +240,7 @@ def test_health_command_under_tls_with_the_environment_only(tiny_llama, serve, p
     assert run_cli(monkeypatch, capsys, health, {**env, "ROMEGW_TLS_SERVER_NAME": "other.test"})[0] == 2
 
 
-def test_client_certificates_for_mutual_tls(tiny_llama, serve, pki, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_client_certificates_for_mutual_tls(tiny_llama, serve, pki, monkeypatch, capsys) -> None:
     from romegw_client import tls_credentials
 
     srv = serve(tiny_llama, tls=TlsConfig(pki["named_cert"], pki["named_key"], client_ca=pki["ca"]))

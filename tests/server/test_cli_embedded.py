@@ -13,7 +13,7 @@ from romegw_client import Client
 pytestmark = pytest.mark.embedded
 
 
-def test_serve_embedded_then_generate_paris(tmp_path) -> None:  # noqa: ANN001
+def test_serve_embedded_then_generate_paris(tmp_path) -> None:
     port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as f:

@@ -15,7 +15,7 @@ FACTS = [
 ]
 
 
-def test_trace_summary_cli(tokenizer, tmp_path, capsys) -> None:  # noqa: ANN001
+def test_trace_summary_cli(tokenizer, tmp_path, capsys) -> None:
     model_dir = tmp_path / "model"
     tiny = make_tiny("gpt2", tokenizer)
     tiny.model.save_pretrained(model_dir)
@@ -33,7 +33,7 @@ def test_trace_summary_cli(tokenizer, tmp_path, capsys) -> None:  # noqa: ANN001
     assert "peak at layer" in printed
 
 
-def test_eval_cli_on_two_records(tokenizer, tmp_path, capsys) -> None:  # noqa: ANN001
+def test_eval_cli_on_two_records(tokenizer, tmp_path, capsys) -> None:
     model_dir = tmp_path / "model"
     tiny = make_tiny("llama", tokenizer)
     tiny.model.save_pretrained(model_dir)

@@ -13,7 +13,7 @@ SUBJECTS = ["Alice Smith", "Bob Jones", "Carol White"]
 PROMPTS = [f"{s} lives in" for s in SUBJECTS]
 
 
-def test_streams_see_one_version_during_edits(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_streams_see_one_version_during_edits(tiny_llama, serve) -> None:
     srv = serve(tiny_llama, edits=True)
     records: list[tuple[str, str, int]] = []
     stop = threading.Event()

@@ -73,7 +73,7 @@ def check_consistent(c: Client, store: Path, before_ids: list[str]) -> list[str]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory) -> Path:  # noqa: ANN001
+def model_dir(tokenizer, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")
     tiny = make_tiny("llama", tokenizer)
     tiny.model.save_pretrained(folder)
@@ -81,7 +81,7 @@ def model_dir(tokenizer, tmp_path_factory) -> Path:  # noqa: ANN001
     return folder
 
 
-def test_sigkill_during_apply_edit(model_dir, tmp_path) -> None:  # noqa: ANN001
+def test_sigkill_during_apply_edit(model_dir, tmp_path) -> None:
     store, cache, log = tmp_path / "store", tmp_path / "cache", tmp_path / "server.log"
     rng = random.Random(1234)
     facts = iter(FACTS)
@@ -132,7 +132,7 @@ def test_sigkill_during_apply_edit(model_dir, tmp_path) -> None:  # noqa: ANN001
     assert len(ids) >= 2
 
 
-def test_full_disk_while_writing_a_layer_loses_nothing(tiny_llama, serve, monkeypatch) -> None:  # noqa: ANN001
+def test_full_disk_while_writing_a_layer_loses_nothing(tiny_llama, serve, monkeypatch) -> None:
     from rome_engine import edit_store
 
     srv = serve(tiny_llama, edits=True)
@@ -158,7 +158,7 @@ def test_full_disk_while_writing_a_layer_loses_nothing(tiny_llama, serve, monkey
         assert second.head_version == 2
 
 
-def test_deadline_expiring_during_an_edit(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_deadline_expiring_during_an_edit(tiny_llama, serve) -> None:
     """The caller of ApplyEdit gives up mid-way: the server keeps serving, and the edit is either
     wholly live and stored or wholly absent (never stored but not live)."""
     from romegw_client import DeadlineExceeded

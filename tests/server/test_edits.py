@@ -25,7 +25,7 @@ def answer(c: Client, prompt: str) -> tuple[str, int]:
     return out.text, out.edit_version
 
 
-def test_apply_generate_revert_bit_exact(embedded, serve) -> None:  # noqa: ANN001
+def test_apply_generate_revert_bit_exact(embedded, serve) -> None:
     before = param_hashes(embedded.model)
     srv = serve(embedded, edits=True, cache_dir=default_cache_dir())
     with Client(srv.target, timeout=900) as c:
@@ -78,7 +78,7 @@ FACTS = [
 ]
 
 
-def test_three_edits_revert_the_middle_one_then_restart(embedded, serve, tmp_path) -> None:  # noqa: ANN001
+def test_three_edits_revert_the_middle_one_then_restart(embedded, serve, tmp_path) -> None:
     before = param_hashes(embedded.model)
     store = tmp_path / "store"
     srv = serve(embedded, edits=True, edit_store=store, cache_dir=default_cache_dir())

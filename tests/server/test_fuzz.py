@@ -37,7 +37,7 @@ uint64 = st.integers(0, 2**64 - 1)
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
 
 
-def state(model: torch.nn.Module, store) -> tuple:  # noqa: ANN001
+def state(model: torch.nn.Module, store) -> tuple:
     params = hashlib.sha256()
     for _, p in sorted(model.named_parameters()):
         params.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -47,7 +47,7 @@ def state(model: torch.nn.Module, store) -> tuple:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def live(tiny_llama, tmp_path_factory):  # noqa: ANN001, ANN201
+def live(tiny_llama, tmp_path_factory):
     from romegw_server.main import ServerConfig, ServerThread, build_engine
 
     limits = EngineLimits(max_prompt_tokens=48, max_new_tokens=8, max_trace_cells=64, max_continuations=4)
@@ -67,7 +67,7 @@ def live(tiny_llama, tmp_path_factory):  # noqa: ANN001, ANN201
     engine.close()
 
 
-def call(fn, request, token: str = GEN) -> grpc.StatusCode:  # noqa: ANN001
+def call(fn, request, token: str = GEN) -> grpc.StatusCode:
     try:
         out = fn(request, timeout=60, metadata=(("authorization", f"Bearer {token}"),))
         if hasattr(out, "__iter__") and not hasattr(out, "SerializeToString"):
@@ -81,7 +81,7 @@ def call(fn, request, token: str = GEN) -> grpc.StatusCode:  # noqa: ANN001
 @SETTINGS
 @given(prompt=texts, n=st.none() | int32, t=st.none() | floats, p=st.none() | floats, k=st.none() | int32,
        seed=st.none() | uint64, stop=st.lists(texts, max_size=10), top=int32)
-def test_generate(live, prompt, n, t, p, k, seed, stop, top) -> None:  # noqa: ANN001
+def test_generate(live, prompt, n, t, p, k, seed, stop, top) -> None:
     stub, _ = live
     req = pb.GenerateRequest(prompt=prompt, stop=stop, top_logprobs=top, logprobs=top % 2 == 0)
     for name, v in (("max_new_tokens", n), ("temperature", t), ("top_p", p), ("top_k", k), ("seed", seed)):
@@ -92,14 +92,14 @@ def test_generate(live, prompt, n, t, p, k, seed, stop, top) -> None:  # noqa: A
 
 @SETTINGS
 @given(prompt=texts, conts=st.lists(texts, max_size=6))
-def test_score(live, prompt, conts) -> None:  # noqa: ANN001
+def test_score(live, prompt, conts) -> None:
     call(live[0].Score, pb.ScoreRequest(prompt=prompt, continuations=conts))
 
 
 @SETTINGS
 @given(prompt=texts, subject=texts, answer=st.none() | texts, kind=int32, noise=st.none() | floats,
        samples=st.none() | int32, window=st.none() | int32, seed=st.none() | uint64)
-def test_trace(live, prompt, subject, answer, kind, noise, samples, window, seed) -> None:  # noqa: ANN001
+def test_trace(live, prompt, subject, answer, kind, noise, samples, window, seed) -> None:
     req = pb.TraceRequest(prompt=prompt, subject=subject, kind=kind % 6)
     for name, v in (("answer", answer), ("noise", noise), ("samples", samples), ("window", window), ("seed", seed)):
         if v is not None:
@@ -111,7 +111,7 @@ def test_trace(live, prompt, subject, answer, kind, noise, samples, window, seed
 @given(prompt=texts, subject=texts, target=texts, layer=st.none() | int32,
        hp=st.dictionaries(st.sampled_from(["v_lr", "v_num_grad_steps", "nope", "layer", "mom2_n_tokens"]), floats,
                           max_size=3))
-def test_apply_edit(live, prompt, subject, target, layer, hp) -> None:  # noqa: ANN001
+def test_apply_edit(live, prompt, subject, target, layer, hp) -> None:
     spec = pb.EditSpec(prompt=prompt, subject=subject, target=target, hparams=hp)
     if layer is not None:
         spec.layer = layer
@@ -124,7 +124,7 @@ def test_apply_edit(live, prompt, subject, target, layer, hp) -> None:  # noqa: 
 @SETTINGS
 @given(to_version=st.none() | uint64, edit_id=st.none() | texts, size=int32, token=texts,
        lo=uint64, hi=st.none() | uint64)
-def test_revert_list_get_export(live, to_version, edit_id, size, token, lo, hi) -> None:  # noqa: ANN001
+def test_revert_list_get_export(live, to_version, edit_id, size, token, lo, hi) -> None:
     stub = live[0]
     req = pb.RevertEditRequest()
     if to_version is not None:
@@ -142,7 +142,7 @@ def test_revert_list_get_export(live, to_version, edit_id, size, token, lo, hi) 
 
 @SETTINGS
 @given(blobs=st.lists(st.binary(max_size=300), min_size=1, max_size=3), sha=texts)
-def test_import_edits(live, blobs, sha) -> None:  # noqa: ANN001
+def test_import_edits(live, blobs, sha) -> None:
     files = [pb.EditLayerFile(filename="x.safetensors", content=b, sha256=sha) for b in blobs]
     assert call(live[0].ImportEdits, iter(files), token=EDIT) != grpc.StatusCode.OK
 
@@ -150,7 +150,7 @@ def test_import_edits(live, blobs, sha) -> None:  # noqa: ANN001
 @SETTINGS
 @given(data=st.binary(max_size=200), method=st.sampled_from(
     ["Generate", "Score", "Trace", "ApplyEdit", "RevertEdit", "ListEdits", "GetEdit", "ExportEdits", "GetModelInfo"]))
-def test_malformed_bytes(live, data, method) -> None:  # noqa: ANN001
+def test_malformed_bytes(live, data, method) -> None:
     _, channel = live
     streaming = method in ("Generate", "Trace", "ExportEdits")
     fn = (channel.unary_stream if streaming else channel.unary_unary)(f"/romegw.v1.RomeGateway/{method}")

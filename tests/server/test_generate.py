@@ -13,14 +13,14 @@ from romegw_client import Client, DeadlineExceeded, InvalidArgument, ResourceExh
 from tests.conftest import wait_until
 
 
-def hf_greedy(loaded, prompt: str, n: int) -> list[int]:  # noqa: ANN001
+def hf_greedy(loaded, prompt: str, n: int) -> list[int]:
     ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
     out = loaded.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return out[0, ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
-def test_stream_equals_model_generate(family, request, serve) -> None:  # noqa: ANN001
+def test_stream_equals_model_generate(family, request, serve) -> None:
     loaded = request.getfixturevalue(family)
     prompt = "The quick brown fox jumps over"
     expected = hf_greedy(loaded, prompt, 20)
@@ -43,7 +43,7 @@ def test_stream_equals_model_generate(family, request, serve) -> None:  # noqa: 
     assert last.edit_version == 0
 
 
-def test_stop_sequence_truncates_and_is_not_sent(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_stop_sequence_truncates_and_is_not_sent(tiny_llama, serve) -> None:
     srv = serve(tiny_llama)
     prompt = "One two three"
     with Client(srv.target) as c:
@@ -56,7 +56,7 @@ def test_stop_sequence_truncates_and_is_not_sent(tiny_llama, serve) -> None:  # 
     assert stop not in cut.text
 
 
-def test_logprobs_and_top_alternatives(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_logprobs_and_top_alternatives(tiny_llama, serve) -> None:
     srv = serve(tiny_llama)
     with Client(srv.target) as c:
         out = c.generate_text("Hello there", max_new_tokens=4, logprobs=True, top_logprobs=3)
@@ -69,7 +69,7 @@ def test_logprobs_and_top_alternatives(tiny_llama, serve) -> None:  # noqa: ANN0
         assert t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5)
 
 
-def test_sampling_is_reproducible_with_a_seed(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_sampling_is_reproducible_with_a_seed(tiny_llama, serve) -> None:
     srv = serve(tiny_llama)
     with Client(srv.target) as c:
         a = c.generate_text("Once upon", max_new_tokens=12, temperature=1.5, top_k=50, top_p=0.95, seed=7)
@@ -93,14 +93,14 @@ def test_sampling_is_reproducible_with_a_seed(tiny_llama, serve) -> None:  # noq
         ("word " * 200, {}, "max_prompt_tokens=50"),
     ],
 )
-def test_bad_generate_input_is_invalid_argument(tiny_llama, serve, prompt, params, fragment) -> None:  # noqa: ANN001
+def test_bad_generate_input_is_invalid_argument(tiny_llama, serve, prompt, params, fragment) -> None:
     srv = serve(tiny_llama, EngineLimits(max_prompt_tokens=50, max_new_tokens=64))
     with Client(srv.target) as c, pytest.raises(InvalidArgument) as err:
         c.generate_text(prompt, **params)
     assert fragment in err.value.message
 
 
-def test_prompt_plus_new_tokens_must_fit_the_context(tiny_gpt2, serve) -> None:  # noqa: ANN001
+def test_prompt_plus_new_tokens_must_fit_the_context(tiny_gpt2, serve) -> None:
     srv = serve(tiny_gpt2, EngineLimits(max_new_tokens=1000))
     with Client(srv.target) as c:
         with pytest.raises(InvalidArgument, match="context length of 256 tokens"):
@@ -108,7 +108,7 @@ def test_prompt_plus_new_tokens_must_fit_the_context(tiny_gpt2, serve) -> None: 
         assert c.generate_text("Hi there", max_new_tokens=250).finish_reason in ("length", "eos")
 
 
-def test_cancel_frees_the_stream(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_cancel_frees_the_stream(tiny_llama, serve) -> None:
     srv = serve(tiny_llama, EngineLimits(max_new_tokens=4000))
     with Client(srv.target) as c:
         stream = c.generate("Count with me:", max_new_tokens=4000)
@@ -120,14 +120,14 @@ def test_cancel_frees_the_stream(tiny_llama, serve) -> None:  # noqa: ANN001
         assert c.model_info().active_streams == 0
 
 
-def test_deadline_stops_the_work(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_deadline_stops_the_work(tiny_llama, serve) -> None:
     srv = serve(tiny_llama, EngineLimits(max_new_tokens=100_000))
     with Client(srv.target) as c, pytest.raises(DeadlineExceeded):
         c.generate_text("Count with me:", max_new_tokens=100_000, timeout=0.5)
     assert wait_until(lambda: srv.engine.active_streams == 0, timeout=10)
 
 
-def test_concurrent_stream_limit_is_resource_exhausted(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_concurrent_stream_limit_is_resource_exhausted(tiny_llama, serve) -> None:
     srv = serve(tiny_llama, EngineLimits(max_concurrent_streams=1, max_new_tokens=4000))
     with Client(srv.target) as c:
         running = c.generate("Count with me:", max_new_tokens=4000)
@@ -140,7 +140,7 @@ def test_concurrent_stream_limit_is_resource_exhausted(tiny_llama, serve) -> Non
         assert c.generate_text("Another", max_new_tokens=2).completion_tokens == 2
 
 
-def test_other_rpcs_answer_during_a_long_generation(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_other_rpcs_answer_during_a_long_generation(tiny_llama, serve) -> None:
     srv = serve(tiny_llama, EngineLimits(max_new_tokens=100_000))
     done = threading.Event()
 
@@ -165,7 +165,7 @@ def test_other_rpcs_answer_during_a_long_generation(tiny_llama, serve) -> None: 
         t.join(timeout=20)
 
 
-def test_greedy_stream_matches_engine_on_a_thread_pool_while_sampling(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_greedy_stream_matches_engine_on_a_thread_pool_while_sampling(tiny_llama, serve) -> None:
     """Concurrent streams do not disturb one another's output."""
     srv = serve(tiny_llama)
     prompts = ["Alpha beta", "Gamma delta epsilon", "One", "The weather today"]

@@ -28,7 +28,7 @@ def grpcurl(*args: str) -> str:
     return out.stdout
 
 
-def test_grpcurl_list_describe_generate(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_grpcurl_list_describe_generate(tiny_llama, serve) -> None:
     srv = serve(tiny_llama)
     services = grpcurl("-plaintext", srv.target, "list").split()
     assert "romegw.v1.RomeGateway" in services

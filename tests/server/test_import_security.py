@@ -40,7 +40,7 @@ LAYER = 1  # the MLP output projection the test layers touch
 # ------------------------------------------------------------------ layer files
 
 
-def layer_parts(loaded, weights, *, seed: int = 0, scale: float = 0.05) -> tuple[dict, dict[str, torch.Tensor]]:  # noqa: ANN001
+def layer_parts(loaded, weights, *, seed: int = 0, scale: float = 0.05) -> tuple[dict, dict[str, torch.Tensor]]:
     """A valid layer for ``loaded``: its header and its factors (small: ||u v^T|| well under ||W||)."""
     name = loaded.spec.mlp_out_weight_name(LAYER)
     out_dim, in_dim = loaded.spec.as_out_in(weights.parameter(name)).shape
@@ -83,7 +83,7 @@ def tree(root: Path) -> dict[str, str]:
 class Live:
     """A server on a private tiny llama, its store at ROOT/data/edits beside ROOT/data/cache/models."""
 
-    def __init__(self, srv, root: Path) -> None:  # noqa: ANN001
+    def __init__(self, srv, root: Path) -> None:
         self.srv, self.root = srv, root
         self.manager = srv.engine.edits
         self.client = Client(srv.target, timeout=60)
@@ -104,7 +104,7 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(tokenizer, tmp_path_factory):  # noqa: ANN001, ANN201
+def live(tokenizer, tmp_path_factory):
     from romegw_server.main import ServerConfig, ServerThread, build_engine
     from tests.conftest import make_tiny
 
@@ -136,7 +136,7 @@ def refused(live: Live, content: bytes, error: type = InvalidArgument) -> str:
 # ------------------------------------------------------------------ tests
 
 
-def test_a_valid_layer_imports(live) -> None:  # noqa: ANN001
+def test_a_valid_layer_imports(live) -> None:
     """The control: the files the other tests break are accepted when intact."""
     header, tensors = live.parts(seed=1)
     imported = live.client.import_edits([layer_file(encode(header, tensors))])
@@ -157,7 +157,7 @@ def test_a_valid_layer_imports(live) -> None:  # noqa: ANN001
         f"{SOME_ID}/../../x",
     ],
 )
-def test_an_edit_id_is_never_a_path(live, edit_id) -> None:  # noqa: ANN001
+def test_an_edit_id_is_never_a_path(live, edit_id) -> None:
     header, tensors = live.parts()
     header["edit_id"] = edit_id
     message = refused(live, encode(header, tensors))
@@ -166,7 +166,7 @@ def test_an_edit_id_is_never_a_path(live, edit_id) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30])
-def test_non_finite_or_huge_factors_are_refused(live, value) -> None:  # noqa: ANN001
+def test_non_finite_or_huge_factors_are_refused(live, value) -> None:
     header, tensors = live.parts()
     name = next(iter(tensors))
     tensors[name] = torch.full_like(tensors[name], value)
@@ -174,13 +174,13 @@ def test_non_finite_or_huge_factors_are_refused(live, value) -> None:  # noqa: A
     assert "NaN or infinite" in message or "max_update_norm_ratio=1.0" in message
 
 
-def test_an_update_larger_than_its_matrix_is_refused(live) -> None:  # noqa: ANN001
+def test_an_update_larger_than_its_matrix_is_refused(live) -> None:
     header, tensors = live.parts(scale=1.0)  # finite, but ||u v^T|| is many times ||W||
     message = refused(live, encode(header, tensors), FailedPrecondition)
     assert "over the limit max_update_norm_ratio=1.0" in message
 
 
-def test_a_factor_may_only_touch_an_mlp_output_projection(live) -> None:  # noqa: ANN001
+def test_a_factor_may_only_touch_an_mlp_output_projection(live) -> None:
     weights, loaded = live.manager.weights, live.manager.loaded
     name = "model.embed_tokens.weight"
     out_dim, in_dim = weights.parameter(name).shape
@@ -193,11 +193,11 @@ def test_a_factor_may_only_touch_an_mlp_output_projection(live) -> None:  # noqa
     assert "not a matrix edits may change" in message
 
 
-def _drop(key: str):  # noqa: ANN202
+def _drop(key: str):
     return lambda h, t: h.pop(key)
 
 
-def _set(key: str, value: object):  # noqa: ANN202
+def _set(key: str, value: object):
     return lambda h, t: h.__setitem__(key, value)
 
 
@@ -233,14 +233,14 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_a_malformed_header_is_invalid_argument_and_changes_nothing(live, case) -> None:  # noqa: ANN001
+def test_a_malformed_header_is_invalid_argument_and_changes_nothing(live, case) -> None:
     header, tensors = live.parts()
     MALFORMED[case](header, tensors)
     message = refused(live, encode(header, tensors), InvalidArgument)
     assert "not a valid layer file" in message
 
 
-def test_a_bad_second_file_leaves_the_first_unstored(live) -> None:  # noqa: ANN001
+def test_a_bad_second_file_leaves_the_first_unstored(live) -> None:
     good_header, good = live.parts(seed=2)
     bad_header, bad = live.parts(seed=3)
     bad_header["matrices"] = [{}]
@@ -250,7 +250,7 @@ def test_a_bad_second_file_leaves_the_first_unstored(live) -> None:  # noqa: ANN
     live.assert_unchanged(before)
 
 
-def test_the_import_stream_is_bounded(live) -> None:  # noqa: ANN001
+def test_the_import_stream_is_bounded(live) -> None:
     files = [layer_file(encode(*live.parts(seed=10 + i))) for i in range(4)]
     before = live.state()
     with pytest.raises(ResourceExhausted, match="max_import_files=3"):
@@ -258,11 +258,11 @@ def test_the_import_stream_is_bounded(live) -> None:  # noqa: ANN001
     live.assert_unchanged(before)
 
 
-def test_a_junk_stream_is_refused_at_its_first_message(live) -> None:  # noqa: ANN001
+def test_a_junk_stream_is_refused_at_its_first_message(live) -> None:
     """60 messages of 150 kB junk (each under the byte limit): the server refuses the first one as it
     arrives, and stops reading, instead of holding all of them in memory before checking any."""
 
-    def messages():  # noqa: ANN202
+    def messages():
         for _ in range(60):
             yield pb.EditLayerFile(filename="junk.safetensors", content=os.urandom(1000) * 150)
 
@@ -277,7 +277,7 @@ def test_a_junk_stream_is_refused_at_its_first_message(live) -> None:  # noqa: A
     live.assert_unchanged(before)
 
 
-def test_the_import_byte_limit(live) -> None:  # noqa: ANN001
+def test_the_import_byte_limit(live) -> None:
     """Valid files past max_import_bytes (200 kB here): refused naming the limit, nothing stored."""
     header, tensors = live.parts()
     header["request"]["prompt"] = "p" * 90_000  # a valid header of ~90 kB
@@ -310,7 +310,7 @@ def _bad_for(key: str) -> st.SearchStrategy:
 
 
 @st.composite
-def mutations(draw):  # noqa: ANN001, ANN201
+def mutations(draw):
     """(a description, a function that breaks a valid (header, tensors) pair for sure)."""
     kind = draw(st.sampled_from(["drop", "field", "nested", "tensor_value", "tensor_shape", "tensor_dtype",
                                  "tensor_name", "matrix", "junk_header", "extreme"]))
@@ -401,7 +401,7 @@ def _rename(h: dict, t: dict, name: str) -> None:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(st.lists(mutations(), min_size=1, max_size=3))
-def test_fuzz_import_of_mutated_layer_files(live, muts) -> None:  # noqa: ANN001
+def test_fuzz_import_of_mutated_layer_files(live, muts) -> None:
     before = live.state()
     header, tensors = live.parts(seed=5)
     for _, mutate in muts:
@@ -410,7 +410,7 @@ def test_fuzz_import_of_mutated_layer_files(live, muts) -> None:  # noqa: ANN001
             mutate(header, tensors)
     try:
         content = encode(header, tensors)
-    except Exception:  # noqa: BLE001 - safetensors cannot write this one: send raw junk of the same kind
+    except Exception:  # safetensors cannot write this one: send raw junk of the same kind
         content = json.dumps(header, default=str).encode()
     channel = grpc.insecure_channel(live.srv.target)
     try:
@@ -429,7 +429,7 @@ def test_fuzz_import_of_mutated_layer_files(live, muts) -> None:  # noqa: ANN001
 # ------------------------------------------------------------------ a read-only store
 
 
-def test_a_server_starts_on_a_read_only_store_with_a_stray_file(tiny_llama, serve, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_a_server_starts_on_a_read_only_store_with_a_stray_file(tiny_llama, serve, tmp_path, monkeypatch) -> None:
     """A stray file in layers/ and an unverifiable head on a store nothing can be written to:
     the server starts with warnings and serves the newest consistent version."""
     from rome_engine.edit_store import EditStore
@@ -457,12 +457,12 @@ def test_a_server_starts_on_a_read_only_store_with_a_stray_file(tiny_llama, serv
     def read_only(path: object) -> bool:
         return str(path).startswith(str(store))
 
-    def unlink(path, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def unlink(path, *a, **kw):
         if read_only(path):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real_unlink(path, *a, **kw)
 
-    def mkstemp(*a, dir=None, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202, A002
+    def mkstemp(*a, dir=None, **kw):
         if read_only(dir):
             raise OSError(errno.EROFS, "Read-only file system", str(dir))
         return real_mkstemp(*a, dir=dir, **kw)
@@ -480,7 +480,7 @@ def test_a_server_starts_on_a_read_only_store_with_a_stray_file(tiny_llama, serv
 # ------------------------------------------------------------------ found by the review of the fix
 
 
-def test_a_bulky_header_is_refused(live) -> None:  # noqa: ANN001
+def test_a_bulky_header_is_refused(live) -> None:
     """A header that fits the message limit but would make every later ListEdits reply huge, or
     that carries text as hyperparameters, is refused before anything is stored."""
     header, tensors = live.parts(seed=5)
@@ -492,7 +492,7 @@ def test_a_bulky_header_is_refused(live) -> None:  # noqa: ANN001
     assert "must be a finite number" in refused(live, encode(header, tensors))
 
 
-def test_an_import_whose_caller_leaves_during_the_commit_is_whole_live_and_audited(live, caplog) -> None:  # noqa: ANN001
+def test_an_import_whose_caller_leaves_during_the_commit_is_whole_live_and_audited(live, caplog) -> None:
     """The caller's deadline passes while the import waits for a running stream: afterwards all of its
     layers are stored AND live (never some of them, never stored but not served), and audited."""
     import asyncio

@@ -25,7 +25,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_scrape_after_rpcs(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_scrape_after_rpcs(tiny_llama, serve) -> None:
     srv = serve(tiny_llama, edits=True, metrics_port=0)
     before = scrape(srv.metrics_url)
     with Client(srv.target, timeout=600) as c:

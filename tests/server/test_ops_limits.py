@@ -25,7 +25,7 @@ from tests.rome_engine.test_edit_store import random_layer
 MB = 1_000_000
 
 
-def write_history(loaded, root: Path, headers: list[dict]) -> list[str]:  # noqa: ANN001
+def write_history(loaded, root: Path, headers: list[dict]) -> list[str]:
     """Edit layers written straight into a store (as an older server would have), all active."""
     manager = EditManager(loaded, EditStore(root, loaded.model_id), compute=lambda *_: None)
     manager.restore()
@@ -40,10 +40,10 @@ def write_history(loaded, root: Path, headers: list[dict]) -> list[str]:  # noqa
     return ids
 
 
-def test_overlong_author_comment_or_edit_text_is_refused_before_compute(tiny_llama, tmp_path) -> None:  # noqa: ANN001
+def test_overlong_author_comment_or_edit_text_is_refused_before_compute(tiny_llama, tmp_path) -> None:
     computed = []
 
-    def compute(_loaded, request):  # noqa: ANN001, ANN202 - stands in for ROME: it must never run here
+    def compute(_loaded, request):  # stands in for ROME: it must never run here
         computed.append(request)
         raise RuntimeError("the edit was computed before its strings were checked")
 
@@ -74,7 +74,7 @@ def test_overlong_author_comment_or_edit_text_is_refused_before_compute(tiny_lla
     assert EditStore(tmp_path, tiny_llama.model_id).manifest.entries == []  # nothing stored
 
 
-def test_list_edits_pages_by_encoded_size(tiny_llama, serve, tmp_path) -> None:  # noqa: ANN001
+def test_list_edits_pages_by_encoded_size(tiny_llama, serve, tmp_path) -> None:
     # 12 edits with large but legal strings: ~80 KB in one reply, over a 64 KiB message limit
     headers = [{"author": "a" * 256, "comment": f"{i:04d}" + "c" * 3000} for i in range(12)]
     ids = write_history(tiny_llama, tmp_path / "store", headers)
@@ -97,7 +97,7 @@ def test_list_edits_pages_by_encoded_size(tiny_llama, serve, tmp_path) -> None: 
         assert len(page.edits) == 2 and page.next_page_token
 
 
-def test_history_stored_with_an_oversized_comment_stays_readable(tiny_llama, serve, tmp_path) -> None:  # noqa: ANN001
+def test_history_stored_with_an_oversized_comment_stays_readable(tiny_llama, serve, tmp_path) -> None:
     # an older server stored a 12 MB comment: its reply (comment + header_json) is over 16 MiB
     (legacy,) = write_history(tiny_llama, tmp_path / "store", [{"comment": "x" * (12 * MB), "author": "y" * 5000}])
     srv = serve(tiny_llama, edits=True, edit_store=tmp_path / "store")
@@ -111,7 +111,7 @@ def test_history_stored_with_an_oversized_comment_stays_readable(tiny_llama, ser
         assert len(c.list_edits(include_inactive=True).edits) == 1  # still listable after a revert
 
 
-def test_no_log_line_carries_a_huge_request_string(tiny_llama, serve, tmp_path, caplog) -> None:  # noqa: ANN001
+def test_no_log_line_carries_a_huge_request_string(tiny_llama, serve, tmp_path, caplog) -> None:
     write_history(tiny_llama, tmp_path / "store", [{}])
     srv = serve(tiny_llama, edits=True, edit_store=tmp_path / "store")
     huge = "s" * (10 * MB)
@@ -132,7 +132,7 @@ def test_no_log_line_carries_a_huge_request_string(tiny_llama, serve, tmp_path, 
     assert max(len(line) for line in lines) < 2000, max(lines, key=len)[:300]
 
 
-def fake_compute(loaded, request, progress=None):  # noqa: ANN001, ANN201
+def fake_compute(loaded, request, progress=None):
     """A random rank-one edit of layer 0 in place of ROME (fast); the header is built as for a real one."""
     name = loaded.spec.mlp_out_weight_name(0)
     out_dim, in_dim = loaded.spec.as_out_in(dict(loaded.model.named_parameters())[name]).shape
@@ -142,7 +142,7 @@ def fake_compute(loaded, request, progress=None):  # noqa: ANN001, ANN201
                            hparams=SimpleNamespace(to_dict=dict), old_object="")
 
 
-def test_an_edit_with_the_longest_legal_strings_logs_short_lines(tiny_llama, tmp_path, caplog) -> None:  # noqa: ANN001
+def test_an_edit_with_the_longest_legal_strings_logs_short_lines(tiny_llama, tmp_path, caplog) -> None:
     manager = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), fake_compute)
     manager.restore()
     engine = Engine(tiny_llama, EngineLimits(), manager)
@@ -161,7 +161,7 @@ def test_an_edit_with_the_longest_legal_strings_logs_short_lines(tiny_llama, tmp
 
 
 @pytest.mark.parametrize("token", ["-3", " 1", "1_0", "9" * 13, "+1"])
-def test_a_page_token_is_one_the_server_gave_out(tiny_llama, serve, token) -> None:  # noqa: ANN001
+def test_a_page_token_is_one_the_server_gave_out(tiny_llama, serve, token) -> None:
     srv = serve(tiny_llama, edits=True)
     with Client(srv.target, timeout=60) as c, pytest.raises(InvalidArgument, match="page_token"):
         c.list_edits(page_token=token)

@@ -20,7 +20,7 @@ def scores(num_layers: int = 8) -> list[list[float]]:
     return [[0.01 + 0.1 * t * layer / num_layers for layer in range(num_layers)] for t in range(len(TOKENS))]
 
 
-def dominant_channel_counts(path) -> np.ndarray:  # noqa: ANN001
+def dominant_channel_counts(path) -> np.ndarray:
     """How many strongly coloured pixels have red, green or blue as their largest channel."""
     rgb = matplotlib.image.imread(path)[..., :3]  # (H, W, 3) in [0, 1]
     saturated = rgb.max(-1) - rgb.min(-1) > 0.3
@@ -28,7 +28,7 @@ def dominant_channel_counts(path) -> np.ndarray:  # noqa: ANN001
 
 
 @pytest.mark.parametrize(("kind", "channel"), [("mlp", 1), ("attn", 0), ("hidden", 2)])
-def test_draw_trace_writes_a_heatmap_in_the_kind_colours(tmp_path, kind, channel) -> None:  # noqa: ANN001
+def test_draw_trace_writes_a_heatmap_in_the_kind_colours(tmp_path, kind, channel) -> None:
     out = tmp_path / f"trace_{kind}.png"
     draw_trace(TOKENS, scores(), SUBJECT, kind=kind, answer=" Paris", clean_prob=0.8, corrupted_prob=0.01, out_path=out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -42,7 +42,7 @@ def test_token_labels_mark_the_subject_and_stay_literal() -> None:
     assert token_labels(["a\n", "$x$"], (1, 2)) == ["a\\n", r"\$x\$*"]
 
 
-def test_draw_trace_rejects_bad_shapes_and_kinds(tmp_path) -> None:  # noqa: ANN001
+def test_draw_trace_rejects_bad_shapes_and_kinds(tmp_path) -> None:
     common = {"answer": " Paris", "clean_prob": 0.8, "corrupted_prob": 0.1, "out_path": tmp_path / "x.png"}
     with pytest.raises(ValueError, match="rows"):
         draw_trace(TOKENS[:-1], scores(), SUBJECT, kind="mlp", **common)
@@ -53,7 +53,7 @@ def test_draw_trace_rejects_bad_shapes_and_kinds(tmp_path) -> None:  # noqa: ANN
     assert not (tmp_path / "x.png").exists()
 
 
-def test_draw_summary(tmp_path) -> None:  # noqa: ANN001
+def test_draw_summary(tmp_path) -> None:
     out = tmp_path / "summary.svg"
     effects = {"last subject token": [0.0, 0.2, 0.1], "last token": [0.0, 0.0, 0.3]}
     draw_summary(effects, kind="mlp", n_facts=12, out_path=out)

@@ -8,7 +8,7 @@ import torch
 from romegw_client import Client, FailedPrecondition, InvalidArgument
 
 
-def test_score_matches_a_direct_forward_pass(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_score_matches_a_direct_forward_pass(tiny_llama, serve) -> None:
     srv = serve(tiny_llama)
     prompt, conts = "The Eiffel Tower is in", [" Paris", " Rome", " the city of Paris"]
     with Client(srv.target) as c:
@@ -27,7 +27,7 @@ def test_score_matches_a_direct_forward_pass(tiny_llama, serve) -> None:  # noqa
     assert result.edit_version == 0
 
 
-def test_score_bad_input(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_score_bad_input(tiny_llama, serve) -> None:
     srv = serve(tiny_llama)
     with Client(srv.target) as c:
         with pytest.raises(InvalidArgument, match="at least one continuation"):
@@ -38,7 +38,7 @@ def test_score_bad_input(tiny_llama, serve) -> None:  # noqa: ANN001
             c.score("prompt", [""])
 
 
-def test_model_info(tiny_gpt2, serve) -> None:  # noqa: ANN001
+def test_model_info(tiny_gpt2, serve) -> None:
     srv = serve(tiny_gpt2)
     with Client(srv.target) as c:
         info = c.model_info()
@@ -53,14 +53,14 @@ def test_model_info(tiny_gpt2, serve) -> None:  # noqa: ANN001
     assert info.max_prompt_tokens == 255  # capped by the model's 256 positions
 
 
-def test_health_serving(tiny_gpt2, serve) -> None:  # noqa: ANN001
+def test_health_serving(tiny_gpt2, serve) -> None:
     srv = serve(tiny_gpt2)
     with Client(srv.target) as c:
         assert c.health() == "SERVING"
         assert c.health("romegw.v1.RomeGateway") == "SERVING"
 
 
-def test_edits_without_an_edit_manager_are_failed_precondition(tiny_gpt2, serve) -> None:  # noqa: ANN001
+def test_edits_without_an_edit_manager_are_failed_precondition(tiny_gpt2, serve) -> None:
     srv = serve(tiny_gpt2)
     with Client(srv.target) as c, pytest.raises(FailedPrecondition, match="without editing support"):
         c.list_edits()

@@ -14,7 +14,7 @@ from tests.conftest import make_tiny, wait_until
 from tests.server.test_edit_crash import FAST, Server
 
 
-def test_sigterm_drains_streams(tokenizer, tmp_path) -> None:  # noqa: ANN001
+def test_sigterm_drains_streams(tokenizer, tmp_path) -> None:
     model_dir = tmp_path / "model"
     tiny = make_tiny("llama", tokenizer)
     tiny.model.save_pretrained(model_dir)
@@ -57,7 +57,7 @@ def test_sigterm_drains_streams(tokenizer, tmp_path) -> None:  # noqa: ANN001
     srv2.kill()
 
 
-def test_prestop_keeps_serving_not_serving_then_exits(tokenizer, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_prestop_keeps_serving_not_serving_then_exits(tokenizer, tmp_path, monkeypatch) -> None:
     """SIGTERM with a pre-stop period: health answers NOT_SERVING (the port is still open) and
     calls are still served for that period; then the grace period; then the process exits."""
     prestop, grace = 4.0, 1.0

@@ -15,7 +15,7 @@ from tests.server.test_edit_crash import Server, store_state
 GRACE = 1.0
 
 
-def test_sigterm_abandons_a_computing_edit(tokenizer, tmp_path) -> None:  # noqa: ANN001
+def test_sigterm_abandons_a_computing_edit(tokenizer, tmp_path) -> None:
     model_dir = tmp_path / "model"
     make_tiny("llama", tokenizer).model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -30,7 +30,7 @@ def test_sigterm_abandons_a_computing_edit(tokenizer, tmp_path) -> None:  # noqa
                 try:
                     c.apply_edit("{} lives in", "Alice Smith", " Paris", hparams=SLOW)
                     outcome["result"] = "applied"
-                except Exception as e:  # noqa: BLE001 - the server goes away mid-call
+                except Exception as e:  # the server goes away mid-call
                     outcome["result"] = type(e).__name__
 
         t = threading.Thread(target=edit)

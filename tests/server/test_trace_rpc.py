@@ -10,7 +10,7 @@ from rome_engine.tracing import TraceRequest, trace
 from romegw_client import Client, InvalidArgument, TraceProgress, TraceResult
 
 
-def test_trace_streams_progress_then_the_grid(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_trace_streams_progress_then_the_grid(tiny_llama, serve) -> None:
     srv = serve(tiny_llama)
     prompt, subject = "The Eiffel Tower is in the city of", "The Eiffel Tower"
     with Client(srv.target) as c:
@@ -30,7 +30,7 @@ def test_trace_streams_progress_then_the_grid(tiny_llama, serve) -> None:  # noq
     assert r.peak == direct.peak
 
 
-def test_trace_bad_input(tiny_llama, serve) -> None:  # noqa: ANN001
+def test_trace_bad_input(tiny_llama, serve) -> None:
     srv = serve(tiny_llama, EngineLimits(max_trace_cells=40))
     with Client(srv.target) as c:
         with pytest.raises(InvalidArgument, match="does not occur|not found|subject"):
