@@ -12,10 +12,12 @@ so W' k* = v* exactly and W' k = W k for every k with (C^-1 k*)^T k = 0.
     apply_edit(loaded, result)     # W += outer(left, right), in W's storage layout
     remove_edit(loaded, result)    # W restored bit for bit from the copy saved at apply
 
-``compute_edit`` leaves the model as it found it (it applies the edit only
-briefly, to measure it). Forward passes here use hooks, which are global on
-the modules: run one edit at a time and not alongside generation that must
-not see them (the engine's model lock).
+``compute_edit`` leaves the weights as it found them: it measures the edit
+through ``layers.rank_one_patch``, whose hook acts only on the calling thread's
+forward passes. ``apply_edit`` and ``remove_edit`` write W in place, which every
+thread sees: they are for evaluation, where nothing else runs on the model (the
+server never calls them; it swaps weights through ``layers.LayerWeights`` inside
+the engine's version gate).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..bounds import clip
 from ..edit_store import RankOneFactor
 from ..errors import FailedPrecondition, InvalidRequest
 from ..generation import SamplingParams, generate_tokens
+from ..layer_selection import select_edit_layer
 from ..layers import rank_one_patch
 from ..loading import LoadedModel
 from ..scoring import encode_prompt, score_continuations, split_continuation
@@ -116,17 +119,11 @@ def remove_edit(loaded: LoadedModel, result: EditResult) -> None:
 
 def resolve_layer(loaded: LoadedModel, request: EditRequest, hp: RomeHParams, cache: RomeCache) -> int:
     """request.layer, else the hparams' layer (an override, the paper's or the tuned one),
-    else the traced layer of ``layer_selection``, else num_layers // 4."""
+    else the traced layer of ``layer_selection``."""
     if request.layer is not None:
         return request.layer
     if hp.layer is not None:
         return hp.layer
-    try:
-        from ..layer_selection import select_edit_layer
-    except ImportError:
-        layer = loaded.num_layers // 4
-        log.info("no layer_selection module: editing layer %d (num_layers // 4)", layer)
-        return layer
     return select_edit_layer(loaded, cache_dir=cache.cache_dir)
 
 
