@@ -389,5 +389,4 @@ def rome_compute(cache_dir: object = None, corpus: object = None) -> ComputeFn:
     def compute(loaded: LoadedModel, request: object, progress: ProgressFn | None = None) -> object:
         return compute_edit(loaded, request, cache, progress=progress)
 
-    compute.cache = cache  # type: ignore[attr-defined]
     return compute

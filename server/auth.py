@@ -30,12 +30,11 @@ import grpc
 from rome_engine.bounds import clip
 
 ROLES = ("generate", "edit")
-GENERATE_METHODS = frozenset({"Generate", "Score", "Trace", "GetModelInfo", "ListEdits", "GetEdit"})
-EDIT_METHODS = frozenset({"ApplyEdit", "RevertEdit", "ImportEdits", "ExportEdits"})
+_GENERATE_ROLE = frozenset({"Generate", "Score", "Trace", "GetModelInfo", "ListEdits", "GetEdit"})
 # role -> the gateway RPCs it may call; anything not listed is refused
 ROLE_METHODS: dict[str, frozenset[str]] = {
-    "generate": GENERATE_METHODS,
-    "edit": GENERATE_METHODS | EDIT_METHODS,
+    "generate": _GENERATE_ROLE,
+    "edit": _GENERATE_ROLE | {"ApplyEdit", "RevertEdit", "ImportEdits", "ExportEdits"},
 }
 MIN_TOKEN_CHARS = 16
 

@@ -124,12 +124,6 @@ def warn_plaintext_tokens(config: ServerConfig) -> None:
         )
 
 
-def _transport(config: ServerConfig) -> str:
-    if config.tls is None:
-        return "plaintext"
-    return "TLS with client certificates" if config.tls.client_ca else "TLS"
-
-
 def build_engine(loaded: LoadedModel, config: ServerConfig) -> Engine:
     """The engine with its edit manager; the stored edit stack is re-applied here."""
     store_dir = config.edit_store

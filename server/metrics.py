@@ -5,7 +5,10 @@ already scrape (vLLM's ``vllm:*``, TGI's ``tgi_*``): one prefix ``romegw_``,
 base units in the names (``_seconds``, ``_bytes``, ``_total``), low-cardinality
 labels only (the RPC method and status code; never a prompt or a token).
 
-    metrics = Metrics(model_info)            # its own registry
+    info = engine.info()
+    metrics = Metrics(model_id=info.model_id, dtype=info.dtype, device=info.device,
+                      load_seconds=info.load_seconds)   # its own registry
+    metrics.bind(engine)                    # gauges read from the engine at scrape time
     start_http_server(port, registry=metrics.registry)
 """
 
