@@ -41,8 +41,8 @@ to version N makes N the head again (its weights, bit for bit); removing one
 layer from the middle creates a new version without it (later layers were
 computed on top of it and stay).
 
-Writes are atomic: a temporary file in the same folder, fsync, rename, fsync
-of the folder. A layer file is written before the manifest entry that names
+Writes are atomic (``fileio.atomic_write``): a temporary file in the same folder,
+fsync, rename, fsync of the folder. A layer file is written before the manifest entry that names
 it, so a crash leaves either the whole edit or none of it (an orphaned layer
 file is ignored and removed at the next start). A layer whose sha256 or base
 fingerprint does not match is never applied.
@@ -60,8 +60,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -73,6 +71,7 @@ from safetensors.torch import save as safetensors_save
 
 from .bounds import MAX_AUTHOR_CHARS, MAX_COMMENT_CHARS, check_text
 from .errors import EngineError, FailedPrecondition, NotFound
+from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -85,32 +84,7 @@ MAX_HEADER_BYTES = 256 * 1024  # a header as JSON: every field above within its 
 MAX_STORED_TEXT_CHARS = 1 << 30  # an author or comment an older server stored before the limits existed
 
 
-# ------------------------------------------------------------------ atomic I/O
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+# ------------------------------------------------------------------ hashes
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -13,18 +13,15 @@ config) and computed once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import re
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import InvalidRequest
-from .loading import LoadedModel
+from .fileio import write_json
+from .loading import LoadedModel, config_sha256, safe_model_id
 from .tracing import Fact, NoiseCache, trace_summary
 
 log = logging.getLogger(__name__)
@@ -59,17 +56,11 @@ def default_window(num_layers: int) -> int:
 
 def config_hash(loaded: LoadedModel) -> str:
     """A short hash of the model's architecture config (paths and versions left out)."""
-    cfg = {
-        k: v
-        for k, v in sorted(loaded.model.config.to_dict().items())
-        if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")
-    }
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return config_sha256(loaded).hexdigest()[:16]
 
 
 def cache_path(cache_dir: Path, loaded: LoadedModel) -> Path:
-    safe_id = re.sub(r"[^A-Za-z0-9._-]+", "_", loaded.model_id).strip("_") or "model"
-    return cache_dir / "edit_layers" / f"{safe_id}-{config_hash(loaded)}.json"
+    return cache_dir / "edit_layers" / f"{safe_model_id(loaded.model_id)}-{config_hash(loaded)}.json"
 
 
 def _read_cached(path: Path) -> int | None:
@@ -81,20 +72,6 @@ def _read_cached(path: Path) -> int | None:
     except (ValueError, KeyError, TypeError) as e:
         log.warning("ignoring the unreadable edit-layer cache %s: %s", path, e)
         return None
-
-
-def _write_atomic(path: Path, data: dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def select_edit_layer(
@@ -155,7 +132,7 @@ def select_edit_layer(
         seconds,
     )
     if path is not None:
-        _write_atomic(
+        write_json(
             path,
             {
                 "format": CACHE_FORMAT,
@@ -169,5 +146,6 @@ def select_edit_layer(
                 "last_subject_effect": summary.last_subject_effect,
                 "seconds": round(seconds, 2),
             },
+            indent=2,
         )
     return layer

@@ -18,9 +18,12 @@ again; any other folder or hub id is refused (``DamagedCheckpoint``).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -96,6 +99,23 @@ def default_cache_dir() -> Path:
     """``$ROMEGW_CACHE_DIR``, else ``~/.cache/rome-gateway``."""
     env = os.environ.get("ROMEGW_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "rome-gateway"
+
+
+def safe_model_id(model_id: str) -> str:
+    """``model_id`` as a file name: runs of anything but letters, digits, ``._-`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("_") or "model"
+
+
+def config_sha256(loaded: LoadedModel) -> hashlib._Hash:
+    """sha256 over the model's architecture config (private keys, versions and the dtype
+    left out): the start of each on-disk cache key (``rome.cache.model_key``,
+    ``layer_selection.cache_path``), which may add more to it."""
+    cfg = {
+        k: v
+        for k, v in sorted(loaded.model.config.to_dict().items())
+        if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")
+    }
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
 
 
 def resolve_device(device: str | None) -> torch.device:

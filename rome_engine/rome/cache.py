@@ -16,15 +16,12 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
-import re
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from ..loading import LoadedModel, default_cache_dir
+from ..loading import LoadedModel, config_sha256, default_cache_dir, safe_model_id
 
 T = TypeVar("T")
 
@@ -80,37 +77,13 @@ class RomeCache:
 
 
 def model_key(loaded: LoadedModel) -> str:
-    cfg = {
-        k: v
-        for k, v in sorted(loaded.model.config.to_dict().items())
-        if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")
-    }
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    """``<model id>-<hash>``: the config's hash (``loading.config_sha256``) extended with
+    the dtype and a few embedding values."""
+    h = config_sha256(loaded)
     h.update(str(loaded.dtype).encode())
     emb = loaded.spec.embedding(loaded.model).weight
     h.update(emb[:4, :16].detach().float().cpu().numpy().tobytes())  # tells random tiny models apart
-    safe_id = re.sub(r"[^A-Za-z0-9._-]+", "_", loaded.model_id).strip("_") or "model"
-    return f"{safe_id}-{h.hexdigest()[:12]}"
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temp file next to ``path``, fsync it, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: object) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1), encoding="utf-8"))
+    return f"{safe_model_id(loaded.model_id)}-{h.hexdigest()[:12]}"
 
 
 def read_json(path: Path) -> object | None:

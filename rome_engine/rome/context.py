@@ -16,10 +16,11 @@ import logging
 import re
 import time
 
+from ..fileio import write_json
 from ..generation import SamplingParams, generate_tokens
 from ..loading import LoadedModel
 from ..scoring import encode_prompt
-from .cache import ProgressFn, RomeCache, read_json, write_json
+from .cache import ProgressFn, RomeCache, read_json
 from .hparams import RomeHParams
 from .request import SLOT
 

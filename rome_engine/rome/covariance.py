@@ -29,9 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..fileio import atomic_write_with
 from ..hooks import Trace, run_until_stopped, stop_after
 from ..loading import LoadedModel
-from .cache import ProgressFn, RomeCache, atomic_write, file_digest
+from .cache import ProgressFn, RomeCache, file_digest
 from .hparams import RomeHParams
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def layer_covariance(
         seconds = time.perf_counter() - t0
         meta = {"model_id": loaded.model_id, "layer": str(layer), "tokens": str(count), "source": source,
                 "seconds": f"{seconds:.1f}"}  # fmt: skip
-        atomic_write(path, lambda tmp: save_file({"C": c.contiguous()}, str(tmp), metadata=meta))
+        atomic_write_with(path, lambda tmp: save_file({"C": c.contiguous()}, str(tmp), metadata=meta))
         log.info("C of layer %d over %d tokens computed in %.1f s -> %s", layer, count, seconds, path)
         return c
 
@@ -144,7 +145,7 @@ def sample_texts(
         t0 = time.perf_counter()
         texts = generate_texts(loaded, hp.mom2_n_tokens, hp.mom2_seq_len, progress=progress)
         body = "".join(json.dumps({"text": t}) + "\n" for t in texts)
-        atomic_write(path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
+        atomic_write_with(path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
         log.info("sampled %d texts from the model in %.1f s -> %s", len(texts), time.perf_counter() - t0, path)
         return texts
 
