@@ -29,8 +29,13 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from .arch import config_sizes
 from .errors import ResourceExhausted
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel
 
 MB = 1 << 20
 LOGIT_BYTES = 4  # logits and their softmax are computed in float32 whatever the model's dtype
@@ -50,17 +55,10 @@ class ModelShape:
     dtype_bytes: int
 
     @classmethod
-    def of(cls, loaded: object) -> ModelShape:
-        cfg = loaded.model.config
-        hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0))
-        heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 1))
-        kv_heads = int(getattr(cfg, "num_key_value_heads", 0) or heads)
-        head_dim = int(getattr(cfg, "head_dim", 0) or hidden // max(heads, 1))
-        inner = int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "n_inner", 0) or 4 * hidden)
+    def of(cls, loaded: LoadedModel) -> ModelShape:
+        s = config_sizes(loaded.model.config)
         dtype_bytes = next(loaded.model.parameters()).element_size()
-        return cls(
-            loaded.num_layers, hidden, heads, kv_heads, head_dim, inner, int(cfg.vocab_size), dtype_bytes
-        )
+        return cls(loaded.num_layers, s.hidden, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.vocab, dtype_bytes)
 
 
 # -- estimates (bytes) ----------------------------------------------------------

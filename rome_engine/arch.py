@@ -1,13 +1,16 @@
-"""The model-family table: the one place that knows module names.
+"""The model-family table: the one place that knows module and config names.
 
 Each supported family of Hugging Face causal LMs gets one ``ArchSpec`` that
 names its token embeddings, its list of transformer blocks, and, relative to
 a block, the MLP, the MLP's input and output projections and the attention
 module. ROME edits the MLP output projection (``mlp_out``); causal tracing
-restores block outputs, MLP outputs or attention outputs.
+restores block outputs, MLP outputs or attention outputs. ``config_sizes``
+reads the sizes the families' configs name differently (GPT-2's ``n_embd``,
+``n_head``, ``n_positions``; the others' ``hidden_size``, ...).
 
     spec = spec_for(model)
     w = spec.mlp_out_weight(model, layer=5)   # the matrix ROME rewrites
+    config_sizes(model.config).hidden         # D
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from .errors import UnsupportedModel
 
@@ -154,6 +158,42 @@ FAMILIES: tuple[ArchSpec, ...] = (
     ),
     _LLAMA_LIKE,
 )
+
+
+@dataclass(frozen=True)
+class ConfigSizes:
+    """The sizes of a model as its config gives them, whatever the family calls them."""
+
+    hidden: int  # D
+    heads: int
+    kv_heads: int  # == heads without grouped-query attention
+    head_dim: int
+    intermediate: int  # the MLP's inner width
+    vocab: int
+    context_length: int  # the most positions the model takes; 1 << 30 when the config names none
+
+
+def config_sizes(config: PretrainedConfig) -> ConfigSizes:
+    """The sizes in a Hugging Face config, with the fallbacks a family without a field implies."""
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
+    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 1))
+    return ConfigSizes(
+        hidden=hidden,
+        heads=heads,
+        kv_heads=int(getattr(config, "num_key_value_heads", 0) or heads),
+        head_dim=int(getattr(config, "head_dim", 0) or hidden // max(heads, 1)),
+        intermediate=int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0) or 4 * hidden),
+        vocab=int(config.vocab_size),
+        context_length=_context_length(config),
+    )
+
+
+def _context_length(config: PretrainedConfig) -> int:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return 1 << 30
 
 
 def supported_model_types() -> list[str]:

@@ -43,6 +43,7 @@ from .admission import (
     score_bytes,
     trace_bytes,
 )
+from .arch import config_sizes
 from .batching import BatchScheduler
 from .bounds import clip
 from .edit_store import EditLayer
@@ -145,7 +146,7 @@ class Engine:
     ) -> None:
         self.loaded = loaded
         self.limits = limits or EngineLimits()
-        context = _context_length(loaded)
+        context = config_sizes(loaded.model.config).context_length
         self.context_length = context
         self.max_prompt_tokens = min(self.limits.max_prompt_tokens, context - 1)
         self._pool = ThreadPoolExecutor(
@@ -693,6 +694,7 @@ class Engine:
     def info(self) -> EngineInfo:
         m = self.loaded
         cfg = m.model.config
+        sizes = config_sizes(cfg)
         return EngineInfo(
             model_id=m.model_id,
             family=m.spec.family,
@@ -701,8 +703,8 @@ class Engine:
             device=str(m.device),
             num_parameters=m.num_parameters,
             num_layers=m.num_layers,
-            hidden_size=int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0)),
-            vocab_size=int(cfg.vocab_size),
+            hidden_size=sizes.hidden,
+            vocab_size=sizes.vocab,
             head_version=self.edit_version,
             active_layers=self.active_layers,
             limits=self.limits,
@@ -730,15 +732,6 @@ class Engine:
 
 def _next_or_none(it: object) -> GenerationChunk | None:
     return next(it, None)
-
-
-def _context_length(loaded: LoadedModel) -> int:
-    cfg = loaded.model.config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    return 1 << 30
 
 
 async def _aiter(items: AsyncIterable[T] | Iterable[T]) -> AsyncIterator[T]:
