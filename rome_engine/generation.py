@@ -21,6 +21,7 @@ import torch
 
 from .arch import get_module
 from .loading import LoadedModel
+from .scoring import TokenScore
 
 FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
@@ -44,11 +45,7 @@ class SamplingParams:
         return self.temperature <= 0.0
 
 
-@dataclass(frozen=True)
-class TokenAlternative:
-    token_id: int
-    text: str
-    logprob: float
+TokenAlternative = TokenScore  # one of a generated token's top alternatives: (token id, text, logprob)
 
 
 @dataclass(frozen=True)

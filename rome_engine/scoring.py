@@ -15,6 +15,9 @@ from .loading import LoadedModel
 
 @dataclass(frozen=True)
 class TokenScore:
+    """A token with its log-probability (natural log): in a scored continuation, and as one
+    of a generated token's top alternatives (``generation.TokenAlternative``)."""
+
     token_id: int
     text: str
     logprob: float

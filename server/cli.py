@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from romegw_client import Client, EditInfo, GatewayError, TraceResult
+from romegw_client import TRACE_KINDS, Client, EditInfo, GatewayError, TraceResult
 
 log = logging.getLogger("romegw")
 
@@ -276,7 +276,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt")
     p.add_argument("--subject", required=True, help="the words of the prompt to corrupt")
     p.add_argument("--answer", help="the answer to trace (default: the model's greedy next token)")
-    p.add_argument("--kind", choices=["hidden", "mlp", "attn"], default="hidden")
+    p.add_argument("--kind", choices=list(TRACE_KINDS), default="hidden")
     p.add_argument("--samples", type=int)
     p.add_argument("--window", type=int)
     p.add_argument("--noise", type=float)
@@ -546,7 +546,7 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("trace-summary", parents=[local], help="average causal effect by layer over many facts")
     p.add_argument("--data", type=Path, required=True, help="known_1000.json (subject, attribute, template, prompt)")
     p.add_argument("--n", type=int, default=50, help="facts to average")
-    p.add_argument("--kind", choices=["hidden", "mlp", "attn"], default="mlp")
+    p.add_argument("--kind", choices=list(TRACE_KINDS), default="mlp")
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--window", type=int, default=10)
     p.add_argument("--min-prob", type=float, default=0.05, help="skip facts the model gives less than this")

@@ -17,7 +17,7 @@ from rome_engine.generation import (
 )
 from rome_engine.rome.request import EditRequest
 from rome_engine.scoring import ContinuationScore
-from rome_engine.tracing import TraceRequest
+from rome_engine.tracing import KINDS, TraceRequest
 from romegw_client.pb import gateway_pb2 as pb
 
 _FINISH = {
@@ -163,23 +163,19 @@ def layer_file(entry: dict, data: bytes) -> pb.EditLayerFile:
 
 # ------------------------------------------------------------------- trace
 
-_KINDS = {
-    pb.TRACE_KIND_UNSPECIFIED: "hidden",
-    pb.TRACE_KIND_HIDDEN: "hidden",
-    pb.TRACE_KIND_MLP: "mlp",
-    pb.TRACE_KIND_ATTN: "attn",
-}
-_KIND_PB = {"hidden": pb.TRACE_KIND_HIDDEN, "mlp": pb.TRACE_KIND_MLP, "attn": pb.TRACE_KIND_ATTN}
+# the engine's kinds on the wire, by the enum's names: "mlp" -> TRACE_KIND_MLP
+_KIND_PB = {kind: pb.TraceKind.Value(f"TRACE_KIND_{kind.upper()}") for kind in KINDS}
+_PB_KIND = {number: kind for kind, number in _KIND_PB.items()} | {pb.TRACE_KIND_UNSPECIFIED: "hidden"}
 
 
 def trace_request(req: pb.TraceRequest) -> TraceRequest:
-    if req.kind not in _KINDS:
-        raise InvalidRequest(f"unknown trace kind {req.kind}: use hidden, mlp or attn")
+    if req.kind not in _PB_KIND:
+        raise InvalidRequest(f"unknown trace kind {req.kind}: use {', '.join(KINDS[:-1])} or {KINDS[-1]}")
     return TraceRequest(
         prompt=req.prompt,
         subject=req.subject,
         answer=req.answer if req.HasField("answer") else None,
-        kind=_KINDS[req.kind],
+        kind=_PB_KIND[req.kind],
         noise=req.noise if req.HasField("noise") else None,
         samples=req.samples if req.HasField("samples") else 10,
         window=req.window if req.HasField("window") else 10,

@@ -22,6 +22,7 @@ from .errors import (
     from_rpc_error,
 )
 from .types import (
+    TRACE_KINDS,
     ApplyResult,
     Completion,
     ContinuationScore,
@@ -48,6 +49,7 @@ __all__ = [
     "RevertResult",
     "TraceProgress",
     "TraceResult",
+    "TRACE_KINDS",
     "SERVICE_NAME",
     "AsyncClient",
     "Cancelled",

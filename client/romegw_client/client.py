@@ -27,6 +27,7 @@ from .health import STATUS_NAMES, HealthCheckRequest, check_method
 from .pb import gateway_pb2 as pb
 from .pb import gateway_pb2_grpc as pb_grpc
 from .types import (
+    TRACE_KINDS,
     ApplyResult,
     Completion,
     EditInfo,
@@ -127,9 +128,6 @@ def revert_edit_request(
     return req
 
 
-_TRACE_KINDS = {"hidden": pb.TRACE_KIND_HIDDEN, "mlp": pb.TRACE_KIND_MLP, "attn": pb.TRACE_KIND_ATTN}
-
-
 def trace_request(
     prompt: str,
     subject: str,
@@ -141,9 +139,9 @@ def trace_request(
     window: int | None = None,
     seed: int | None = None,
 ) -> pb.TraceRequest:
-    if kind not in _TRACE_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(_TRACE_KINDS)}, got {kind!r}")
-    req = pb.TraceRequest(prompt=prompt, subject=subject, kind=_TRACE_KINDS[kind])
+    if kind not in TRACE_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TRACE_KINDS)}, got {kind!r}")
+    req = pb.TraceRequest(prompt=prompt, subject=subject, kind=TRACE_KINDS[kind])
     for name, value in (("answer", answer), ("noise", noise), ("samples", samples), ("window", window), ("seed", seed)):
         if value is not None:
             setattr(req, name, value)

@@ -6,6 +6,14 @@ from dataclasses import dataclass, field
 
 from .pb import gateway_pb2 as pb
 
+# trace kinds by the wire enum's names, in its order: "mlp" <-> TRACE_KIND_MLP (UNSPECIFIED: the server's default)
+TRACE_KINDS: dict[str, int] = {
+    name.removeprefix("TRACE_KIND_").lower(): number
+    for name, number in pb.TraceKind.items()
+    if number != pb.TRACE_KIND_UNSPECIFIED
+}
+_TRACE_KIND_NAMES = {number: name for name, number in TRACE_KINDS.items()}
+
 FINISH_REASONS = {
     pb.FINISH_REASON_UNSPECIFIED: None,
     pb.FINISH_REASON_LENGTH: "length",
@@ -277,7 +285,6 @@ class TraceResult:
     def from_pb(cls, m: pb.TraceResult) -> TraceResult:
         n = m.num_layers
         flat = list(m.scores)
-        kinds = {pb.TRACE_KIND_HIDDEN: "hidden", pb.TRACE_KIND_MLP: "mlp", pb.TRACE_KIND_ATTN: "attn"}
         return cls(
             tokens=tuple(m.tokens),
             subject_range=(m.subject_start, m.subject_end),
@@ -287,7 +294,7 @@ class TraceResult:
             corrupted_prob=m.corrupted_prob,
             num_layers=n,
             scores=tuple(tuple(flat[i * n : (i + 1) * n]) for i in range(len(m.tokens))),
-            kind=kinds.get(m.kind, "hidden"),
+            kind=_TRACE_KIND_NAMES.get(m.kind, "hidden"),
             noise=m.noise,
             samples=m.samples,
             window=m.window,
