@@ -2,5 +2,6 @@
 
 Modules: convert (protobuf <-> engine types), servicer (the RPC handlers),
 interceptors (engine errors -> gRPC statuses), main (wiring, health,
-reflection, shutdown), cli (the ``rome-gateway`` command), plotting.
+reflection, shutdown), cli (the ``rome-gateway`` command: ``serve`` and the
+in-process jobs here, the client commands from ``romegw_client.cli``).
 """

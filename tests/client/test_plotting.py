@@ -9,7 +9,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from romegw_server.plotting import draw_summary, draw_trace, token_labels
+from romegw_client.plotting import draw_summary, draw_trace, token_labels
 
 TOKENS = ["The", " E", "iffel", " Tower", " is", " in"]
 SUBJECT = (1, 4)
@@ -64,6 +64,6 @@ def test_draw_summary(tmp_path) -> None:
 
 
 def test_plotting_does_not_import_torch() -> None:
-    code = "import sys, romegw_server.plotting; print('torch' in sys.modules)"
+    code = "import sys, romegw_client.plotting; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
