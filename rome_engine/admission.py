@@ -128,15 +128,23 @@ def check_memory(what: str, estimate: int, limit_mb: int) -> None:
 
 
 class Admission:
-    """Counts running work by kind and tokens in flight; refuses at once when a limit is reached.
+    """Counts running work by kind (``max_concurrent_<kind>s``), tokens and memory estimates in
+    flight; refuses at once when a limit is reached, or when one call's estimate alone is over
+    ``max_request_memory_mb``.
 
     A limit of 0 means no limit. Thread-safe (one lock around the counters).
     """
 
     def __init__(
-        self, *, max_concurrent: dict[str, int], max_tokens_in_flight: int, max_memory_in_flight_mb: int = 0
+        self,
+        *,
+        max_concurrent: dict[str, int],
+        max_tokens_in_flight: int,
+        max_memory_in_flight_mb: int = 0,
+        max_request_memory_mb: int = 0,
     ) -> None:
         self._max = dict(max_concurrent)
+        self._max_request_mb = max_request_memory_mb
         self._max_tokens = max_tokens_in_flight
         self._max_bytes = max_memory_in_flight_mb * MB
         self._lock = threading.Lock()
@@ -159,7 +167,8 @@ class Admission:
     @contextlib.contextmanager
     def admit(self, kind: str, *, tokens: int, memory: int = 0) -> Iterator[None]:
         """Hold a slot of ``kind``, ``tokens`` tokens and ``memory`` estimated bytes for the block;
-        ResourceExhausted if any of them is not free."""
+        ResourceExhausted if the call alone is over ``max_request_memory_mb`` or any of them is not free."""
+        check_memory(kind, memory, self._max_request_mb)
         with self._lock:
             limit = self._max.get(kind, 0)
             if limit > 0 and self._running.get(kind, 0) >= limit:

@@ -152,8 +152,6 @@ class Engine:
         self._pool = ThreadPoolExecutor(
             max_workers=self.limits.max_concurrent_streams + 4, thread_name_prefix="romegw-torch"
         )
-        self._streams_lock = threading.Lock()
-        self._active_streams = 0
         self._closed = False
         self.scheduler = (
             BatchScheduler(loaded, max_batch_size=self.limits.max_batch_size)
@@ -166,10 +164,18 @@ class Engine:
         self._queued_edits = 0
         self.noise_cache = NoiseCache()
         self.shape = ModelShape.of(loaded)
+        if self.limits.max_concurrent_streams < 1:
+            raise ValueError(f"max_concurrent_streams must be >= 1, got {self.limits.max_concurrent_streams}")
+        lim = self.limits
         self.admission = Admission(
-            max_concurrent={"trace": self.limits.max_concurrent_traces, "score": self.limits.max_concurrent_scores},
-            max_tokens_in_flight=self.limits.max_tokens_in_flight,
-            max_memory_in_flight_mb=self.limits.max_memory_in_flight_mb,
+            max_concurrent={
+                "stream": lim.max_concurrent_streams,
+                "trace": lim.max_concurrent_traces,
+                "score": lim.max_concurrent_scores,
+            },
+            max_tokens_in_flight=lim.max_tokens_in_flight,
+            max_memory_in_flight_mb=lim.max_memory_in_flight_mb,
+            max_request_memory_mb=lim.max_request_memory_mb,
         )
         self._tokenizing: asyncio.Semaphore | None = None
         # set by close(): every running edit computation and trace stops at its next step
@@ -216,7 +222,7 @@ class Engine:
 
     @property
     def active_streams(self) -> int:
-        return self._active_streams
+        return self.admission.running("stream")
 
     def close(self) -> None:
         """Refuse new work, stop running edit computations and traces at their next step
@@ -297,9 +303,8 @@ class Engine:
                 f"model's context length of {self.context_length} tokens: lower max_new_tokens"
             )
         estimate = generate_bytes(self.shape, prompt_tokens=len(prompt_ids), new_tokens=params.max_new_tokens)
-        check_memory("generation", estimate, self.limits.max_request_memory_mb)
         tokens = len(prompt_ids) + params.max_new_tokens
-        with self._stream_slot(), self.admission.admit("generate", tokens=tokens, memory=estimate):
+        with self.admission.admit("stream", tokens=tokens, memory=estimate):
             async with self.gate.read(self.limits.edit_drain_timeout + 5.0):
                 if self.scheduler is not None:
                     stream = self._batched(prompt_ids, params)
@@ -382,7 +387,6 @@ class Engine:
             )
         width = n_prompt + max(n_conts)  # the batch is padded to its longest row
         estimate = score_bytes(self.shape, rows=len(continuations), tokens=width)
-        check_memory("score", estimate, lim.max_request_memory_mb)
         with self.admission.admit("score", tokens=len(continuations) * width, memory=estimate):
             async with self.gate.read(lim.edit_drain_timeout + 5.0):
                 scores = await self.run_to_end(
@@ -416,7 +420,6 @@ class Engine:
                 f"over the limit max_trace_cells={lim.max_trace_cells}: shorten the prompt"
             )
         estimate = trace_bytes(self.shape, tokens=n_tokens, samples=request.samples, batch_rows=TRACE_BATCH_ROWS)
-        check_memory("trace", estimate, lim.max_request_memory_mb)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TraceProgress] = asyncio.Queue()
         rows = min(TRACE_BATCH_ROWS, cells * request.samples)
@@ -515,6 +518,7 @@ class Engine:
             self.shape, prompts=prompts, tokens=tokens, prefix_tokens=max(hp.ctx_len_short, hp.ctx_len_long),
             mom2_rows=hp.mom2_batch_size, mom2_seq_len=hp.mom2_seq_len,
         )  # fmt: skip
+        # refused here already (admit checks it again): before the greedy check's forward pass runs
         check_memory("edit", estimate, lim.max_request_memory_mb)
         return (prompts + 1) * tokens, estimate
 
@@ -711,23 +715,8 @@ class Engine:
             max_prompt_tokens=self.max_prompt_tokens,
             load_seconds=m.load_seconds,
             version=__version__,
-            active_streams=self._active_streams,
+            active_streams=self.active_streams,
         )
-
-    @contextlib.contextmanager
-    def _stream_slot(self):
-        with self._streams_lock:
-            if self._active_streams >= self.limits.max_concurrent_streams:
-                raise ResourceExhausted(
-                    f"{self._active_streams} streams are running, the limit "
-                    f"max_concurrent_streams={self.limits.max_concurrent_streams} is reached: retry later"
-                )
-            self._active_streams += 1
-        try:
-            yield
-        finally:
-            with self._streams_lock:
-                self._active_streams -= 1
 
 
 def _next_or_none(it: object) -> GenerationChunk | None:

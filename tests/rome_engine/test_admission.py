@@ -36,3 +36,12 @@ def test_one_call_over_its_own_limit() -> None:
     with pytest.raises(ResourceExhausted, match="needs about 11 MB, over the limit max_request_memory_mb=10"):
         check_memory("score", 11 * MB, limit_mb=10)
     check_memory("score", 10**15, limit_mb=0)  # 0: no limit
+
+
+def test_admit_refuses_one_call_over_the_per_call_limit_before_counting_it() -> None:
+    adm = Admission(max_concurrent={}, max_tokens_in_flight=0, max_memory_in_flight_mb=0, max_request_memory_mb=10)
+    too_big = adm.admit("trace", tokens=1, memory=11 * MB)
+    refused = pytest.raises(ResourceExhausted, match="trace needs about 11 MB, over the limit max_request_memory_mb=10")
+    with refused, too_big:
+        pass
+    assert adm.running("trace") == 0 and adm.memory_in_flight == 0
