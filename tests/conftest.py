@@ -4,6 +4,7 @@ from configs, the embedded model, and a real in-process gRPC server."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -133,3 +134,37 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+class BackgroundStream:
+    """A Generate stream read to its end on a thread; ``start()`` returns once its first chunk came.
+
+        stream = BackgroundStream(srv.target, "Once upon a time", max_new_tokens=300).start()
+        ...                       # the stream is running meanwhile
+        out = stream.join(120)    # the whole Completion
+    """
+
+    def __init__(self, target: str, prompt: str, *, max_new_tokens: int, timeout: float = 600) -> None:
+        self.target, self.prompt, self.max_new_tokens, self.timeout = target, prompt, max_new_tokens, timeout
+        self.started = threading.Event()
+        self.result: object = None
+        self._thread = threading.Thread(target=self._read)
+
+    def _read(self) -> None:
+        from romegw_client import Client, Completion
+
+        with Client(self.target, timeout=self.timeout) as c:
+            chunks = []
+            for chunk in c.generate(self.prompt, max_new_tokens=self.max_new_tokens):
+                chunks.append(chunk)
+                self.started.set()
+            self.result = Completion.join(chunks)
+
+    def start(self, wait: float = 60) -> BackgroundStream:
+        self._thread.start()
+        assert self.started.wait(wait), "the background stream produced no chunk"
+        return self
+
+    def join(self, timeout: float) -> object:
+        self._thread.join(timeout)
+        return self.result

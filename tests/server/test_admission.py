@@ -19,11 +19,11 @@ import grpc
 import pytest
 
 from rome_engine.engine import EngineLimits
-from romegw_client import Client, Completion
+from romegw_client import Client
 from romegw_client.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from romegw_client.pb import gateway_pb2 as pb
 from romegw_client.pb import gateway_pb2_grpc as pb_grpc
-from tests.conftest import wait_until
+from tests.conftest import BackgroundStream, wait_until
 
 FAST = {"v_num_grad_steps": 3, "mom2_n_tokens": 500, "mom2_seq_len": 32, "ctx_n_short": 1, "ctx_n_long": 1}
 # a computation that takes far longer than the test waits: many prefixes, every v* step run
@@ -49,20 +49,7 @@ def raw_stub(target: str) -> tuple[grpc.Channel, pb_grpc.RomeGatewayStub]:
 
 def test_subnormal_temperature_is_refused_and_a_batch_mate_keeps_decoding(serve, tiny_llama) -> None:
     srv = serve(tiny_llama)
-    out: dict[str, object] = {}
-    started = threading.Event()
-
-    def long_stream() -> None:
-        with Client(srv.target, timeout=120) as c:
-            chunks = []
-            for chunk in c.generate("Once upon a time", max_new_tokens=300):
-                chunks.append(chunk)
-                started.set()
-            out["done"] = Completion.join(chunks)
-
-    t = threading.Thread(target=long_stream)
-    t.start()
-    assert started.wait(60)
+    stream = BackgroundStream(srv.target, "Once upon a time", max_new_tokens=300, timeout=120).start()
     channel, stub = raw_stub(srv.target)
     with channel:
         for bad in (1e-40, float("nan"), float("inf"), 1e-5):
@@ -71,9 +58,9 @@ def test_subnormal_temperature_is_refused_and_a_batch_mate_keeps_decoding(serve,
                 list(stub.Generate(req, timeout=30))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (bad, e.value.details())
             assert "temperature" in e.value.details()
-    t.join(120)
-    assert out["done"].finish_reason == "length"  # the other client's stream was not failed
-    assert out["done"].completion_tokens == 300
+    done = stream.join(120)
+    assert done.finish_reason == "length"  # the other client's stream was not failed
+    assert done.completion_tokens == 300
 
 
 # -- limits on one call -------------------------------------------------------------

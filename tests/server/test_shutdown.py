@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import threading
 import time
 
-from romegw_client import Client, Completion
-from tests.conftest import make_tiny, wait_until
+from romegw_client import Client
+from tests.conftest import BackgroundStream, make_tiny, wait_until
 from tests.server.test_edit_crash import FAST, Server
 
 
@@ -24,24 +23,9 @@ def test_sigterm_drains_streams(tokenizer, tmp_path) -> None:
     srv.wait_serving()
     with Client(srv.target, timeout=900) as c:
         c.apply_edit("{} lives in", "Alice Smith", " Paris", hparams=FAST)
-    results: dict[str, object] = {}
-
-    started = threading.Event()
-
-    def long_stream() -> None:
-        with Client(srv.target, timeout=600) as c:
-            chunks = []
-            for chunk in c.generate("Once upon a time", max_new_tokens=1000):
-                chunks.append(chunk)
-                started.set()
-            results["out"] = Completion.join(chunks)
-
-    t = threading.Thread(target=long_stream)
-    t.start()
-    assert started.wait(60)
+    stream = BackgroundStream(srv.target, "Once upon a time", max_new_tokens=1000).start()
     srv.proc.send_signal(signal.SIGTERM)  # the stream is running
-    t.join(timeout=600)
-    out = results["out"]
+    out = stream.join(600)
     assert out.finish_reason in ("length", "eos")  # finished, not cut off
     assert out.edit_version == 1
     srv.proc.wait(timeout=60)
