@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -138,6 +139,14 @@ def _opt_int(name: str) -> int | None:
     return int(value) if value else None
 
 
+def check_serve_numbers(args: argparse.Namespace) -> None:
+    """Every numeric serve flag (limits, ports, seconds) must be a finite number >= 0: SystemExit naming it."""
+    for name, value in sorted(vars(args).items()):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and not (math.isfinite(value) and value >= 0):
+            raise SystemExit(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from rome_engine.engine import EngineLimits
     from rome_engine.errors import EngineError
@@ -145,6 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .auth import load_tokens
     from .main import ServerConfig, TlsConfig, serve
 
+    check_serve_numbers(args)
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):

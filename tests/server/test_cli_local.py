@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from romegw_server.cli import main
 from tests.conftest import make_tiny
 
@@ -55,3 +57,14 @@ def test_eval_cli_on_two_records(tokenizer, tmp_path, capsys) -> None:
     assert report["n"] == 2
     printed = capsys.readouterr().out
     assert "Efficacy" in printed or "efficacy" in printed
+
+
+@pytest.mark.parametrize("flag", ["--prestop-seconds=nan", "--grace-seconds=inf", "--max-update-norm-ratio=-1",
+                                  "--max-concurrent-rpcs=-1", "--max-memory-in-flight-mb=-5"])
+def test_serve_refuses_a_negative_or_non_finite_number(flag: str) -> None:
+    from romegw_server.cli import build_parser, check_serve_numbers
+
+    args = build_parser().parse_args(["serve", flag])
+    with pytest.raises(SystemExit, match=flag.split("=")[0] + " must be a finite number >= 0"):
+        check_serve_numbers(args)
+    check_serve_numbers(build_parser().parse_args(["serve"]))  # the defaults pass
