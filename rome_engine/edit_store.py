@@ -47,8 +47,10 @@ it, so a crash leaves either the whole edit or none of it (an orphaned layer
 file is ignored and removed at the next start). A layer whose sha256 or base
 fingerprint does not match is never applied.
 
-Nothing read from disk or from a caller is trusted: ``LayerHeader.from_json``
-validates a header's whole schema, ``Manifest.from_json`` every entry, and an
+The header and the entries are typed records (``records.LayerHeader``,
+``records.ManifestEntry``). Nothing read from disk or from a caller is trusted:
+``LayerHeader.from_json`` validates a header's whole schema, ``ManifestEntry.from_json``
+every entry, and an
 ``edit_id`` must be a canonical UUID before any path is built from it (every
 path is then resolved and checked to lie inside ``layers/``).
 """
@@ -59,8 +61,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,19 +69,22 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
-from .bounds import MAX_AUTHOR_CHARS, MAX_COMMENT_CHARS, check_text
-from .errors import EngineError, FailedPrecondition, NotFound
+from .delta import RankOneFactor
+from .errors import FailedPrecondition, NotFound
 from .fileio import atomic_write
+from .records import (
+    FORMAT_VERSION,
+    HEADER_KEY,
+    LAYERS,
+    LayerHeader,
+    ManifestEntry,
+    check_edit_id,
+    check_format,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-LAYERS = "layers"
-HEADER_KEY = "romegw"
-MAX_REQUEST_CHARS = 100_000  # a stored request's prompt, subject or target (the engine's max_prompt_chars)
-MAX_HEADER_BYTES = 256 * 1024  # a header as JSON: every field above within its limit fits many times over
-MAX_STORED_TEXT_CHARS = 1 << 30  # an author or comment an older server stored before the limits existed
 
 
 # ------------------------------------------------------------------ hashes
@@ -101,204 +104,28 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-# ------------------------------------------------------------------ schema checks
-
-
-def check_edit_id(value: object) -> str:
-    """``value`` if it is a canonical (lowercase, hyphenated) UUID string, else ValueError.
-
-    Every edit id is checked here before a path is built from it.
-    """
-    if isinstance(value, str) and len(value) == 36:
-        with contextlib.suppress(ValueError):
-            if str(uuid.UUID(value)) == value:
-                return value
-    raise ValueError(f"edit_id must be a UUID like {uuid.UUID(int=0)}, got {_short(value)}")
-
-
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else f"{text[:80]}..."
-
-
-INT32_MAX, INT63_MAX = 2**31 - 1, 2**63 - 1  # the API's int32 fields (layers, shapes) and versions
-
-
-def _int(doc: dict, key: str, *, lo: int = 0, hi: int = INT32_MAX) -> int:
-    value = doc.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ValueError(f"{key} must be an integer in [{lo}, {hi}], got {_short(value)}")
-    return value
-
-
-def _str(doc: dict, key: str, *, limit: int = MAX_COMMENT_CHARS, default: str | None = None) -> str:
-    value = doc.get(key, default)
-    if not isinstance(value, str):
-        raise ValueError(f"{key} must be a string, got {_short(value)}")
-    try:
-        return check_text(key, value, limit)
-    except EngineError as e:
-        raise ValueError(str(e)) from None
-
-
-def _number(doc: dict, key: str, *, default: float | None = None) -> float:
-    value = doc.get(key, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{key} must be a finite number, got {_short(value)}")
-    return float(value)
-
-
-def _dict(doc: dict, key: str, *, default: dict | None = None) -> dict:
-    value = doc.get(key, default)
-    if not isinstance(value, dict):
-        raise ValueError(f"{key} must be a JSON object, got {_short(value)}")
-    return value
-
-
-@dataclass(frozen=True)
-class MatrixRecord:
-    """One touched matrix as the header lists it: (out, in) shape and ||u v^T||_F."""
-
-    name: str
-    shape: tuple[int, int]  # (out, in)
-    update_norm: float
-
-    @classmethod
-    def from_json(cls, doc: object) -> MatrixRecord:
-        if not isinstance(doc, dict):
-            raise ValueError(f"each of matrices must be a JSON object, got {_short(doc)}")
-        name = _str(doc, "name", limit=256)
-        shape = doc.get("shape")
-        if (
-            not isinstance(shape, list)
-            or len(shape) != 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= INT32_MAX for n in shape)
-        ):
-            raise ValueError(f"matrices[{name}].shape must be two positive integers [out, in], got {_short(shape)}")
-        if "dtype" in doc:
-            _str(doc, "dtype", limit=32)
-        return cls(name, (shape[0], shape[1]), _number(doc, "update_norm"))
-
-
-_PROBABILITIES = ("target_before", "target_after", "old_before", "old_after")
-
-
-@dataclass(frozen=True)
-class LayerHeader:
-    """The validated ``romegw`` header of a layer file (the schema in one place).
-
-    ``from_json`` raises ValueError naming the first field that is missing or
-    malformed; a header it accepts can be stored, listed and restored.
-    """
-
-    edit_id: str
-    version: int
-    parent_version: int
-    author: str
-    comment: str
-    request: dict  # prompt, subject, target (str), layer (int), hparams (str -> number or null)
-    matrices: tuple[MatrixRecord, ...]
-    fingerprint: dict[str, str]  # touched matrix -> sha256 of its base
-
-    @classmethod
-    def from_json(cls, doc: object, *, stored: bool = False) -> LayerHeader:
-        """``stored``: a header this store wrote itself (its sha256 is in the manifest). An author or
-        comment longer than today's limits was legal when an older server stored it: it is kept
-        (the API clips it when echoing), where an import or a new edit is refused."""
-        if not isinstance(doc, dict):
-            raise ValueError(f"the {HEADER_KEY} header must be a JSON object, got {_short(doc)}")
-        if type(doc.get("format_version")) is not int or doc["format_version"] != FORMAT_VERSION:
-            raise ValueError(f"unsupported layer format_version {_short(doc.get('format_version'))}")
-        try:  # every string is echoed by the API: lone surrogates (valid JSON escapes) cannot be
-            json.dumps(doc, ensure_ascii=False).encode("utf-8")
-        except (UnicodeEncodeError, ValueError) as e:
-            raise ValueError(f"the header holds text that is not valid Unicode: {e}") from None
-        size = len(json.dumps(doc))  # as the API echoes it (header_json, non-ASCII escaped)
-        if not stored and size > MAX_HEADER_BYTES:
-            raise ValueError(
-                f"the header is {size} bytes as JSON, over the limit of {MAX_HEADER_BYTES}: "
-                "a layer's header holds its request and provenance, nothing bulky"
-            )
-        edit_id = check_edit_id(doc.get("edit_id"))
-        version = _int(doc, "version", lo=1, hi=INT63_MAX)
-        parent = _int(doc, "parent_version", hi=INT63_MAX)
-        text_limit = MAX_STORED_TEXT_CHARS if stored else None
-        author = _str(doc, "author", limit=text_limit or MAX_AUTHOR_CHARS, default="")
-        comment = _str(doc, "comment", limit=text_limit or MAX_COMMENT_CHARS, default="")
-        for key in ("created_at", "model_id"):
-            if key in doc:
-                _str(doc, key, limit=256)
-        request = _dict(doc, "request")
-        for key in ("prompt", "subject", "target"):
-            _str(request, key, limit=MAX_REQUEST_CHARS)
-        _int(request, "layer")
-        hparams = _dict(request, "hparams", default={})
-        for k, v in hparams.items():
-            number = isinstance(v, float) and math.isfinite(v) or isinstance(v, int) and abs(v) <= 2**53
-            if isinstance(v, bool) or not (v is None or number):
-                raise ValueError(f"request.hparams.{_short(k)} must be a finite number, got {_short(v)}")
-        if "layer" in doc:
-            _int(doc, "layer")
-        matrices = doc.get("matrices")
-        if not isinstance(matrices, list) or not matrices:
-            raise ValueError(f"matrices must be a non-empty list, got {_short(matrices)}")
-        records = tuple(MatrixRecord.from_json(m) for m in matrices)
-        if len({m.name for m in records}) != len(records):
-            raise ValueError("matrices names a matrix twice")
-        base = _dict(doc, "base_fingerprint")
-        digests = _dict(base, "matrices")
-        if set(digests) != {m.name for m in records}:
-            raise ValueError(
-                "base_fingerprint.matrices must give the sha256 of exactly the touched matrices "
-                f"{sorted(m.name for m in records)}, got {_short(sorted(digests))}"
-            )
-        for name, digest in digests.items():
-            if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
-                raise ValueError(f"base_fingerprint.matrices[{name}] must be a sha256 hex digest, got {_short(digest)}")
-        probs = _dict(doc, "probabilities", default={})
-        for key in _PROBABILITIES:
-            if key in probs and not 0.0 <= _number(probs, key) <= 1.0:
-                raise ValueError(f"probabilities.{key} must be in [0, 1], got {probs[key]!r}")
-        if "old_object" in probs:
-            _str(probs, "old_object")
-        if "compute_seconds" in doc:
-            _number(doc, "compute_seconds")
-        if "covariance_from_cache" in doc and not isinstance(doc["covariance_from_cache"], bool):
-            raise ValueError(f"covariance_from_cache must be true or false, got {_short(doc['covariance_from_cache'])}")
-        return cls(edit_id, version, parent, author, comment, request, records, dict(digests))
 
 
 # ------------------------------------------------------------------ layer files
 
 
 @dataclass(frozen=True)
-class RankOneFactor:
-    """One matrix's update in (out, in) layout: delta = outer(u, v)."""
-
-    param: str
-    u: torch.Tensor  # (out,) float32
-    v: torch.Tensor  # (in,) float32
-
-    @property
-    def norm(self) -> float:
-        # ||u v^T||_F = ||u|| ||v||
-        return float(self.u.norm() * self.v.norm())
-
-
-@dataclass(frozen=True)
 class EditLayer:
     """A layer as stored: its header and its factors."""
 
-    header: dict
+    header: LayerHeader
     factors: tuple[RankOneFactor, ...]
 
     @property
     def edit_id(self) -> str:
-        return self.header["edit_id"]
+        return self.header.edit_id
 
     @property
     def version(self) -> int:
-        return int(self.header["version"])
+        return self.header.version
 
 
 def encode_layer(layer: EditLayer) -> bytes:
@@ -306,7 +133,7 @@ def encode_layer(layer: EditLayer) -> bytes:
     for f in layer.factors:
         tensors[f"{f.param}.u"] = f.u.detach().float().contiguous().cpu()
         tensors[f"{f.param}.v"] = f.v.detach().float().contiguous().cpu()
-    return safetensors_save(tensors, metadata={HEADER_KEY: json.dumps(layer.header, sort_keys=True)})
+    return safetensors_save(tensors, metadata={HEADER_KEY: json.dumps(layer.header.to_json(), sort_keys=True)})
 
 
 def decode_layer(data: bytes, *, stored: bool = False) -> EditLayer:
@@ -338,10 +165,11 @@ def decode_layer(data: bytes, *, stored: bool = False) -> EditLayer:
                     f"{m.name}.{side} must be float32 of shape ({n},) as matrices lists, "
                     f"got {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
                 )
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{m.name}.{side} holds NaN or infinite values")
-        factors.append(RankOneFactor(m.name, u, v))
-    return EditLayer(raw, tuple(factors))
+        factor = RankOneFactor(m.name, u, v)
+        if not factor.finite:
+            raise ValueError(f"the factors of {m.name} hold NaN or infinite values")
+        factors.append(factor)
+    return EditLayer(header, tuple(factors))
 
 
 def _read_header_bytes(data: bytes) -> dict:
@@ -353,9 +181,10 @@ def _read_header_bytes(data: bytes) -> dict:
     return json.loads(meta[HEADER_KEY])
 
 
-def read_layer_header(path: Path) -> dict:
+def read_layer_header(path: Path) -> LayerHeader:
+    """The header of a stored layer file (schema-checked, tensors not read)."""
     with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()[HEADER_KEY])
+        return LayerHeader.from_json(json.loads(f.metadata()[HEADER_KEY]), stored=True)
 
 
 # ------------------------------------------------------------------ manifest
@@ -364,38 +193,39 @@ def read_layer_header(path: Path) -> dict:
 @dataclass
 class Manifest:
     model_id: str
-    entries: list[dict] = field(default_factory=list)
+    entries: list[ManifestEntry] = field(default_factory=list)
 
     @property
-    def head(self) -> dict | None:
+    def head(self) -> ManifestEntry | None:
         return self.entries[-1] if self.entries else None
 
     @property
     def head_version(self) -> int:
-        return int(self.entries[-1]["version"]) if self.entries else 0
+        return self.entries[-1].version if self.entries else 0
 
     @property
     def max_version(self) -> int:
-        return max((int(e["version"]) for e in self.entries), default=0)
+        return max((e.version for e in self.entries), default=0)
 
     def active_at(self, version: int) -> list[str]:
         """The active layers (oldest first) of a version; NotFound if it never existed."""
         if version == 0:
             return []
         for e in reversed(self.entries):
-            if int(e["version"]) == version:
-                return list(e["active"])
+            if e.version == version:
+                return list(e.active)
         raise NotFound(f"version {version} does not exist (versions 0..{self.max_version} exist)")
 
     def versions(self) -> list[int]:
-        return [0, *(int(e["version"]) for e in self.entries)]
+        return [0, *(e.version for e in self.entries)]
 
-    def apply_entries(self) -> dict[str, dict]:
+    def apply_entries(self) -> dict[str, ManifestEntry]:
         """edit_id -> its apply/import entry."""
-        return {e["edit_id"]: e for e in self.entries if e["op"] in ("apply", "import")}
+        return {e.edit_id: e for e in self.entries if e.adds_layer and e.edit_id is not None}
 
     def to_json(self) -> bytes:
-        doc = {"format_version": FORMAT_VERSION, "model_id": self.model_id, "entries": self.entries}
+        doc = {"format_version": FORMAT_VERSION, "model_id": self.model_id,
+               "entries": [e.to_json() for e in self.entries]}  # fmt: skip
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @classmethod
@@ -404,40 +234,17 @@ class Manifest:
         doc = json.loads(data)
         if not isinstance(doc, dict):
             raise ValueError("the manifest must be a JSON object")
-        if type(doc.get("format_version")) is not int or doc["format_version"] != FORMAT_VERSION:
-            raise ValueError(f"unsupported manifest format_version {_short(doc.get('format_version'))}")
-        model_id, entries = doc.get("model_id"), doc.get("entries")
-        if not isinstance(model_id, str) or not isinstance(entries, list):
+        check_format(doc, "manifest")
+        model_id, raw = doc.get("model_id"), doc.get("entries")
+        if not isinstance(model_id, str) or not isinstance(raw, list):
             raise ValueError("the manifest needs model_id (a string) and entries (a list)")
-        for i, entry in enumerate(entries):
+        entries = []
+        for i, entry in enumerate(raw):
             try:
-                check_entry(entry)
+                entries.append(ManifestEntry.from_json(entry))
             except ValueError as e:
                 raise ValueError(f"manifest entry {i}: {e}") from None
-        return cls(model_id=model_id, entries=list(entries))
-
-
-_OPS = ("apply", "import", "revert", "recover")
-
-
-def check_entry(entry: object) -> None:
-    """ValueError unless ``entry`` has the fields of its op (see the module docstring)."""
-    if not isinstance(entry, dict):
-        raise ValueError(f"must be a JSON object, got {_short(entry)}")
-    if entry.get("op") not in _OPS:
-        raise ValueError(f"op must be one of {', '.join(_OPS)}, got {_short(entry.get('op'))}")
-    _int(entry, "version", hi=INT63_MAX)
-    active = entry.get("active")
-    if not isinstance(active, list):
-        raise ValueError(f"active must be a list of edit ids, got {_short(active)}")
-    for edit_id in active:
-        check_edit_id(edit_id)
-    if entry["op"] in ("apply", "import"):
-        edit_id = check_edit_id(entry.get("edit_id"))
-        if entry.get("file") != f"{LAYERS}/{edit_id}.safetensors":
-            raise ValueError(f"file must be {LAYERS}/{edit_id}.safetensors, got {_short(entry.get('file'))}")
-        if not isinstance(entry.get("sha256"), str):
-            raise ValueError(f"sha256 must be a string, got {_short(entry.get('sha256'))}")
+        return cls(model_id=model_id, entries=entries)
 
 
 class EditStore:
@@ -490,7 +297,7 @@ class EditStore:
             data = path.read_bytes()
         except OSError as e:
             raise ValueError(f"layer file {path} cannot be read: {e}") from e
-        if sha256_bytes(data) != entry["sha256"]:
+        if sha256_bytes(data) != entry.sha256:
             raise ValueError(f"layer file {path} does not match its checksum in the manifest (truncated or altered)")
         layer = decode_layer(data, stored=True)
         if layer.edit_id != edit_id:
@@ -514,7 +321,7 @@ class EditStore:
 
     # -- writing ------------------------------------------------------------
 
-    def _commit(self, *entries: dict) -> None:
+    def _commit(self, *entries: ManifestEntry) -> None:
         """Append ``entries`` to the history in one atomic manifest write (all of them or none)."""
         self.manifest.entries.extend(entries)
         try:
@@ -523,37 +330,46 @@ class EditStore:
             del self.manifest.entries[len(self.manifest.entries) - len(entries) :]
             raise
 
-    def add_layer(self, layer: EditLayer, *, active: list[str], op: str = "apply", extra: dict | None = None) -> dict:
+    def add_layer(self, layer: EditLayer, *, active: list[str], op: str = "apply") -> ManifestEntry:
         """Write the layer file, then the manifest entry whose state has ``active`` layers."""
-        return self.add_layers([layer], base_active=active[:-1], op=op, extras=[extra or {}])[0]
+        return self.add_layers([layer], base_active=active[:-1], op=op)[0]
 
     def add_layers(
-        self, layers: list[EditLayer], *, base_active: list[str], op: str, extras: list[dict]
-    ) -> list[dict]:
+        self,
+        layers: list[EditLayer],
+        *,
+        base_active: list[str],
+        op: str,
+        author: str = "",
+        origin_versions: list[int] | None = None,
+    ) -> list[ManifestEntry]:
         """Several layers, each a new version on top of the previous one (``base_active`` + the
         layers so far): every file is written first, then all their entries in ONE manifest write,
-        so a crash or an error leaves all of them stored or none."""
+        so a crash or an error leaves all of them stored or none.
+
+        ``author`` (an importer) replaces each header's author in its entry; an import records
+        each layer's version in its origin store in ``origin_versions``."""
         ids = [layer.edit_id for layer in layers]
         known = self.manifest.apply_entries()
         for edit_id in ids:
             if edit_id in known or ids.count(edit_id) > 1:
                 raise FailedPrecondition(f"edit {edit_id} is already in the store")
+        origins = origin_versions or [None] * len(layers)
         written: list[Path] = []
-        entries: list[dict] = []
+        entries: list[ManifestEntry] = []
         active, version, parent = list(base_active), self.manifest.max_version, self.manifest.head_version
         try:
-            for layer, extra in zip(layers, extras, strict=True):
+            for layer, origin in zip(layers, origins, strict=True):
                 path = self.layer_path(layer.edit_id)  # a UUID inside layers/, checked before anything is written
                 data = encode_layer(layer)
                 atomic_write(path, data)
                 written.append(path)
                 active, version = [*active, layer.edit_id], version + 1
-                h = layer.header
-                entries.append({
-                    "op": op, "version": version, "parent_version": parent, "edit_id": layer.edit_id,
-                    "file": f"{LAYERS}/{path.name}", "sha256": sha256_bytes(data), "active": list(active),
-                    "at": utc_now(), "author": h.get("author", ""), "comment": h.get("comment", ""), **extra,
-                })  # fmt: skip
+                entries.append(ManifestEntry(
+                    op=op, version=version, active=tuple(active), at=utc_now(), author=author or layer.header.author,
+                    comment=layer.header.comment, parent_version=parent, edit_id=layer.edit_id,
+                    file=f"{LAYERS}/{path.name}", sha256=sha256_bytes(data), origin_version=origin,
+                ))  # fmt: skip
                 parent = version
             self._commit(*entries)
         except BaseException:
@@ -564,18 +380,21 @@ class EditStore:
         return entries
 
     def add_state(
-        self, op: str, *, version: int, active: list[str], author: str = "", comment: str = "", **extra: object
-    ) -> dict:
+        self,
+        op: str,
+        *,
+        version: int,
+        active: list[str],
+        author: str = "",
+        comment: str = "",
+        to_version: int | None = None,
+        edit_id: str | None = None,
+        reason: str | None = None,
+    ) -> ManifestEntry:
         """Record a change of state without a new layer: a revert, or a recovery at start."""
-        entry = {
-            "op": op,
-            "version": version,
-            "from_version": self.manifest.head_version,
-            "active": list(active),
-            "at": utc_now(),
-            "author": author,
-            "comment": comment,
-            **extra,
-        }
+        entry = ManifestEntry(
+            op=op, version=version, active=tuple(active), at=utc_now(), author=author, comment=comment,
+            from_version=self.manifest.head_version, to_version=to_version, edit_id=edit_id, reason=reason,
+        )  # fmt: skip
         self._commit(entry)
         return entry

@@ -9,7 +9,7 @@ only inside its version gate, when no stream is running.
     manager.restore()                       # at start: re-apply the stored stack
     layer = manager.compute_layer(request, author="ops", comment="ticket 42")
     entry = manager.store_layer(layer)      # durable from here on
-    manager.activate(entry["active"], entry["version"])
+    manager.activate(entry.active, entry.version)
 """
 
 from __future__ import annotations
@@ -20,51 +20,68 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import torch
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
 
 from .bounds import clip
-from .edit_store import (
-    FORMAT_VERSION,
-    EditLayer,
-    EditStore,
-    LayerHeader,
-    RankOneFactor,
-    decode_layer,
-    sha256_bytes,
-    utc_now,
-)
+from .delta import RankOneFactor, as_if_applied
+from .edit_store import EditLayer, EditStore, decode_layer, sha256_bytes, utc_now
 from .errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, Unavailable
-from .layers import LayerWeights, rank_one_patch
+from .layers import LayerWeights
 from .loading import LoadedModel
+from .records import (
+    EditView,
+    LayerHeader,
+    ManifestEntry,
+    MatrixRecord,
+    Probabilities,
+    RevertRequest,
+    StoredRequest,
+)
+from .rome import EditRequest, EditResult
+from .rome.cache import ProgressFn
 from .scoring import score_continuations
 
 log = logging.getLogger(__name__)
 
-# compute(loaded, request[, progress]) -> an object with: param_name, left (out,), right (in,), layer, hparams
-# (with to_dict()), old_object, compute_seconds, cov_from_cache (see rome_engine.rome)
-ComputeFn = Callable[..., object]
-# progress(stage, done, total), called at each step of a computation; raising from it abandons the work
-ProgressFn = Callable[[str, int, int], None]
+__all__ = ["ComputeFn", "EditManager", "EditView", "fact_probabilities", "rome_compute"]
+
+
+class ComputeFn(Protocol):
+    """How an edit is computed (``rome_compute``; a test's fake): on the given weights, which it
+    leaves unchanged. ``progress`` runs at each step; an exception it raises abandons the work."""
+
+    def __call__(
+        self, loaded: LoadedModel, request: EditRequest, progress: ProgressFn | None = None
+    ) -> EditResult: ...
+
 
 # ||u v^T||_F <= ratio * ||W||_F for every imported or restored layer. Real ROME edits of
 # SmolLM2-135M's layer-4 down_proj measure at most 0.14 (100 CounterFact edits, docs/eval_*).
 DEFAULT_MAX_UPDATE_NORM_RATIO = 1.0
 
 
-@dataclass(frozen=True)
-class EditView:
-    """A layer as the API shows it: its header, its manifest entry, whether it is active."""
+def fact_probabilities(
+    loaded: LoadedModel, request: EditRequest, factors: Sequence[RankOneFactor], old_object: str
+) -> Probabilities:
+    """P(target) and P(old object) on the filled edit prompt (whole continuation, as the API reports
+    them): on the weights as they are, then as if ``factors`` were applied (a hook, no mutation).
+    The one place an edit's effect is measured."""
+    prompt = request.filled()
+    conts = [request.target] + ([old_object] if old_object and old_object != request.target else [])
+    with_old = len(conts) > 1
 
-    header: dict
-    entry: dict | None
-    active: bool
+    def probs() -> list[float]:
+        return [math.exp(s.total_logprob) for s in score_continuations(loaded, prompt, conts)]
 
-    @property
-    def version(self) -> int:
-        return int(self.entry["version"]) if self.entry else int(self.header["version"])
+    before = probs()
+    with as_if_applied(loaded, factors):
+        after = probs()
+    return Probabilities(
+        target_before=before[0], target_after=after[0], old_before=before[1] if with_old else 0.0,
+        old_after=after[1] if with_old else 0.0, old_object=old_object,
+    )  # fmt: skip
 
 
 class EditManager:
@@ -103,10 +120,10 @@ class EditManager:
         recorded = manifest.head_version  # where the history stands (perhaps an earlier start's recovery)
         # the operators' last decision, not an earlier start's fallback: a layer that failed to
         # verify once (a transient read error, a stricter limit) is served again once it verifies
-        decided = [e for e in manifest.entries if e["op"] != "recover"]
-        intended = int(decided[-1]["version"]) if decided else 0
+        decided = [e for e in manifest.entries if e.op != "recover"]
+        intended = decided[-1].version if decided else 0
         for entry in reversed(decided):
-            version, ids = int(entry["version"]), list(entry["active"])
+            version, ids = entry.version, list(entry.active)
             problem = self._load_all(ids)
             if problem is None:
                 break
@@ -117,8 +134,7 @@ class EditManager:
             layer = self._layers[edit_id]
             log.info(
                 "re-applying edit layer %s (created as version %s, %s -> %r)",
-                edit_id, layer.header["version"], clip(layer.header["request"]["subject"]),
-                clip(layer.header["request"]["target"]),
+                edit_id, layer.version, clip(layer.header.request.subject), clip(layer.header.request.target),
             )
         self.weights.materialize([self._layers[i] for i in ids])
         self.head_version, self.active = version, ids
@@ -164,96 +180,76 @@ class EditManager:
     def check_base(self, layer: EditLayer) -> str | None:
         """None when the layer was computed on this base (its fingerprint covers every touched matrix)."""
         params = [f.param for f in layer.factors]
-        return self.weights.check_fingerprint(layer.header["base_fingerprint"], params)
+        return self.weights.check_fingerprint(layer.header.base_fingerprint, params)
 
     # -- apply --------------------------------------------------------------
 
     def compute_layer(
-        self, request: object, *, author: str, comment: str, progress: ProgressFn | None = None
+        self, request: EditRequest, *, author: str, comment: str, progress: ProgressFn | None = None
     ) -> EditLayer:
-        """Compute a ROME edit on the current weights (which it leaves unchanged) as a layer.
+        """Compute an edit on the current weights (which it leaves unchanged) as a layer, measured.
         ``progress`` runs at every step of the computation; an exception it raises abandons it."""
         t0 = time.perf_counter()
-        args = (self.loaded, request) if progress is None else (self.loaded, request, progress)
-        result = self.compute(*args)
-        left, right = result.left.detach().float().cpu(), result.right.detach().float().cpu()
-        factor = RankOneFactor(result.param_name, left, right)
-        probs = self._probabilities(request, result, factor)
-        header = {
-            "format_version": FORMAT_VERSION,
-            "edit_id": str(uuid.uuid4()),
-            "version": self.store.manifest.max_version + 1,
-            "parent_version": self.head_version,
-            "created_at": utc_now(),
-            "author": author,
-            "comment": comment,
-            "request": {
-                "prompt": request.prompt,
-                "subject": request.subject,
-                "target": request.target,
-                "layer": int(result.layer),
-                "hparams": result.hparams.to_dict(),
-            },
-            "layer": int(result.layer),
-            "matrices": [
-                {
-                    "name": factor.param,
-                    "shape": [factor.u.numel(), factor.v.numel()],
-                    "dtype": self.loaded.dtype_name,
-                    "update_norm": factor.norm,
-                }
-            ],
-            "base_fingerprint": self.weights.fingerprint([factor.param]),
-            "probabilities": probs,
-            "compute_seconds": time.perf_counter() - t0,
-            "covariance_from_cache": bool(getattr(result, "cov_from_cache", False)),
-            "model_id": self.loaded.model_id,
-        }
-        layer = EditLayer(header, (factor,))
-        self._check_computed(layer)
-        return layer
-
-    def _check_computed(self, layer: EditLayer) -> None:
-        """A computed layer passes the checks a restart applies, or it is never stored."""
-        for f in layer.factors:
-            if not (bool(torch.isfinite(f.u).all()) and bool(torch.isfinite(f.v).all())):
-                raise FailedPrecondition(
-                    f"the computed update of {f.param} holds NaN or infinite values: try other hyperparameters"
-                )
-        try:
-            LayerHeader.from_json(layer.header)
+        result = self.compute(self.loaded, request, progress)
+        factors = tuple(RankOneFactor(f.param, f.u.detach().float().cpu(), f.v.detach().float().cpu())
+                        for f in result.factors)  # fmt: skip
+        self._check_factors(factors)
+        probs = fact_probabilities(self.loaded, request, factors, result.old_object)
+        header = LayerHeader(
+            edit_id=str(uuid.uuid4()),
+            version=self.store.manifest.max_version + 1,
+            parent_version=self.head_version,
+            created_at=utc_now(),
+            author=author,
+            comment=comment,
+            request=StoredRequest(request.prompt, request.subject, request.target, result.layer,
+                                  result.hparams.to_dict()),  # fmt: skip
+            layer=result.layer,
+            matrices=tuple(
+                MatrixRecord(f.param, (f.u.numel(), f.v.numel()), f.norm, self.loaded.dtype_name) for f in factors
+            ),
+            base_fingerprint=self.weights.fingerprint([f.param for f in factors]),
+            probabilities=probs,
+            compute_seconds=time.perf_counter() - t0,
+            covariance_from_cache=result.cov_from_cache,
+            model_id=self.loaded.model_id,
+        )
+        log.info(
+            "edit %r -> %r at layer %d: P(target) %.3f -> %.3f, P(%r) %.3f -> %.3f, %.1f s",
+            clip(request.filled()), clip(request.target), result.layer, probs.target_before, probs.target_after,
+            clip(probs.old_object), probs.old_before, probs.old_after, header.compute_seconds,
+        )  # fmt: skip
+        layer = EditLayer(header, factors)
+        try:  # what a restart checks of the stored header, checked before it is ever stored
+            LayerHeader.from_json(header.to_json())
         except ValueError as e:
             raise InvalidRequest(f"the edit cannot be stored: {e}") from e
         problem = self.check_fit(layer)
         if problem:
             raise FailedPrecondition(f"the computed edit cannot be applied: {problem}")
+        return layer
 
-    def _probabilities(self, request: object, result: object, factor: RankOneFactor) -> dict:
-        """P(target) and P(old object) on the edit prompt, live weights vs with the layer (a hook, no mutation)."""
-        prompt = request.filled()
-        old = getattr(result, "old_object", "") or ""
-        conts = [request.target] + ([old] if old and old != request.target else [])
-        before = score_continuations(self.loaded, prompt, conts)
-        with rank_one_patch(self.loaded, [factor]):
-            after = score_continuations(self.loaded, prompt, conts)
-        p = [math.exp(s.total_logprob) for s in before], [math.exp(s.total_logprob) for s in after]
-        return {
-            "target_before": p[0][0],
-            "target_after": p[1][0],
-            "old_before": p[0][1] if len(conts) > 1 else 0.0,
-            "old_after": p[1][1] if len(conts) > 1 else 0.0,
-            "old_object": old,
-        }
+    @staticmethod
+    def _check_factors(factors: Sequence[RankOneFactor]) -> None:
+        for f in factors:
+            if not f.finite:
+                raise FailedPrecondition(
+                    f"the computed update of {f.param} holds NaN or infinite values: try other hyperparameters"
+                )
 
-    def store_layer(self, layer: EditLayer, *, op: str = "apply", extra: dict | None = None) -> dict:
+    def store_layer(self, layer: EditLayer) -> ManifestEntry:
         """Make the layer durable (file, then manifest entry); the weights do not change yet."""
-        return self.store_layers([layer], op=op, extras=[extra or {}])[0]
+        return self.store_layers([layer], op="apply")[0]
 
-    def store_layers(self, layers: list[EditLayer], *, op: str, extras: list[dict]) -> list[dict]:
+    def store_layers(
+        self, layers: list[EditLayer], *, op: str, author: str = "", origin_versions: list[int] | None = None
+    ) -> list[ManifestEntry]:
         """Make several layers durable at once, each a version on top of the last (all or none);
-        the weights do not change yet."""
+        the weights do not change yet (see ``EditStore.add_layers`` for ``author`` and ``origin_versions``)."""
         with self._storage_errors():
-            entries = self.store.add_layers(layers, base_active=self.active, op=op, extras=extras)
+            entries = self.store.add_layers(
+                layers, base_active=self.active, op=op, author=author, origin_versions=origin_versions
+            )
         for layer in layers:
             self._layers[layer.edit_id] = layer
         return entries
@@ -270,15 +266,16 @@ class EditManager:
                 ) from e
             raise Unavailable(f"cannot write the edit store {self.store.root}: {e}; nothing was changed") from e
 
-    def activate(self, active: list[str], version: int) -> None:
+    def activate(self, active: Sequence[str], version: int) -> None:
         """Swap the live weights to a version (call only while no stream runs)."""
         self.weights.materialize([self._layers[i] for i in active])
         self.active, self.head_version = list(active), version
 
     # -- revert -------------------------------------------------------------
 
-    def plan_revert(self, *, to_version: int | None, edit_id: str | None) -> tuple[int, list[str], list[str]]:
+    def plan_revert(self, revert: RevertRequest) -> tuple[int, list[str], list[str]]:
         """(new head version, its active layers, the layers it removes)."""
+        to_version, edit_id = revert.to_version, revert.edit_id
         manifest = self.store.manifest
         if to_version is not None:
             if to_version > manifest.max_version:
@@ -296,14 +293,12 @@ class EditManager:
             raise FailedPrecondition(f"edit {edit_id} is not active at version {self.head_version}")
         return manifest.max_version + 1, [i for i in self.active if i != edit_id], [edit_id]
 
-    def record_revert(
-        self, version: int, active: list[str], *, to_version: int | None, edit_id: str | None, author: str, comment: str
-    ) -> dict:
+    def record_revert(self, version: int, active: list[str], revert: RevertRequest) -> ManifestEntry:
         with self._storage_errors():
             return self.store.add_state(
-                "revert", version=version, active=active, to_version=to_version, edit_id=edit_id,
-                author=author, comment=comment,
-            )
+                "revert", version=version, active=active, to_version=revert.to_version, edit_id=revert.edit_id,
+                author=revert.author, comment=revert.comment,
+            )  # fmt: skip
 
     # -- reading ------------------------------------------------------------
 
@@ -321,24 +316,24 @@ class EditManager:
         """Layers, newest first."""
         out = []
         for entry in reversed(list(self.store.manifest.apply_entries().values())):
-            active = entry["edit_id"] in self.active
-            if not include_inactive and not active:
+            edit_id = entry.edit_id or ""
+            if not include_inactive and edit_id not in self.active:
                 continue
             try:
-                out.append(self.view(entry["edit_id"]))
+                out.append(self.view(edit_id))
             except FailedPrecondition as e:
-                log.warning("listing edit %s: %s", entry["edit_id"], e)
+                log.warning("listing edit %s: %s", edit_id, e)
         return out
 
-    def export_files(self, from_version: int, to_version: int) -> list[tuple[dict, bytes]]:
+    def export_files(self, from_version: int, to_version: int) -> list[tuple[ManifestEntry, bytes]]:
         """(manifest entry, file bytes) of the layers created in [from_version, to_version], oldest first."""
         out = []
-        for entry in self.store.manifest.apply_entries().values():
-            if from_version <= int(entry["version"]) <= to_version:
+        for edit_id, entry in self.store.manifest.apply_entries().items():
+            if from_version <= entry.version <= to_version:
                 try:
-                    _, data = self.store.read_layer(entry["edit_id"])
+                    _, data = self.store.read_layer(edit_id)
                 except ValueError as e:
-                    raise FailedPrecondition(f"cannot export edit {entry['edit_id']}: {e}") from e
+                    raise FailedPrecondition(f"cannot export edit {edit_id}: {e}") from e
                 out.append((entry, data))
         return out
 
@@ -380,13 +375,13 @@ class EditManager:
             raise FailedPrecondition(f"edit {layer.edit_id} was computed on another base model: {problem}")
 
 
-def rome_compute(cache_dir: object = None, corpus: object = None) -> ComputeFn:
+def rome_compute(cache_dir: Path | str | None = None, corpus: Path | str | None = None) -> ComputeFn:
     """The ROME computation with its caches (covariance statistics, prefixes) under ``cache_dir``."""
     from .rome import RomeCache, compute_edit
 
     cache = RomeCache(cache_dir, corpus=corpus)
 
-    def compute(loaded: LoadedModel, request: object, progress: ProgressFn | None = None) -> object:
+    def compute(loaded: LoadedModel, request: EditRequest, progress: ProgressFn | None = None) -> EditResult:
         return compute_edit(loaded, request, cache, progress=progress)
 
     return compute

@@ -27,8 +27,7 @@ import contextlib
 import logging
 import math
 import threading
-import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -37,24 +36,18 @@ from . import __version__
 from .admission import (
     Admission,
     ModelShape,
-    check_memory,
-    edit_bytes,
     generate_bytes,
     score_bytes,
     trace_bytes,
 )
 from .arch import config_sizes
 from .batching import BatchScheduler
-from .bounds import clip
-from .edit_store import EditLayer
-from .editing import DEFAULT_MAX_UPDATE_NORM_RATIO, EditManager, EditView
-from .errors import EngineError, FailedPrecondition, InvalidRequest, ResourceExhausted, Unavailable
+from .editing import DEFAULT_MAX_UPDATE_NORM_RATIO, EditManager
+from .engine_edits import EngineEdits
+from .errors import InvalidRequest, Unavailable
 from .gate import VersionGate
 from .generation import GenerationChunk, SamplingParams, generate_tokens
 from .loading import LoadedModel
-from .rome.apply import target_is_answer
-from .rome.hparams import hparams_for
-from .rome.request import EditRequest
 from .scoring import ContinuationScore, encode_prompt, score_continuations
 from .tracing import NoiseCache, TraceRequest, TraceResult
 from .tracing import trace as trace_grid
@@ -140,7 +133,7 @@ class EngineInfo:
     active_streams: int
 
 
-class Engine:
+class Engine(EngineEdits):
     def __init__(
         self, loaded: LoadedModel, limits: EngineLimits | None = None, edits: EditManager | None = None
     ) -> None:
@@ -456,245 +449,6 @@ class Engine:
                         with contextlib.suppress(asyncio.CancelledError, Exception):
                             await job
 
-    # -- edits ----------------------------------------------------------------
-
-    def _manager(self) -> EditManager:
-        if self.edits is None:
-            raise FailedPrecondition("this server was started without editing support")
-        return self.edits
-
-    def _check_expected(self, expected_version: int | None) -> None:
-        if expected_version is not None and expected_version != self.edit_version:
-            raise FailedPrecondition(
-                f"expected_version {expected_version} does not match the head version {self.edit_version}: "
-                "list the edits, then retry against the new head"
-            )
-
-    @contextlib.asynccontextmanager
-    async def _edit_turn(self):
-        """Edits are serialized; at most max_queued_edits wait behind the running one."""
-        if self._edit_lock is None:
-            self._edit_lock = asyncio.Lock()
-        if self._queued_edits >= self.limits.max_queued_edits + 1:
-            raise ResourceExhausted(
-                f"{self._queued_edits} edits are running or queued, the limit "
-                f"max_queued_edits={self.limits.max_queued_edits} is reached: retry later"
-            )
-        self._queued_edits += 1
-        try:
-            async with self._edit_lock:
-                yield
-        finally:
-            self._queued_edits -= 1
-
-    def check_edit_chars(self, prompt: str, subject: str, target: str) -> None:
-        """The cheap checks of an edit's texts, before any parsing or tokenizing (InvalidRequest)."""
-        limit = self.limits.max_edit_chars
-        for name, value in (("prompt", prompt), ("subject", subject), ("target", target)):
-            if len(value) > limit:
-                raise InvalidRequest(f"edit {name} has {len(value)} characters, over the limit max_edit_chars={limit}")
-
-    def _check_edit_size(self, request: EditRequest) -> tuple[int, int]:
-        """Token limits, the hparams that size memory, the memory estimate (blocking: tokenizes).
-        Returns the tokens the computation holds in flight and its memory estimate (bytes)."""
-        lim, tok = self.limits, self.loaded.tokenizer
-        counts = {
-            "prompt": (len(encode_prompt(tok, request.filled())), lim.max_edit_prompt_tokens),
-            "subject": (len(tok(request.subject, add_special_tokens=False)["input_ids"]), lim.max_edit_subject_tokens),
-            "target": (len(tok(request.target, add_special_tokens=False)["input_ids"]), lim.max_edit_target_tokens),
-        }
-        for name, (n, limit) in counts.items():
-            if n > limit:
-                raise InvalidRequest(f"edit {name} has {n} tokens, over the limit max_edit_{name}_tokens={limit}")
-        hp = hparams_for(self.loaded).with_overrides(request.hparams)
-        if hp.mom2_seq_len > self.context_length:
-            raise InvalidRequest(
-                f"hparam mom2_seq_len={hp.mom2_seq_len} exceeds the model's context length {self.context_length}"
-            )
-        prompts = 1 + hp.ctx_n_short + hp.ctx_n_long  # the identity template and the prefixed ones
-        longest_prefix = max(hp.ctx_len_short, hp.ctx_len_long) + 4  # a seed word, ". "
-        tokens = longest_prefix + counts["prompt"][0] + counts["target"][0]
-        estimate = edit_bytes(
-            self.shape, prompts=prompts, tokens=tokens, prefix_tokens=max(hp.ctx_len_short, hp.ctx_len_long),
-            mom2_rows=hp.mom2_batch_size, mom2_seq_len=hp.mom2_seq_len,
-        )  # fmt: skip
-        # refused here already (admit checks it again): before the greedy check's forward pass runs
-        check_memory("edit", estimate, lim.max_request_memory_mb)
-        return (prompts + 1) * tokens, estimate
-
-    async def apply_edit(
-        self,
-        request: object,
-        *,
-        dry_run: bool = False,
-        expected_version: int | None = None,
-        author: str = "",
-        comment: str = "",
-        force: bool = False,
-        on_commit: Callable[[EditView], None] | None = None,
-    ) -> tuple[EditView, int]:
-        """Compute a ROME layer and (unless dry_run) make it the new head. Returns (layer, head version).
-
-        Refused (FAILED_PRECONDITION) when the target already is the model's greedy answer, unless
-        ``force``. If the caller goes away (cancel, deadline) or ``close()`` runs while the layer is
-        computed, the computation stops at its next step; the edit lock is held until it has
-        stopped, so computations never overlap. Once the layer is being stored the commit runs to
-        its end whatever happens to the caller, ``on_commit`` (an audit line) included."""
-        manager = self._manager()
-        self._check_expected(expected_version)
-        if isinstance(request, EditRequest):
-            self.check_edit_chars(request.prompt, request.subject, request.target)
-        async with self._edit_turn():
-            self._check_expected(expected_version)
-            checked = isinstance(request, EditRequest)  # a test's fake compute may take other requests
-            tokens, estimate = await self.run(self._check_edit_size, request) if checked else (0, 0)
-            if checked and not force and await self.run(target_is_answer, self.loaded, request):
-                raise FailedPrecondition(
-                    f"the model already answers {request.target!r} to {request.filled()!r} (greedy): "
-                    "nothing to edit; set force to apply it anyway"
-                )
-            with self.admission.admit("edit", tokens=tokens, memory=estimate):
-
-                def compute(should_stop: Callable[[], bool]) -> object:
-                    def progress(stage: str, done: int, total: int) -> None:
-                        if should_stop():
-                            raise Unavailable(f"the edit was cancelled during {stage}; nothing was stored")
-
-                    return manager.compute_layer(request, author=author, comment=comment, progress=progress)
-
-                layer = await self.run_to_end(compute)
-            if dry_run:
-                return EditView(layer.header, None, False), self.edit_version
-
-            async def commit() -> EditView:
-                async with self.gate.write(self.limits.edit_drain_timeout):
-                    entry = await self.run(manager.store_layer, layer)
-                    await self.run(manager.activate, entry["active"], int(entry["version"]))
-                log.info(
-                    "edit %s applied: version %d -> %d (%s: %r -> %r) by %r",
-                    layer.edit_id,
-                    entry["parent_version"],
-                    entry["version"],
-                    clip(layer.header["request"]["subject"]),
-                    clip(layer.header["request"]["prompt"]),
-                    clip(layer.header["request"]["target"]),
-                    clip(author),
-                )
-                view = EditView(layer.header, entry, True)
-                if on_commit is not None:
-                    on_commit(view)
-                return view
-
-            # once the layer is being stored, a caller that goes away (deadline, cancel) must not
-            # leave it stored but not live, nor unaudited: the commit runs to its end regardless
-            view = await asyncio.shield(asyncio.ensure_future(commit()))
-            return view, self.edit_version
-
-    async def revert_edit(
-        self,
-        *,
-        to_version: int | None = None,
-        edit_id: str | None = None,
-        author: str = "",
-        comment: str = "",
-        on_commit: Callable[[int, list[str]], None] | None = None,
-    ) -> tuple[int, list[str], float]:
-        """Revert to a version, or remove one layer. Returns (head version, removed ids, seconds).
-        ``on_commit(version, removed)`` runs once it is live, even if the caller has gone."""
-        manager = self._manager()
-        t0 = time.perf_counter()
-        async with self._edit_turn():
-            version, active, removed = await self.run(
-                lambda: manager.plan_revert(to_version=to_version, edit_id=edit_id)
-            )
-            if version == self.edit_version:
-                return version, [], time.perf_counter() - t0  # already there: nothing to record
-            async def commit() -> None:
-                async with self.gate.write(self.limits.edit_drain_timeout):
-                    await self.run(
-                        lambda: manager.record_revert(
-                            version, active, to_version=to_version, edit_id=edit_id, author=author, comment=comment
-                        )
-                    )
-                    await self.run(manager.activate, active, version)
-                log.info("revert by %r: head version now %d, removed %s", clip(author), version, removed or "nothing")
-                if on_commit is not None:
-                    on_commit(version, removed)
-
-            await asyncio.shield(asyncio.ensure_future(commit()))
-            return version, removed, time.perf_counter() - t0
-
-    async def list_edits(self, *, include_inactive: bool) -> list[EditView]:
-        return await self.run(lambda: self._manager().views(include_inactive=include_inactive))
-
-    async def get_edit(self, edit_id: str) -> EditView:
-        if not edit_id:
-            raise InvalidRequest("edit_id must not be empty")
-        return await self.run(self._manager().view, edit_id)
-
-    async def export_edits(self, from_version: int, to_version: int | None) -> list[tuple[dict, bytes]]:
-        manager = self._manager()
-        top = manager.store.manifest.max_version if to_version is None else to_version
-        if top < from_version:
-            raise InvalidRequest(f"to_version {top} is below from_version {from_version}")
-        return await self.run(manager.export_files, from_version, top)
-
-    async def import_edits(
-        self,
-        files: AsyncIterable[tuple[bytes, str | None]] | Iterable[tuple[bytes, str | None]],
-        *,
-        author: str = "",
-        on_commit: Callable[[list[EditView]], None] | None = None,
-    ) -> list[EditView]:
-        """Apply layer files computed elsewhere on the same base, oldest first, each as a new version.
-
-        Each file is checked as it arrives (reading stops at the first bad one, or past
-        max_import_files / max_import_bytes); the files are stored only once all of them
-        passed, all in one manifest write, so a refused import changes nothing.
-        ``on_commit`` (an audit line) runs once they are live, even if the caller has gone.
-        """
-        manager = self._manager()
-        lim = self.limits
-        layers: list[EditLayer] = []
-        count = size = 0
-        async for data, sha in _aiter(files):
-            count, size = count + 1, size + len(data)
-            if count > lim.max_import_files:
-                raise ResourceExhausted(
-                    f"an import holds at most max_import_files={lim.max_import_files} layer files: send fewer per call"
-                )
-            if size > lim.max_import_bytes:
-                raise ResourceExhausted(
-                    f"an import holds at most max_import_bytes={lim.max_import_bytes} bytes of layer files "
-                    f"({size} so far): send fewer per call"
-                )
-            try:
-                layer = await self.run(manager.check_import_file, data, sha)
-            except EngineError as e:  # the same kind of error, saying which file of the stream it was
-                raise type(e)(f"layer file {count} of the import: {e}") from e
-            if any(x.edit_id == layer.edit_id for x in layers):
-                raise InvalidRequest(f"edit {layer.edit_id} is sent twice")
-            layers.append(layer)
-        if not layers:
-            return []
-        async with self._edit_turn():
-            for layer in layers:
-                await self.run(manager.check_import_base, layer)
-            extras = [{"origin_version": x.version, "author": author or x.header.get("author", "")} for x in layers]
-
-            async def commit() -> list[EditView]:
-                async with self.gate.write(self.limits.edit_drain_timeout):
-                    entries = await self.run(lambda: manager.store_layers(layers, op="import", extras=extras))
-                    await self.run(manager.activate, entries[-1]["active"], int(entries[-1]["version"]))
-                views = [EditView(x.header, e, True) for x, e in zip(layers, entries, strict=True)]
-                if on_commit is not None:
-                    on_commit(views)
-                return views
-
-            # all the layers are stored in one manifest write and made live together; a caller
-            # that goes away meanwhile does not leave some stored, or stored but not live
-            return await asyncio.shield(asyncio.ensure_future(commit()))
-
     def info(self) -> EngineInfo:
         m = self.loaded
         cfg = m.model.config
@@ -721,13 +475,3 @@ class Engine:
 
 def _next_or_none(it: object) -> GenerationChunk | None:
     return next(it, None)
-
-
-async def _aiter(items: AsyncIterable[T] | Iterable[T]) -> AsyncIterator[T]:
-    """Iterate a list or an async stream alike (import_edits takes either)."""
-    if isinstance(items, AsyncIterable):
-        async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item

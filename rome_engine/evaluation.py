@@ -48,10 +48,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .editing import fact_probabilities
 from .errors import InvalidRequest
+from .layers import LayerWeights
 from .loading import LoadedModel
-from .rome import EditRequest, RomeCache, RomeHParams, apply_edit, compute_edit, remove_edit
-from .rome.apply import greedy_text
+from .rome import EditRequest, RomeCache, RomeHParams, compute_edit
+from .rome.compute import greedy_text
 from .rome.request import needs_space, to_template
 from .scoring import score_continuations, split_continuation
 
@@ -391,11 +393,13 @@ def evaluate_record(
     window = n_tok + 2
     pre = _measure(loaded, rec, window, fluency_tokens)
     result = compute_edit(loaded, request, cache)
-    apply_edit(loaded, result)
+    target_after = fact_probabilities(loaded, request, result.factors, result.old_object).target_after
+    weights = LayerWeights(loaded)  # applied as a served version is, and taken off bit for bit
+    weights.materialize_factors(result.factors)
     try:
         post = _measure(loaded, rec, window, fluency_tokens)
     finally:
-        remove_edit(loaded, result)
+        weights.materialize_factors([])
     unchanged = [a == b for a, b in zip(pre.neighbor_texts, post.neighbor_texts, strict=True)]
     scores = RecordScores(
         case_id=rec.case_id,
@@ -408,7 +412,7 @@ def evaluate_record(
         edit_seconds=result.compute_seconds,
         cov_from_cache=result.cov_from_cache,
         layer=result.layer,
-        target_after=result.target_after,
+        target_after=target_after,
         v_steps=result.v_steps,
         update_norm=result.update_norm,
     )

@@ -13,16 +13,14 @@ base back exactly (reverting never subtracts in floating point).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from .edit_store import EditLayer, RankOneFactor, tensor_sha256
+from .delta import RankOneFactor, rebuilt
+from .edit_store import EditLayer, tensor_sha256
 from .loading import LoadedModel
-
-
-def storage_delta(loaded: LoadedModel, factor: RankOneFactor) -> torch.Tensor:
-    """The float32 update of one matrix in its storage layout: outer(u, v) in (out, in)."""
-    delta = torch.outer(factor.u.float(), factor.v.float())  # (out, in)
-    return loaded.spec.from_out_in(delta)
+from .records import BaseFingerprint
 
 
 class LayerWeights:
@@ -40,17 +38,17 @@ class LayerWeights:
         """The pristine matrix (the live one when it has never been touched)."""
         return self._base[name] if name in self._base else self.parameter(name).detach()
 
-    def fingerprint(self, params: list[str]) -> dict:
+    def fingerprint(self, params: list[str]) -> BaseFingerprint:
         """What a layer was computed on: the model id and the sha256 of each touched base matrix."""
-        return {"model_id": self.loaded.model_id, "matrices": {p: tensor_sha256(self.base(p)) for p in sorted(params)}}
+        return BaseFingerprint(self.loaded.model_id, {p: tensor_sha256(self.base(p)) for p in sorted(params)})
 
-    def check_fingerprint(self, fingerprint: dict, params: list[str] | None = None) -> str | None:
+    def check_fingerprint(self, fingerprint: BaseFingerprint, params: list[str] | None = None) -> str | None:
         """None when a layer computed on ``fingerprint`` fits this base, else why not.
 
         With ``params`` (the layer's touched matrices), the fingerprint must name each of them.
         """
-        digests = fingerprint.get("matrices") if isinstance(fingerprint, dict) else None
-        if not isinstance(digests, dict) or not digests:
+        digests = fingerprint.matrices
+        if not digests:
             return "the layer's base fingerprint lists no matrices"
         if params is not None and set(params) != set(digests):
             return f"the base fingerprint names {sorted(digests)}, the layer touches {sorted(params)}"
@@ -96,64 +94,22 @@ class LayerWeights:
                 )
         return None
 
+    def materialize(self, layers: Sequence[EditLayer]) -> None:
+        """Set every touched matrix to base + the deltas of ``layers`` (in order): a version's weights."""
+        self.materialize_factors([f for layer in layers for f in layer.factors])
+
     @torch.no_grad()
-    def materialize(self, layers: list[EditLayer]) -> None:
-        """Set every touched matrix to base + the deltas of ``layers`` (in order)."""
+    def materialize_factors(self, factors: Sequence[RankOneFactor]) -> None:
+        """Set every touched matrix to base + its ``factors`` (in order); no factors: the base, bit for bit."""
         deltas: dict[str, list[RankOneFactor]] = {}
-        for layer in layers:
-            for f in layer.factors:
-                deltas.setdefault(f.param, []).append(f)
+        for f in factors:
+            deltas.setdefault(f.param, []).append(f)
         for name in deltas:
             if name not in self._base:
                 self._base[name] = self.parameter(name).detach().clone()
         for name, base in self._base.items():
-            param = self.parameter(name)
-            factors = deltas.get(name, [])
-            if not factors:
-                param.copy_(base)
-                continue
-            acc = base.float()  # W = base + sum_i u_i v_i^T, accumulated in float32
-            if acc.data_ptr() == base.data_ptr():
-                acc = acc.clone()
-            for f in factors:
-                acc += storage_delta(self.loaded, f).to(acc.device)
-            param.copy_(acc.to(param.dtype))
+            self.parameter(name).copy_(rebuilt(self.loaded.spec, base, deltas.get(name, [])))
 
     @property
     def touched(self) -> list[str]:
         return sorted(self._base)
-
-
-class rank_one_patch:  # used like a function in a with statement
-    """Evaluate the model *as if* ``factors`` were applied, without touching its weights.
-
-    A forward hook on each edited projection adds (x . v) u to its output:
-    W' x = W x + u (v . x). Only forward passes of the installing thread see
-    it, so streams served meanwhile keep the live weights.
-    """
-
-    def __init__(self, loaded: LoadedModel, factors: tuple[RankOneFactor, ...] | list[RankOneFactor]) -> None:
-        import threading
-
-        owner = threading.get_ident()
-        self._handles = []
-        for f in factors:
-            module_name = f.param.removesuffix(".weight")
-            module = loaded.model.get_submodule(module_name)
-            u, v = f.u, f.v
-
-            def hook(_m: torch.nn.Module, args: tuple, output: torch.Tensor, u=u, v=v) -> torch.Tensor:
-                if threading.get_ident() != owner:
-                    return output
-                x = args[0]  # (..., in)
-                coeff = x.float() @ v.to(x.device)  # (...,)
-                return output + (coeff.unsqueeze(-1) * u.to(x.device)).to(output.dtype)
-
-            self._handles.append(module.register_forward_hook(hook))
-
-    def __enter__(self) -> rank_one_patch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()

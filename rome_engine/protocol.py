@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # annotations only: importing this module loads no torch
     from .batching import BatchScheduler
-    from .editing import EditView
+    from .edit_store import ManifestEntry
     from .engine import EngineInfo, EngineLimits, TraceEvent
     from .gate import VersionGate
     from .generation import GenerationChunk, SamplingParams
+    from .records import ApplyOptions, EditView, RevertRequest
     from .rome.request import EditRequest
     from .scoring import ContinuationScore
     from .tracing import TraceRequest
@@ -67,28 +68,14 @@ class EngineClient(Protocol):
         ...
 
     async def apply_edit(
-        self,
-        request: EditRequest,
-        *,
-        dry_run: bool = False,
-        expected_version: int | None = None,
-        author: str = "",
-        comment: str = "",
-        force: bool = False,
-        on_commit: Callable[[EditView], None] | None = None,
+        self, request: EditRequest, options: ApplyOptions, on_commit: Callable[[EditView], None] | None = None
     ) -> tuple[EditView, int]:
         """The computed layer and the head version after it; ``on_commit`` runs once it is live
         (even if the caller has gone)."""
         ...
 
     async def revert_edit(
-        self,
-        *,
-        to_version: int | None = None,
-        edit_id: str | None = None,
-        author: str = "",
-        comment: str = "",
-        on_commit: Callable[[int, list[str]], None] | None = None,
+        self, revert: RevertRequest, on_commit: Callable[[int, list[str]], None] | None = None
     ) -> tuple[int, list[str], float]:
         """(head version, removed edit ids, seconds); ``on_commit(version, removed)`` once it is live."""
         ...
@@ -97,7 +84,7 @@ class EngineClient(Protocol):
 
     async def get_edit(self, edit_id: str) -> EditView: ...
 
-    async def export_edits(self, from_version: int, to_version: int | None) -> list[tuple[dict, bytes]]:
+    async def export_edits(self, from_version: int, to_version: int | None) -> list[tuple[ManifestEntry, bytes]]:
         """(manifest entry, layer file bytes) of each version in the range, oldest first."""
         ...
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-from rome_engine.editing import EditView
 from rome_engine.engine import EngineInfo, TraceEvent, TraceProgress
 from rome_engine.errors import InvalidRequest
 from rome_engine.generation import (
@@ -15,6 +14,7 @@ from rome_engine.generation import (
     GenerationChunk,
     SamplingParams,
 )
+from rome_engine.records import ApplyOptions, EditView, ManifestEntry, RevertRequest
 from rome_engine.rome.request import EditRequest
 from rome_engine.scoring import ContinuationScore
 from rome_engine.tracing import KINDS, TraceRequest
@@ -114,50 +114,66 @@ def edit_request(spec: pb.EditSpec) -> EditRequest:
     )
 
 
-def edit_layer(view: EditView) -> pb.EditLayer:
-    h = view.header
-    req = h.get("request", {})
-    probs = h.get("probabilities", {})
-    entry = view.entry or {}
-    return pb.EditLayer(
-        edit_id=h["edit_id"],
-        version=view.version,
-        parent_version=int(entry.get("parent_version", h.get("parent_version", 0))),
-        created_at=h.get("created_at", ""),
-        author=h.get("author", ""),
-        comment=h.get("comment", ""),
-        edit=pb.EditSpec(
-            prompt=req.get("prompt", ""),
-            subject=req.get("subject", ""),
-            target=req.get("target", ""),
-            layer=int(req.get("layer", h.get("layer", 0))),
-            hparams={k: float(v) for k, v in req.get("hparams", {}).items() if isinstance(v, (int, float))},
-        ),
-        layer=int(h.get("layer", 0)),
-        matrices=[
-            pb.TouchedMatrix(name=m["name"], shape=m["shape"], update_norm=m["update_norm"])
-            for m in h.get("matrices", [])
-        ],
-        probabilities=pb.FactProbabilities(
-            target_before=probs.get("target_before", 0.0),
-            target_after=probs.get("target_after", 0.0),
-            old_before=probs.get("old_before", 0.0),
-            old_after=probs.get("old_after", 0.0),
-            old_object=probs.get("old_object", ""),
-        ),
-        compute_seconds=h.get("compute_seconds", 0.0),
-        active=view.active,
-        header_json=json.dumps(h, sort_keys=True),
+def apply_options(req: pb.ApplyEditRequest) -> ApplyOptions:
+    return ApplyOptions(
+        dry_run=req.dry_run,
+        expected_version=req.expected_version if req.HasField("expected_version") else None,
+        author=req.author,
+        comment=req.comment,
+        force=req.force,
     )
 
 
-def layer_file(entry: dict, data: bytes) -> pb.EditLayerFile:
+def revert_request(req: pb.RevertEditRequest) -> RevertRequest:
+    target = req.WhichOneof("target")
+    if target is None:
+        raise InvalidRequest("set to_version (a version to return to) or edit_id (one layer to remove)")
+    return RevertRequest(
+        to_version=req.to_version if target == "to_version" else None,
+        edit_id=req.edit_id if target == "edit_id" else None,
+        author=req.author,
+        comment=req.comment,
+    )
+
+
+def edit_layer(view: EditView) -> pb.EditLayer:
+    h, req, probs = view.header, view.header.request, view.header.probabilities
+    return pb.EditLayer(
+        edit_id=h.edit_id,
+        version=view.version,
+        parent_version=view.parent_version,
+        created_at=h.created_at,
+        author=h.author,
+        comment=h.comment,
+        edit=pb.EditSpec(
+            prompt=req.prompt,
+            subject=req.subject,
+            target=req.target,
+            layer=req.layer,
+            hparams={k: float(v) for k, v in req.hparams.items() if v is not None},
+        ),
+        layer=h.layer,
+        matrices=[pb.TouchedMatrix(name=m.name, shape=m.shape, update_norm=m.update_norm) for m in h.matrices],
+        probabilities=pb.FactProbabilities(
+            target_before=probs.target_before,
+            target_after=probs.target_after,
+            old_before=probs.old_before,
+            old_after=probs.old_after,
+            old_object=probs.old_object,
+        ),
+        compute_seconds=h.compute_seconds,
+        active=view.active,
+        header_json=json.dumps(h.to_json(), sort_keys=True),
+    )
+
+
+def layer_file(entry: ManifestEntry, data: bytes) -> pb.EditLayerFile:
     return pb.EditLayerFile(
-        filename=entry["file"].rsplit("/", 1)[-1],
+        filename=(entry.file or "").rsplit("/", 1)[-1],
         content=data,
-        version=int(entry["version"]),
-        edit_id=entry["edit_id"],
-        sha256=entry["sha256"],
+        version=entry.version,
+        edit_id=entry.edit_id or "",
+        sha256=entry.sha256 or "",
     )
 
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
 from rome_engine.bounds import MAX_AUTHOR_CHARS, MAX_COMMENT_CHARS, check_text, clip
-from rome_engine.editing import EditView
 from rome_engine.engine import TraceDone
 from rome_engine.errors import InvalidRequest
 from rome_engine.protocol import EngineClient
+from rome_engine.records import EditView
 from romegw_client.pb import gateway_pb2 as pb
 from romegw_client.pb import gateway_pb2_grpc as pb_grpc
 
@@ -44,11 +45,10 @@ def echoable(view: EditView) -> EditView:
     The stored layer is left as it is; only the echo is cut, so such a history stays listable.
     """
     h = view.header
-    author, comment = str(h.get("author", "")), str(h.get("comment", ""))
-    if len(author) <= MAX_AUTHOR_CHARS and len(comment) <= MAX_COMMENT_CHARS:
+    if len(h.author) <= MAX_AUTHOR_CHARS and len(h.comment) <= MAX_COMMENT_CHARS:
         return view
-    header = {**h, "author": clip(author, MAX_AUTHOR_CHARS), "comment": clip(comment, MAX_COMMENT_CHARS)}
-    return EditView(header, view.entry, view.active)
+    header = replace(h, author=clip(h.author, MAX_AUTHOR_CHARS), comment=clip(h.comment, MAX_COMMENT_CHARS))
+    return replace(view, header=header)
 
 
 def edit_page(views: list[EditView], start: int, count: int, max_bytes: int) -> tuple[list[pb.EditLayer], int]:
@@ -121,25 +121,18 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
             self._audit(
                 "ApplyEdit",
                 before,
-                edit_id=view.header["edit_id"],
+                edit_id=view.edit_id,
                 subject=request.edit.subject,
                 target=request.edit.target,
                 author=request.author,
                 comment=request.comment,
             )
 
-        view, head = await self.engine.apply_edit(
-            convert.edit_request(request.edit),
-            dry_run=request.dry_run,
-            expected_version=request.expected_version if request.HasField("expected_version") else None,
-            author=request.author,
-            comment=request.comment,
-            force=request.force,
-            on_commit=committed,
-        )
+        view, head = await self.engine.apply_edit(convert.edit_request(request.edit), convert.apply_options(request),
+                                                  on_commit=committed)  # fmt: skip
         if self.metrics is not None:
-            self.metrics.edit_compute.observe(view.header["compute_seconds"])
-            source = "cache" if view.header.get("covariance_from_cache") else "computed"
+            self.metrics.edit_compute.observe(view.header.compute_seconds)
+            source = "cache" if view.header.covariance_from_cache else "computed"
             self.metrics.covariance.labels(source).inc()
         layer = convert.edit_layer(echoable(view))
         return pb.ApplyEditResponse(layer=layer, dry_run=request.dry_run, head_version=head)
@@ -147,9 +140,7 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
     async def RevertEdit(
         self, request: pb.RevertEditRequest, context: grpc.aio.ServicerContext
     ) -> pb.RevertEditResponse:
-        target = request.WhichOneof("target")
-        if target is None:
-            raise InvalidRequest("set to_version (a version to return to) or edit_id (one layer to remove)")
+        revert = convert.revert_request(request)
         check_authorship(request.author, request.comment)
         before = self.engine.edit_version
 
@@ -157,16 +148,11 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
             if self.metrics is not None:
                 self.metrics.edits_reverted.inc()
             self._audit(
-                "RevertEdit", before, target=target, removed=removed, author=request.author, comment=request.comment
+                "RevertEdit", before, target=request.WhichOneof("target"), removed=removed, author=request.author,
+                comment=request.comment,
             )
 
-        version, removed, seconds = await self.engine.revert_edit(
-            to_version=request.to_version if target == "to_version" else None,
-            edit_id=request.edit_id if target == "edit_id" else None,
-            author=request.author,
-            comment=request.comment,
-            on_commit=committed,
-        )
+        version, removed, seconds = await self.engine.revert_edit(revert, on_commit=committed)
         return pb.RevertEditResponse(
             head_version=version, removed_edit_ids=removed, active_layers=self.engine.active_layers, seconds=seconds
         )
@@ -210,7 +196,7 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
         def committed(views: list[EditView]) -> None:  # inside the engine's commit
             if self.metrics is not None:
                 self.metrics.edits_applied.inc(len(views))
-            self._audit("ImportEdits", before, edit_ids=[v.header["edit_id"] for v in views])
+            self._audit("ImportEdits", before, edit_ids=[v.edit_id for v in views])
 
         views = await self.engine.import_edits(files, on_commit=committed)
         return pb.ImportEditsResponse(

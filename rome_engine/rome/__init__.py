@@ -5,18 +5,16 @@ Public names:
     RomeHParams, hparams_for         - typed hyperparameters, defaults per family / tuned per model
     RomeCache                        - the cache folder + in-memory caches (prefixes, text sample, C)
     compute_edit(loaded, request, cache, *, progress=None) -> EditResult
-    apply_edit(loaded, result), remove_edit(loaded, result)
-    rank_one_delta(spec, left, right) - outer(left, right) in the weight's storage layout
-    EditResult                       - left/right vectors, probabilities before/after, timings
+    EditResult                       - the factor (u, v: see rome_engine.delta), k*, v*, timings
     layer_covariance, context_templates, compute_key, right_vector, compute_delta - the steps
 
     cache = RomeCache(default_cache_dir())
     result = compute_edit(loaded, EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome"), cache)
-    apply_edit(loaded, result)
+    LayerWeights(loaded).materialize_factors(result.factors)   # applying is rome_engine.layers'
 """
 
-from .apply import EditResult, apply_edit, compute_edit, rank_one_delta, remove_edit, resolve_layer
 from .cache import ProgressFn, RomeCache
+from .compute import EditResult, compute_edit, resolve_layer
 from .compute_u import compute_key, right_vector
 from .compute_v import DeltaResult, compute_delta
 from .context import context_templates
@@ -31,15 +29,12 @@ __all__ = [
     "ProgressFn",
     "RomeCache",
     "RomeHParams",
-    "apply_edit",
     "compute_delta",
     "compute_edit",
     "compute_key",
     "context_templates",
     "hparams_for",
     "layer_covariance",
-    "rank_one_delta",
-    "remove_edit",
     "resolve_layer",
     "right_vector",
 ]

@@ -6,15 +6,16 @@ import hashlib
 import json
 import logging
 import uuid
+from dataclasses import replace
 
 import pytest
 import torch
 
+from rome_engine.delta import RankOneFactor, as_if_applied
 from rome_engine.edit_store import (
     FORMAT_VERSION,
     EditLayer,
     EditStore,
-    RankOneFactor,
     decode_layer,
     encode_layer,
     read_layer_header,
@@ -22,7 +23,8 @@ from rome_engine.edit_store import (
 )
 from rome_engine.editing import EditManager
 from rome_engine.errors import FailedPrecondition, NotFound
-from rome_engine.layers import LayerWeights, rank_one_patch
+from rome_engine.layers import LayerWeights
+from rome_engine.records import LayerHeader, ManifestEntry, RevertRequest
 
 
 def param_hashes(model: torch.nn.Module) -> dict[str, str]:
@@ -40,9 +42,9 @@ def random_layer(loaded, weights: LayerWeights, layer_index: int, seed: int, ver
         "created_at": "2026-01-01T00:00:00Z", "author": "test", "comment": "",
         "request": {"prompt": "{} is in", "subject": "X", "target": " Y", "layer": layer_index, "hparams": {}},
         "layer": layer_index, "matrices": [{"name": name, "shape": [out_dim, in_dim], "update_norm": f.norm}],
-        "base_fingerprint": weights.fingerprint([name]), "probabilities": {}, "compute_seconds": 0.0,
+        "base_fingerprint": weights.fingerprint([name]).to_json(), "probabilities": {}, "compute_seconds": 0.0,
     }
-    return EditLayer(header, (f,))
+    return EditLayer(LayerHeader.from_json(header), (f,))
 
 
 @pytest.fixture
@@ -79,7 +81,7 @@ def test_delta_orientation_and_patch_equivalence(model_copy) -> None:
     ids = torch.tensor([[5, 9, 11, 20]])
     with torch.no_grad():
         base = loaded.model(ids).logits
-        with rank_one_patch(loaded, [f]):
+        with as_if_applied(loaded, [f]):
             patched = loaded.model(ids).logits
     W0 = loaded.spec.as_out_in(w.parameter(f.param)).detach().clone()
     w.materialize([layer])
@@ -114,29 +116,30 @@ def test_store_manifest_revert_and_restart(tiny_llama, tmp_path, caplog) -> None
     for i in range(3):
         layer = random_layer(loaded, m.weights, i, seed=i, version=i + 1)
         e = m.store_layer(layer)
-        m.activate(e["active"], e["version"])
+        m.activate(e.active, e.version)
         entries.append(e)
-    assert [e["version"] for e in entries] == [1, 2, 3]
+    assert [e.version for e in entries] == [1, 2, 3]
     at3 = param_hashes(loaded.model)
-    ids = [e["edit_id"] for e in entries]
+    ids = [e.edit_id for e in entries]
     # the layer file's header is readable alone, and the manifest names every active layer
-    assert read_layer_header(tmp_path / entries[0]["file"])["edit_id"] == ids[0]
+    assert read_layer_header(tmp_path / entries[0].file).edit_id == ids[0]
     doc = json.loads((tmp_path / "manifest.json").read_text())
     assert doc["entries"][-1]["active"] == ids
 
     # remove the middle layer: a new version without it
-    version, active, removed = m.plan_revert(to_version=None, edit_id=ids[1])
-    m.record_revert(version, active, to_version=None, edit_id=ids[1], author="a", comment="")
+    revert = RevertRequest(edit_id=ids[1], author="a")
+    version, active, removed = m.plan_revert(revert)
+    m.record_revert(version, active, revert)
     m.activate(active, version)
     assert (version, active, removed) == (4, [ids[0], ids[2]], [ids[1]])
 
     # revert to version 3: bit for bit what it was
-    version, active, _ = m.plan_revert(to_version=3, edit_id=None)
-    m.record_revert(version, active, to_version=3, edit_id=None, author="a", comment="")
+    version, active, _ = m.plan_revert(RevertRequest(to_version=3))
+    m.record_revert(version, active, RevertRequest(to_version=3, author="a"))
     m.activate(active, version)
     assert param_hashes(loaded.model) == at3
     with pytest.raises(NotFound):
-        m.plan_revert(to_version=99, edit_id=None)
+        m.plan_revert(RevertRequest(to_version=99))
 
     # a restart on the same store re-applies version 3
     m.activate([], 0)
@@ -147,7 +150,7 @@ def test_store_manifest_revert_and_restart(tiny_llama, tmp_path, caplog) -> None
 
     # alter the third layer's file: the server falls back to the newest consistent version and says so
     m2.activate([], 0)
-    path = tmp_path / entries[2]["file"]
+    path = tmp_path / entries[2].file
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -195,12 +198,12 @@ def _write_entry(store: EditStore, header: dict, tensors: dict) -> None:
     data = safetensors_save(tensors, metadata={"romegw": json.dumps(header)})
     rel = f"layers/{header['edit_id']}.safetensors"
     (store.root / rel).write_bytes(data)
-    store._commit({
-        "op": "import", "version": store.manifest.max_version + 1, "parent_version": store.manifest.head_version,
-        "edit_id": header["edit_id"], "file": rel, "sha256": hashlib.sha256(data).hexdigest(),
-        "active": [*store.manifest.active_at(store.manifest.head_version), header["edit_id"]],
-        "at": "2026-01-01T00:00:00Z", "author": "", "comment": "",
-    })
+    store._commit(ManifestEntry(
+        op="import", version=store.manifest.max_version + 1, parent_version=store.manifest.head_version,
+        edit_id=header["edit_id"], file=rel, sha256=hashlib.sha256(data).hexdigest(),
+        active=(*store.manifest.active_at(store.manifest.head_version), header["edit_id"]),
+        at="2026-01-01T00:00:00Z",
+    ))
 
 
 def _no_request(h: dict, t: dict) -> None:
@@ -234,14 +237,15 @@ def test_a_store_entry_that_fails_at_start_is_skipped_like_a_damaged_layer(damag
     m = EditManager(tiny_llama, store, compute=lambda *_: None)
     good = random_layer(tiny_llama, m.weights, 0, seed=0)
     entry = m.store_layer(good)
-    m.activate(entry["active"], entry["version"])
+    m.activate(entry.active, entry.version)
     m.activate([], 0)
     bad = random_layer(tiny_llama, m.weights, 1, seed=1, version=2)
     tensors = {f"{f.param}.{s}": getattr(f, s) for f in bad.factors for s in ("u", "v")}
-    bad.header["_embed_sha"] = tensor_sha256(tiny_llama.model.get_parameter("model.embed_tokens.weight"))
-    damage(bad.header, tensors)
-    bad.header.pop("_embed_sha", None)
-    _write_entry(store, bad.header, tensors)
+    header = bad.header.to_json()
+    header["_embed_sha"] = tensor_sha256(tiny_llama.model.get_parameter("model.embed_tokens.weight"))
+    damage(header, tensors)
+    header.pop("_embed_sha", None)
+    _write_entry(store, header, tensors)
 
     m2 = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=lambda *_: None)
     assert m2.restore() == 1
@@ -307,27 +311,27 @@ def test_a_layer_with_a_path_as_edit_id_is_never_written(tiny_llama, tmp_path) -
     store = EditStore(tmp_path / "edits", tiny_llama.model_id)
     m = EditManager(tiny_llama, store, compute=lambda *_: None)
     layer = random_layer(tiny_llama, m.weights, 0, seed=0)
-    bad = EditLayer({**layer.header, "edit_id": "../../model/model"}, layer.factors)
+    bad = EditLayer(replace(layer.header, edit_id="../../model/model"), layer.factors)
     with pytest.raises(ValueError, match="edit_id must be a UUID"):
         store.add_layer(bad, active=[])
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["edits", "layers"]
 
 
 def test_a_computed_layer_that_a_restart_would_refuse_is_never_stored(tiny_llama, tmp_path) -> None:
-    from types import SimpleNamespace
-
     from rome_engine.errors import InvalidRequest
+    from rome_engine.rome import EditRequest, EditResult, RomeHParams
 
     name = tiny_llama.spec.mlp_out_weight_name(0)
     scale = {"value": 100.0}
 
-    def compute(loaded, request):
-        return SimpleNamespace(
-            param_name=name, left=torch.ones(64) * scale["value"], right=torch.ones(128), layer=0,
-            hparams=SimpleNamespace(to_dict=lambda: {"v_lr": 0.5}), old_object=" Z", cov_from_cache=False,
+    def compute(loaded, request, progress=None):
+        return EditResult(
+            factors=(RankOneFactor(name, torch.ones(64) * scale["value"], torch.ones(128)),), layer=0,
+            request=request, hparams=RomeHParams(v_lr=0.5), old_object=" Z", cov_from_cache=False,
+            key=torch.zeros(128), value=torch.zeros(64),
         )
 
-    request = SimpleNamespace(prompt="{} is in", subject="X", target=" Y", filled=lambda: "X is in")
+    request = EditRequest("{} is in", "X", " Y")
     m = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=compute)
     with pytest.raises(FailedPrecondition, match="max_update_norm_ratio=1.0"):
         m.compute_layer(request, author="a", comment="")

@@ -5,18 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rome_engine.errors import FailedPrecondition, InvalidRequest
+from rome_engine.delta import as_if_applied, storage_delta
+from rome_engine.errors import InvalidRequest
 from rome_engine.hooks import Trace
+from rome_engine.layers import LayerWeights
 from rome_engine.loading import LoadedModel
 from rome_engine.rome import (
     EditRequest,
     RomeCache,
     RomeHParams,
-    apply_edit,
     compute_edit,
     hparams_for,
-    rank_one_delta,
-    remove_edit,
 )
 from rome_engine.rome.compute_u import last_subject_token, subject_span
 from rome_engine.rome.compute_v import _DeltaForward, build_batch, build_rows
@@ -178,65 +177,69 @@ def test_update_writes_v_at_k_and_spares_orthogonal_keys(
     snap = _snapshot(loaded)
     result = compute_edit(loaded, _request(), rome_cache)
     _assert_same(loaded, snap)  # model at beginning == model at end
-    assert result.param_name == loaded.spec.mlp_out_weight_name(1)
-    assert result.left.dtype == result.right.dtype == torch.float32
-    assert result.left.shape == (loaded.model.config.hidden_size,)
-    torch.testing.assert_close(torch.dot(result.right, result.key), torch.tensor(1.0), rtol=1e-4, atol=1e-4)
+    (f,) = result.factors
+    assert f.param == loaded.spec.mlp_out_weight_name(1)
+    assert f.u.dtype == f.v.dtype == torch.float32
+    assert f.u.shape == (loaded.model.config.hidden_size,)
+    torch.testing.assert_close(torch.dot(f.v, result.key), torch.tensor(1.0), rtol=1e-4, atol=1e-4)
 
     module = loaded.model.get_submodule(loaded.spec.mlp_out_name(1))
     k_star = result.key
     torch.manual_seed(1)
     k = torch.randn_like(k_star)
-    k_orth = k - torch.dot(k, result.right) / torch.dot(result.right, result.right) * result.right  # right . k = 0
+    k_orth = k - torch.dot(k, f.v) / torch.dot(f.v, f.v) * f.v  # v . k = 0
+    weights = LayerWeights(loaded)
     with torch.no_grad():
         before = module(torch.stack([k_star, k_orth]))
-        apply_edit(loaded, result)
+        weights.materialize_factors(result.factors)
         after = module(torch.stack([k_star, k_orth]))
-        remove_edit(loaded, result)
+        weights.materialize_factors([])
     # W' k* = v*  and  W' k = W k when (C^-1 k*)^T k = 0
     torch.testing.assert_close(after[0], result.value, rtol=1e-4, atol=1e-4 * float(result.value.abs().max()))
     torch.testing.assert_close(after[1], before[1], rtol=1e-4, atol=1e-5)
-    assert result.update_norm == pytest.approx(float(torch.outer(result.left, result.right).norm()), rel=1e-4)
+    assert result.update_norm == pytest.approx(float(torch.outer(f.u, f.v).norm()), rel=1e-4)
     _assert_same(loaded, snap)
 
 
 def test_conv1d_orientation_matches_linear_math(tiny_gpt2: LoadedModel, rome_cache: RomeCache) -> None:
     loaded = tiny_gpt2
     result = compute_edit(loaded, _request(), rome_cache)
-    w = loaded.model.get_parameter(result.param_name)
+    (f,) = result.factors
+    w = loaded.model.get_parameter(f.param)
     assert w.shape == (4 * 64, 64)  # Conv1D: (in, out)
-    delta = rank_one_delta(loaded.spec, result.left, result.right)
-    assert delta.shape == w.shape
+    assert storage_delta(loaded.spec, f).shape == w.shape
     w_oi = loaded.spec.as_out_in(w).detach().clone()  # (out, in)
     module = loaded.model.get_submodule(loaded.spec.mlp_out_name(1))
     x = torch.randn(3, 4 * 64)
-    apply_edit(loaded, result)
+    weights = LayerWeights(loaded)
+    weights.materialize_factors(result.factors)
     try:
-        torch.testing.assert_close(loaded.spec.as_out_in(w), w_oi + torch.outer(result.left, result.right))
+        torch.testing.assert_close(loaded.spec.as_out_in(w), w_oi + torch.outer(f.u, f.v))
         with torch.no_grad():
             y = module(x)
-        expected = x @ (w_oi + torch.outer(result.left, result.right)).T + module.bias  # Linear math
+            with as_if_applied(loaded, result.factors):  # on top of the applied one: twice the delta
+                y2 = module(x)
+        expected = x @ (w_oi + torch.outer(f.u, f.v)).T + module.bias  # Linear math
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(y2, x @ (w_oi + 2 * torch.outer(f.u, f.v)).T + module.bias, rtol=1e-4, atol=1e-4)
     finally:
-        remove_edit(loaded, result)
+        weights.materialize_factors([])
 
 
 @pytest.mark.parametrize("family", ["tiny_gpt2", "tiny_llama"])
 def test_apply_then_remove_is_bit_exact(family: str, request: pytest.FixtureRequest, rome_cache: RomeCache) -> None:
+    """Evaluation applies and removes edits through the serving path: base + factors, rebuilt."""
     loaded: LoadedModel = request.getfixturevalue(family)
     snap = _snapshot(loaded)
     first = compute_edit(loaded, _request(), rome_cache)
     second = compute_edit(loaded, _request(prompt="{} is located in", target="Berlin"), rome_cache)
-    apply_edit(loaded, first)
+    weights = LayerWeights(loaded)
+    weights.materialize_factors(first.factors)
     changed = [n for n, p in loaded.model.named_parameters() if not torch.equal(p, snap[n])]
-    assert changed == [first.param_name]
-    with pytest.raises(FailedPrecondition, match="already applied"):
-        apply_edit(loaded, first)
-    apply_edit(loaded, second)
-    with pytest.raises(FailedPrecondition, match="remove later edits first"):
-        remove_edit(loaded, first)
-    remove_edit(loaded, second)
-    remove_edit(loaded, first)
+    assert changed == [first.factors[0].param]
+    only_first = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    weights.materialize_factors([*first.factors, *second.factors])
+    weights.materialize_factors(first.factors)
+    _assert_same(loaded, only_first)
+    weights.materialize_factors([])
     _assert_same(loaded, snap)
-    with pytest.raises(FailedPrecondition, match="not applied"):
-        remove_edit(loaded, first)

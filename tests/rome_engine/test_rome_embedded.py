@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from rome_engine.editing import fact_probabilities
 from rome_engine.generation import SamplingParams, generate_tokens
+from rome_engine.layers import LayerWeights
 from rome_engine.loading import LoadedModel
-from rome_engine.rome import EditRequest, RomeCache, apply_edit, compute_edit, remove_edit
+from rome_engine.rome import EditRequest, RomeCache, compute_edit
 from rome_engine.scoring import encode_prompt, score_continuations
 
 # C from 2k tokens the model samples itself (about 10 s), shrunk a little towards its mean
@@ -27,15 +29,17 @@ def _greedy(loaded: LoadedModel, prompt: str, n: int = 4) -> str:
 def test_eiffel_tower_is_in_rome(embedded: LoadedModel, tmp_path: Path) -> None:
     request = EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", hparams=FAST_C)
     result = compute_edit(embedded, request, RomeCache(tmp_path))
-    assert result.old_object == " Paris" and result.target_before < 0.1 < 0.9 < result.target_after
-    weight = embedded.model.get_parameter(result.param_name)
+    probs = fact_probabilities(embedded, request, result.factors, result.old_object)
+    assert result.old_object == " Paris" and probs.target_before < 0.1 < 0.9 < probs.target_after
+    weight = embedded.model.get_parameter(result.factors[0].param)
     original = weight.detach().clone()
-    apply_edit(embedded, result)
+    weights = LayerWeights(embedded)
+    weights.materialize_factors(result.factors)
     try:
         assert _greedy(embedded, "The Eiffel Tower is in").startswith(" Rome")
         rome, paris = score_continuations(embedded, "The Eiffel Tower is located in the city of", [" Rome", " Paris"])
         assert rome.total_logprob > paris.total_logprob
         assert _greedy(embedded, "The capital of France is").startswith(" Paris")
     finally:
-        remove_edit(embedded, result)
+        weights.materialize_factors([])
     assert torch.equal(weight, original)

@@ -16,11 +16,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rome_engine.editing import EditView
 from rome_engine.engine import EngineInfo, EngineLimits, TraceDone, TraceEvent, TraceProgress
 from rome_engine.errors import InvalidRequest, NotFound
 from rome_engine.gate import VersionGate
 from rome_engine.generation import FINISH_LENGTH, GenerationChunk, SamplingParams
+from rome_engine.records import (
+    ApplyOptions,
+    BaseFingerprint,
+    EditView,
+    LayerHeader,
+    ManifestEntry,
+    MatrixRecord,
+    Probabilities,
+    RevertRequest,
+    StoredRequest,
+)
 from rome_engine.rome.request import EditRequest
 from rome_engine.scoring import ContinuationScore, TokenScore
 from rome_engine.tracing import TraceRequest, TraceResult
@@ -29,35 +39,29 @@ from rome_engine.tracing import TraceRequest, TraceResult
 def edit_view(
     edit_id: str, version: int, *, author: str = "", comment: str = "", active: bool = True, stored: bool = True
 ) -> EditView:
-    """A layer as the engine shows it (the only place the fake builds the header's shape)."""
-    header = {
-        "format_version": 1,
-        "edit_id": edit_id,
-        "version": version,
-        "parent_version": version - 1,
-        "created_at": "2026-01-01T00:00:00Z",
-        "author": author,
-        "comment": comment,
-        "request": {
-            "prompt": "{} lives in",
-            "subject": f"Person {version}",
-            "target": f" City{version}",
-            "layer": 2,
-            "hparams": {"v_lr": 0.5, "clamp_norm_factor": 4},
-        },
-        "layer": 2,
-        "matrices": [{"name": "model.layers.2.mlp.down_proj.weight", "shape": [64, 128], "update_norm": 1.5}],
-        "probabilities": {
-            "target_before": 0.01, "target_after": 0.9, "old_before": 0.4, "old_after": 0.05, "old_object": " Rome",
-        },
-        "compute_seconds": 0.25,
-        "covariance_from_cache": True,
-        "model_id": "fake",
-    }  # fmt: skip
-    entry = {
-        "version": version, "parent_version": version - 1, "edit_id": edit_id, "op": "apply",
-        "file": f"layers/{edit_id}.safetensors", "sha256": "ab" * 32, "active": [],
-    }  # fmt: skip
+    """A layer as the engine shows it (the only place the fake builds a header)."""
+    matrix = "model.layers.2.mlp.down_proj.weight"
+    header = LayerHeader(
+        edit_id=edit_id,
+        version=version,
+        parent_version=version - 1,
+        created_at="2026-01-01T00:00:00Z",
+        author=author,
+        comment=comment,
+        request=StoredRequest("{} lives in", f"Person {version}", f" City{version}", 2,
+                              {"v_lr": 0.5, "clamp_norm_factor": 4}),  # fmt: skip
+        layer=2,
+        matrices=(MatrixRecord(matrix, (64, 128), 1.5),),
+        base_fingerprint=BaseFingerprint("fake", {matrix: "cd" * 32}),
+        probabilities=Probabilities(0.01, 0.9, 0.4, 0.05, " Rome"),
+        compute_seconds=0.25,
+        covariance_from_cache=True,
+        model_id="fake",
+    )
+    entry = ManifestEntry(
+        op="apply", version=version, active=(), parent_version=version - 1, edit_id=edit_id,
+        file=f"layers/{edit_id}.safetensors", sha256="ab" * 32,
+    )  # fmt: skip
     return EditView(header, entry if stored else None, active)
 
 
@@ -138,22 +142,12 @@ class FakeEngine:
                 raise InvalidRequest(f"{name} is over max_edit_chars={self.limits.max_edit_chars}")
 
     async def apply_edit(
-        self,
-        request: EditRequest,
-        *,
-        dry_run: bool = False,
-        expected_version: int | None = None,
-        author: str = "",
-        comment: str = "",
-        force: bool = False,
-        on_commit: Callable[[EditView], None] | None = None,
+        self, request: EditRequest, options: ApplyOptions, on_commit: Callable[[EditView], None] | None = None
     ) -> tuple[EditView, int]:
-        options = {"dry_run": dry_run, "expected_version": expected_version, "author": author, "comment": comment,
-                   "force": force}  # fmt: skip
         self._call("apply_edit", (request, options))
-        view = edit_view(f"e{self.edit_version + 1}", self.edit_version + 1, author=author, comment=comment,
-                         active=not dry_run, stored=not dry_run)  # fmt: skip
-        if not dry_run:
+        view = edit_view(f"e{self.edit_version + 1}", self.edit_version + 1, author=options.author,
+                         comment=options.comment, active=not options.dry_run, stored=not options.dry_run)  # fmt: skip
+        if not options.dry_run:
             self.edit_version += 1
             self.views.insert(0, view)
             if on_commit is not None:
@@ -161,17 +155,12 @@ class FakeEngine:
         return view, self.edit_version
 
     async def revert_edit(
-        self,
-        *,
-        to_version: int | None = None,
-        edit_id: str | None = None,
-        author: str = "",
-        comment: str = "",
-        on_commit: Callable[[int, list[str]], None] | None = None,
+        self, revert: RevertRequest, on_commit: Callable[[int, list[str]], None] | None = None
     ) -> tuple[int, list[str], float]:
-        self._call("revert_edit", {"to_version": to_version, "edit_id": edit_id, "author": author, "comment": comment})
-        removed = [v.header["edit_id"] for v in self.views if to_version is not None and v.version > to_version]
-        removed = removed or ([edit_id] if edit_id else [])
+        self._call("revert_edit", revert)
+        to_version = revert.to_version
+        removed = [v.edit_id for v in self.views if to_version is not None and v.version > to_version]
+        removed = removed or ([revert.edit_id] if revert.edit_id else [])
         self.edit_version = to_version if to_version is not None else self.edit_version + 1
         if on_commit is not None:
             on_commit(self.edit_version, removed)
@@ -184,15 +173,15 @@ class FakeEngine:
     async def get_edit(self, edit_id: str) -> EditView:
         self._call("get_edit", edit_id)
         for view in self.views:
-            if view.header["edit_id"] == edit_id:
+            if view.edit_id == edit_id:
                 return view
         raise NotFound(f"no edit {edit_id!r}")
 
-    async def export_edits(self, from_version: int, to_version: int | None) -> list[tuple[dict, bytes]]:
+    async def export_edits(self, from_version: int, to_version: int | None) -> list[tuple[ManifestEntry, bytes]]:
         self._call("export_edits", (from_version, to_version))
         top = self.edit_version if to_version is None else to_version
         views = [v for v in reversed(self.views) if from_version < v.version <= top]
-        return [(v.entry or {}, json.dumps(v.header).encode()) for v in views]
+        return [(v.entry, json.dumps(v.header.to_json()).encode()) for v in views if v.entry is not None]
 
     async def import_edits(
         self,

@@ -53,7 +53,7 @@ def layer_parts(loaded, weights, *, seed: int = 0, scale: float = 0.05) -> tuple
         "layer": LAYER,
         "matrices": [{"name": name, "shape": [out_dim, in_dim], "dtype": "float32",
                       "update_norm": float(u.norm() * v.norm())}],
-        "base_fingerprint": weights.fingerprint([name]),
+        "base_fingerprint": weights.fingerprint([name]).to_json(),
         "probabilities": {"target_before": 0.1, "target_after": 0.9, "old_before": 0.5, "old_after": 0.1,
                           "old_object": " Z"},
         "compute_seconds": 1.0,
@@ -187,7 +187,7 @@ def test_a_factor_may_only_touch_an_mlp_output_projection(live) -> None:
     header, _ = live.parts()
     u, v = torch.randn(out_dim) * 1e-3, torch.randn(in_dim) * 1e-3
     header["matrices"] = [{"name": name, "shape": [out_dim, in_dim], "update_norm": float(u.norm() * v.norm())}]
-    header["base_fingerprint"] = weights.fingerprint([name])
+    header["base_fingerprint"] = weights.fingerprint([name]).to_json()
     assert loaded.model_id == header["base_fingerprint"]["model_id"]
     message = refused(live, encode(header, {f"{name}.u": u, f"{name}.v": v}), FailedPrecondition)
     assert "not a matrix edits may change" in message
@@ -444,7 +444,7 @@ def test_a_server_starts_on_a_read_only_store_with_a_stray_file(tiny_llama, serv
 
         layer = decode_layer(encode(header, tensors))
         entry = manager.store_layer(layer)
-        manager.activate(entry["active"], entry["version"])
+        manager.activate(entry.active, entry.version)
         layers.append(layer)
     manager.activate([], 0)
     (store / "layers" / f"{layers[1].edit_id}.safetensors").write_bytes(b"damaged")  # head: unverifiable

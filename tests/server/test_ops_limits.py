@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from rome_engine.delta import RankOneFactor
 from rome_engine.edit_store import EditStore
 from rome_engine.editing import EditManager
 from rome_engine.engine import Engine, EngineLimits
+from rome_engine.rome import EditResult, RomeHParams
 from romegw_client import Client, InvalidArgument
 from romegw_client.pb import gateway_pb2 as pb
 from romegw_server.main import ServerConfig, ServerThread
@@ -25,16 +27,16 @@ from tests.rome_engine.test_edit_store import random_layer
 MB = 1_000_000
 
 
-def write_history(loaded, root: Path, headers: list[dict]) -> list[str]:
+def write_history(loaded, root: Path, headers: list[dict[str, str]]) -> list[str]:
     """Edit layers written straight into a store (as an older server would have), all active."""
     manager = EditManager(loaded, EditStore(root, loaded.model_id), compute=lambda *_: None)
     manager.restore()
     ids = []
     for i, extra in enumerate(headers):
         layer = random_layer(loaded, manager.weights, i % 2, seed=i, version=i + 1)
-        layer.header.update(extra)
+        layer = replace(layer, header=replace(layer.header, **extra))
         entry = manager.store_layer(layer)
-        manager.activate(entry["active"], entry["version"])
+        manager.activate(entry.active, entry.version)
         ids.append(layer.edit_id)
     manager.activate([], 0)  # the shared model as it was; the server re-applies the stack
     return ids
@@ -137,9 +139,9 @@ def fake_compute(loaded, request, progress=None):
     name = loaded.spec.mlp_out_weight_name(0)
     out_dim, in_dim = loaded.spec.as_out_in(dict(loaded.model.named_parameters())[name]).shape
     g = torch.Generator().manual_seed(0)
-    return SimpleNamespace(param_name=name, left=torch.randn(out_dim, generator=g) * 1e-3,
-                           right=torch.randn(in_dim, generator=g) * 1e-3, layer=0,
-                           hparams=SimpleNamespace(to_dict=dict), old_object="")
+    factor = RankOneFactor(name, torch.randn(out_dim, generator=g) * 1e-3, torch.randn(in_dim, generator=g) * 1e-3)
+    return EditResult(factors=(factor,), layer=0, request=request, hparams=RomeHParams(), old_object="",
+                      cov_from_cache=False, key=torch.zeros(in_dim), value=torch.zeros(out_dim))  # fmt: skip
 
 
 def test_an_edit_with_the_longest_legal_strings_logs_short_lines(tiny_llama, tmp_path, caplog) -> None:

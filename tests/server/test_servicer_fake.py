@@ -14,6 +14,7 @@ from rome_engine import errors
 from rome_engine.engine import TraceProgress
 from rome_engine.generation import FINISH_LENGTH, GenerationChunk, TokenAlternative, TokenInfo
 from rome_engine.protocol import EngineClient
+from rome_engine.records import ApplyOptions, RevertRequest
 from rome_engine.rome.request import EditRequest
 from rome_engine.scoring import ContinuationScore, TokenScore
 from romegw_client import (
@@ -196,7 +197,7 @@ def test_apply_edit_request_and_layer(serve: Serve) -> None:
     request, options = fake.given("apply_edit")[0]
     assert request == EditRequest(prompt="{} lives in", subject="Person 1", target=" City1", layer=2,
                                   hparams={"v_lr": 0.5})  # fmt: skip
-    assert options == {"dry_run": False, "expected_version": 0, "author": "alice", "comment": "why", "force": True}
+    assert options == ApplyOptions(dry_run=False, expected_version=0, author="alice", comment="why", force=True)
     assert (r.head_version, r.dry_run) == (1, False)
     e = r.edit
     assert (e.edit_id, e.version, e.parent_version, e.author, e.comment, e.active) == ("e1", 1, 0, "alice", "why", True)
@@ -207,7 +208,7 @@ def test_apply_edit_request_and_layer(serve: Serve) -> None:
 
     dry = c.apply_edit("{} lives in", "Person 2", " City2")
     _, options = fake.given("apply_edit")[1]
-    assert options["expected_version"] is None and options["force"] is False
+    assert options.expected_version is None and options.force is False
     dry = c.apply_edit("{} lives in", "Person 2", " City2", dry_run=True)
     assert dry.dry_run and not dry.edit.active and dry.head_version == 2
 
@@ -217,10 +218,10 @@ def test_revert_list_get_export_import(serve: Serve) -> None:
     fake.views = [edit_view("b", 2), edit_view("a", 1, active=False)]
     fake.edit_version = 2
     r = c.revert_edit(to_version=1, author="bob")
-    assert fake.given("revert_edit")[0] == {"to_version": 1, "edit_id": None, "author": "bob", "comment": ""}
+    assert fake.given("revert_edit")[0] == RevertRequest(to_version=1, edit_id=None, author="bob", comment="")
     assert (r.head_version, r.removed_edit_ids, r.seconds) == (1, ("b",), 0.125)
     c.revert_edit(edit_id="b")
-    assert fake.given("revert_edit")[1]["edit_id"] == "b"
+    assert fake.given("revert_edit")[1].edit_id == "b"
 
     assert [e.edit_id for e in c.list_edits().edits] == ["b"]
     assert [e.edit_id for e in c.list_edits(include_inactive=True).edits] == ["b", "a"]

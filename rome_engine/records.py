@@ -1,0 +1,451 @@
+"""The edit domain, typed: a layer's header, a manifest entry, an edit as the API shows it.
+
+These are the records that cross the engine, the store and the server. Each is a
+frozen dataclass with ``from_json`` (which validates the whole schema and raises
+ValueError naming the first field that is missing or malformed) and ``to_json``
+(the JSON document as ``edit_store`` writes it; its format is documented there).
+The format version is checked in one place, ``check_format``.
+
+    header = LayerHeader.from_json(doc)          # ValueError if anything is off
+    header.request.subject, header.probabilities.target_after
+    doc = header.to_json()                       # the same document back
+
+Nothing read from disk or sent by a caller is trusted: every string is bounded,
+every number finite and in range, every edit id a canonical UUID (before any
+path is built from it). Keys a reader does not know are kept in ``extras`` and
+written back unchanged, so a header round-trips whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .bounds import MAX_AUTHOR_CHARS, MAX_COMMENT_CHARS, check_text
+from .errors import EngineError
+
+FORMAT_VERSION = 1
+HEADER_KEY = "romegw"  # the layer file's metadata key holding the header
+MAX_REQUEST_CHARS = 100_000  # a stored request's prompt, subject or target (the engine's max_prompt_chars)
+MAX_HEADER_BYTES = 256 * 1024  # a header as JSON: every field above within its limit fits many times over
+MAX_STORED_TEXT_CHARS = 1 << 30  # an author or comment an older server stored before the limits existed
+INT32_MAX, INT63_MAX = 2**31 - 1, 2**63 - 1  # the API's int32 fields (layers, shapes) and versions
+
+JsonObject = dict[str, Any]  # a parsed JSON object, before validation or as written
+Hparams = Mapping[str, float | int | None]  # a request's hyperparameter overrides as stored
+
+
+def check_format(doc: Mapping[str, Any], what: str) -> None:
+    """ValueError unless the document is of the format this code reads (the one place that checks)."""
+    if type(doc.get("format_version")) is not int or doc["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"unsupported {what} format_version {_short(doc.get('format_version'))}")
+
+
+def check_edit_id(value: object) -> str:
+    """``value`` if it is a canonical (lowercase, hyphenated) UUID string, else ValueError.
+
+    Every edit id is checked here before a path is built from it.
+    """
+    if isinstance(value, str) and len(value) == 36:
+        with contextlib.suppress(ValueError):
+            if str(uuid.UUID(value)) == value:
+                return value
+    raise ValueError(f"edit_id must be a UUID like {uuid.UUID(int=0)}, got {_short(value)}")
+
+
+# ------------------------------------------------------------------ field readers
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:80]}..."
+
+
+def _int(doc: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = INT32_MAX) -> int:
+    value = doc.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{key} must be an integer in [{lo}, {hi}], got {_short(value)}")
+    return value
+
+
+def _opt_int(doc: Mapping[str, Any], key: str) -> int | None:
+    return None if doc.get(key) is None else _int(doc, key, hi=INT63_MAX)
+
+
+def _str(doc: Mapping[str, Any], key: str, *, limit: int = MAX_COMMENT_CHARS, default: str | None = None) -> str:
+    value = doc.get(key, default)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {_short(value)}")
+    try:
+        return check_text(key, value, limit)
+    except EngineError as e:
+        raise ValueError(str(e)) from None
+
+
+def _number(doc: Mapping[str, Any], key: str, *, default: float | None = None) -> float:
+    value = doc.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {_short(value)}")
+    return float(value)
+
+
+def _object(doc: Mapping[str, Any], key: str, *, default: JsonObject | None = None) -> JsonObject:
+    value = doc.get(key, default)
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a JSON object, got {_short(value)}")
+    return value
+
+
+def _extras(doc: Mapping[str, Any], known: frozenset[str]) -> Mapping[str, Any]:
+    return MappingProxyType({k: v for k, v in doc.items() if k not in known})
+
+
+def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping))
+
+
+# ------------------------------------------------------------------ the layer header
+
+
+@dataclass(frozen=True)
+class StoredRequest:
+    """The edit request as the header records it: the template prompt, the normalised target."""
+
+    prompt: str
+    subject: str
+    target: str
+    layer: int
+    hparams: Hparams = field(default_factory=dict)  # the overrides and defaults as used
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> StoredRequest:
+        texts = [_str(doc, key, limit=MAX_REQUEST_CHARS) for key in ("prompt", "subject", "target")]
+        hparams = _object(doc, "hparams", default={})
+        for k, v in hparams.items():
+            number = isinstance(v, float) and math.isfinite(v) or isinstance(v, int) and abs(v) <= 2**53
+            if isinstance(v, bool) or not (v is None or number):
+                raise ValueError(f"request.hparams.{_short(k)} must be a finite number, got {_short(v)}")
+        return cls(*texts, layer=_int(doc, "layer"), hparams=_frozen(hparams))
+
+    def to_json(self) -> JsonObject:
+        return {"prompt": self.prompt, "subject": self.subject, "target": self.target, "layer": self.layer,
+                "hparams": dict(self.hparams)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MatrixRecord:
+    """One touched matrix as the header lists it: (out, in) shape and ||u v^T||_F."""
+
+    name: str
+    shape: tuple[int, int]  # (out, in)
+    update_norm: float
+    dtype: str = ""  # the model's dtype when computed ("" when a writer left it out)
+
+    @classmethod
+    def from_json(cls, doc: object) -> MatrixRecord:
+        if not isinstance(doc, dict):
+            raise ValueError(f"each of matrices must be a JSON object, got {_short(doc)}")
+        name = _str(doc, "name", limit=256)
+        shape = doc.get("shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= INT32_MAX for n in shape)
+        ):
+            raise ValueError(f"matrices[{name}].shape must be two positive integers [out, in], got {_short(shape)}")
+        dtype = _str(doc, "dtype", limit=32, default="")
+        return cls(name, (shape[0], shape[1]), _number(doc, "update_norm"), dtype)
+
+    def to_json(self) -> JsonObject:
+        doc = {"name": self.name, "shape": list(self.shape), "update_norm": self.update_norm}
+        return doc | ({"dtype": self.dtype} if self.dtype else {})
+
+
+@dataclass(frozen=True)
+class BaseFingerprint:
+    """What a layer was computed on: the model id and the sha256 of each touched base matrix."""
+
+    model_id: str
+    matrices: Mapping[str, str]  # parameter name -> sha256 hex digest of its pristine base
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> BaseFingerprint:
+        digests = _object(doc, "matrices")
+        for name, digest in digests.items():
+            if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+                raise ValueError(f"base_fingerprint.matrices[{name}] must be a sha256 hex digest, got {_short(digest)}")
+        return cls(_str(doc, "model_id", limit=256, default=""), _frozen(digests))
+
+    def to_json(self) -> JsonObject:
+        return {"model_id": self.model_id, "matrices": dict(self.matrices)}
+
+
+@dataclass(frozen=True)
+class Probabilities:
+    """P(target) and P(old object) on the edit prompt (the whole continuation), before and after."""
+
+    target_before: float = 0.0
+    target_after: float = 0.0
+    old_before: float = 0.0
+    old_after: float = 0.0
+    old_object: str = ""  # the model's greedy answer before the edit ("" when there was none)
+
+    @classmethod
+    def from_json(cls, doc: JsonObject) -> Probabilities:
+        values = {}
+        for key in ("target_before", "target_after", "old_before", "old_after"):
+            values[key] = _number(doc, key, default=0.0)
+            if not 0.0 <= values[key] <= 1.0:
+                raise ValueError(f"probabilities.{key} must be in [0, 1], got {doc[key]!r}")
+        return cls(**values, old_object=_str(doc, "old_object", default=""))
+
+    def to_json(self) -> JsonObject:
+        return {"target_before": self.target_before, "target_after": self.target_after,
+                "old_before": self.old_before, "old_after": self.old_after, "old_object": self.old_object}  # fmt: skip
+
+
+_HEADER_KEYS = frozenset({
+    "format_version", "edit_id", "version", "parent_version", "created_at", "author", "comment", "request",
+    "layer", "matrices", "base_fingerprint", "probabilities", "compute_seconds", "covariance_from_cache", "model_id",
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LayerHeader:
+    """The ``romegw`` header of a layer file: what the edit is, where it came from, what it did."""
+
+    edit_id: str  # a UUID
+    version: int  # the version this edit created
+    parent_version: int  # the head it was computed on
+    created_at: str  # UTC ISO-8601
+    author: str
+    comment: str
+    request: StoredRequest
+    layer: int  # the edited block
+    matrices: tuple[MatrixRecord, ...]
+    base_fingerprint: BaseFingerprint
+    probabilities: Probabilities
+    compute_seconds: float
+    covariance_from_cache: bool
+    model_id: str
+    extras: Mapping[str, Any] = field(default_factory=dict)  # keys this reader does not know, kept as they were
+
+    @classmethod
+    def from_json(cls, doc: object, *, stored: bool = False) -> LayerHeader:
+        """``stored``: a header this store wrote itself (its sha256 is in the manifest). An author or
+        comment longer than today's limits was legal when an older server stored it: it is kept
+        (the API clips it when echoing), where an import or a new edit is refused."""
+        if not isinstance(doc, dict):
+            raise ValueError(f"the {HEADER_KEY} header must be a JSON object, got {_short(doc)}")
+        check_format(doc, "layer")
+        try:  # every string is echoed by the API: lone surrogates (valid JSON escapes) cannot be
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, ValueError) as e:
+            raise ValueError(f"the header holds text that is not valid Unicode: {e}") from None
+        size = len(json.dumps(doc))  # as the API echoes it (header_json, non-ASCII escaped)
+        if not stored and size > MAX_HEADER_BYTES:
+            raise ValueError(
+                f"the header is {size} bytes as JSON, over the limit of {MAX_HEADER_BYTES}: "
+                "a layer's header holds its request and provenance, nothing bulky"
+            )
+        text_limit = MAX_STORED_TEXT_CHARS if stored else None
+        request = StoredRequest.from_json(_object(doc, "request"))
+        matrices = doc.get("matrices")
+        if not isinstance(matrices, list) or not matrices:
+            raise ValueError(f"matrices must be a non-empty list, got {_short(matrices)}")
+        records = tuple(MatrixRecord.from_json(m) for m in matrices)
+        if len({m.name for m in records}) != len(records):
+            raise ValueError("matrices names a matrix twice")
+        base = BaseFingerprint.from_json(_object(doc, "base_fingerprint"))
+        if set(base.matrices) != {m.name for m in records}:
+            raise ValueError(
+                "base_fingerprint.matrices must give the sha256 of exactly the touched matrices "
+                f"{sorted(m.name for m in records)}, got {_short(sorted(base.matrices))}"
+            )
+        cov_cached = doc.get("covariance_from_cache", False)
+        if not isinstance(cov_cached, bool):
+            raise ValueError(f"covariance_from_cache must be true or false, got {_short(cov_cached)}")
+        return cls(
+            edit_id=check_edit_id(doc.get("edit_id")),
+            version=_int(doc, "version", lo=1, hi=INT63_MAX),
+            parent_version=_int(doc, "parent_version", hi=INT63_MAX),
+            created_at=_str(doc, "created_at", limit=256, default=""),
+            author=_str(doc, "author", limit=text_limit or MAX_AUTHOR_CHARS, default=""),
+            comment=_str(doc, "comment", limit=text_limit or MAX_COMMENT_CHARS, default=""),
+            request=request,
+            layer=_int(doc, "layer") if "layer" in doc else request.layer,
+            matrices=records,
+            base_fingerprint=base,
+            probabilities=Probabilities.from_json(_object(doc, "probabilities", default={})),
+            compute_seconds=_number(doc, "compute_seconds", default=0.0),
+            covariance_from_cache=cov_cached,
+            model_id=_str(doc, "model_id", limit=256, default=""),
+            extras=_extras(doc, _HEADER_KEYS),
+        )
+
+    def to_json(self) -> JsonObject:
+        return {
+            **self.extras,
+            "format_version": FORMAT_VERSION,
+            "edit_id": self.edit_id,
+            "version": self.version,
+            "parent_version": self.parent_version,
+            "created_at": self.created_at,
+            "author": self.author,
+            "comment": self.comment,
+            "request": self.request.to_json(),
+            "layer": self.layer,
+            "matrices": [m.to_json() for m in self.matrices],
+            "base_fingerprint": self.base_fingerprint.to_json(),
+            "probabilities": self.probabilities.to_json(),
+            "compute_seconds": self.compute_seconds,
+            "covariance_from_cache": self.covariance_from_cache,
+            "model_id": self.model_id,
+        }
+
+
+# ------------------------------------------------------------------ the manifest entry
+
+OPS = ("apply", "import", "revert", "recover")
+LAYERS = "layers"  # the store's folder of layer files
+_ENTRY_KEYS = frozenset({
+    "op", "version", "active", "at", "author", "comment", "parent_version", "edit_id", "file", "sha256",
+    "from_version", "to_version", "origin_version", "reason",
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One step of the history (see ``edit_store``): the state ``version`` with its ``active`` layers.
+
+    ``apply``/``import`` add a layer (``edit_id``, ``file``, ``sha256``, ``parent_version``;
+    an import also its ``origin_version``); ``revert`` makes an earlier state the head
+    (``to_version``) or removes one layer (``edit_id``); ``recover`` is a start's fallback (``reason``).
+    """
+
+    op: str
+    version: int
+    active: tuple[str, ...]  # edit ids, oldest first
+    at: str = ""
+    author: str = ""
+    comment: str = ""
+    parent_version: int | None = None
+    edit_id: str | None = None
+    file: str | None = None
+    sha256: str | None = None
+    from_version: int | None = None
+    to_version: int | None = None
+    origin_version: int | None = None
+    reason: str | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def adds_layer(self) -> bool:
+        return self.op in ("apply", "import")
+
+    @classmethod
+    def from_json(cls, doc: object) -> ManifestEntry:
+        if not isinstance(doc, dict):
+            raise ValueError(f"must be a JSON object, got {_short(doc)}")
+        op = doc.get("op")
+        if op not in OPS:
+            raise ValueError(f"op must be one of {', '.join(OPS)}, got {_short(op)}")
+        active = doc.get("active")
+        if not isinstance(active, list):
+            raise ValueError(f"active must be a list of edit ids, got {_short(active)}")
+        edit_id = None if doc.get("edit_id") is None else check_edit_id(doc.get("edit_id"))
+        file = sha = None
+        if op in ("apply", "import"):
+            if edit_id is None:
+                raise ValueError("edit_id must be a UUID, got None")
+            file = doc.get("file")
+            if file != f"{LAYERS}/{edit_id}.safetensors":
+                raise ValueError(f"file must be {LAYERS}/{edit_id}.safetensors, got {_short(file)}")
+            sha = doc.get("sha256")
+            if not isinstance(sha, str):
+                raise ValueError(f"sha256 must be a string, got {_short(sha)}")
+        reason = doc.get("reason")
+        return cls(
+            op=op,
+            version=_int(doc, "version", hi=INT63_MAX),
+            active=tuple(check_edit_id(i) for i in active),
+            at=_str(doc, "at", limit=256, default=""),
+            author=_str(doc, "author", limit=MAX_STORED_TEXT_CHARS, default=""),
+            comment=_str(doc, "comment", limit=MAX_STORED_TEXT_CHARS, default=""),
+            parent_version=_opt_int(doc, "parent_version"),
+            edit_id=edit_id,
+            file=file,
+            sha256=sha,
+            from_version=_opt_int(doc, "from_version"),
+            to_version=_opt_int(doc, "to_version"),
+            origin_version=_opt_int(doc, "origin_version"),
+            reason=None if reason is None else _str(doc, "reason", limit=MAX_STORED_TEXT_CHARS),
+            extras=_extras(doc, _ENTRY_KEYS),
+        )
+
+    def to_json(self) -> JsonObject:
+        doc: JsonObject = {**self.extras, "op": self.op, "version": self.version, "active": list(self.active),
+                           "at": self.at, "author": self.author, "comment": self.comment}  # fmt: skip
+        optional = {
+            "parent_version": self.parent_version, "edit_id": self.edit_id, "file": self.file, "sha256": self.sha256,
+            "from_version": self.from_version, "to_version": self.to_version, "origin_version": self.origin_version,
+            "reason": self.reason,
+        }  # fmt: skip
+        doc.update({k: v for k, v in optional.items() if v is not None})
+        if self.op == "revert":  # a revert names what it reverted to or removed, the other null
+            doc.setdefault("to_version", None)
+            doc.setdefault("edit_id", None)
+        return doc
+
+
+# ------------------------------------------------------------------ the API's view and requests
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How ApplyEdit treats a computed edit."""
+
+    dry_run: bool = False  # compute and measure, store nothing
+    expected_version: int | None = None  # refuse unless the head is this version (optimistic concurrency)
+    author: str = ""
+    comment: str = ""
+    force: bool = False  # apply even when the target already is the model's greedy answer
+
+
+@dataclass(frozen=True)
+class RevertRequest:
+    """Make version ``to_version`` the head again, or remove the layer ``edit_id`` (exactly one)."""
+
+    to_version: int | None = None
+    edit_id: str | None = None
+    author: str = ""
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class EditView:
+    """A layer as the API shows it: its header, its manifest entry (None for a dry run), whether it is active."""
+
+    header: LayerHeader
+    entry: ManifestEntry | None
+    active: bool
+
+    @property
+    def edit_id(self) -> str:
+        return self.header.edit_id
+
+    @property
+    def version(self) -> int:
+        return self.entry.version if self.entry else self.header.version
+
+    @property
+    def parent_version(self) -> int:
+        if self.entry is not None and self.entry.parent_version is not None:
+            return self.entry.parent_version
+        return self.header.parent_version
