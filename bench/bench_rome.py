@@ -46,13 +46,14 @@ def edit_times(loaded: LoadedModel, cache: RomeCache, hparams: dict[str, float],
             best = min(best, time.perf_counter() - t0)
         if reference is None:
             reference = result
+        u, u_ref = result.factors[0].u, reference.factors[0].u
         out["variants"][label] = {
             "seconds": best,
             "v_steps": result.v_steps,
-            "max_abs_diff_left": float((result.left - reference.left).abs().max()),
-            # ||left - left_ref|| / ||left_ref||: float rounding differs with the batch layout, and
-            # Adam's normalised steps carry it along
-            "rel_diff_left": float((result.left - reference.left).norm() / reference.left.norm()),
+            "max_abs_diff_left": float((u - u_ref).abs().max()),
+            # ||u - u_ref|| / ||u_ref|| (u: the value side, v* - W k*): float rounding differs with
+            # the batch layout, and Adam's normalised steps carry it along ("left" is the JSON's old name)
+            "rel_diff_left": float((u - u_ref).norm() / u_ref.norm()),
             "cov_from_cache": result.cov_from_cache,
         }
     out["layer"] = reference.layer

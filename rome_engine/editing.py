@@ -177,6 +177,13 @@ class EditManager:
             or self.weights.check_norms(layer, self.max_update_norm_ratio)
         )
 
+    def _fitting(self, layer: EditLayer, what: str) -> EditLayer:
+        """``layer``, or FailedPrecondition saying why ``what`` cannot be applied to this model."""
+        problem = self.check_fit(layer)
+        if problem:
+            raise FailedPrecondition(f"{what} cannot be applied to this model: {problem}")
+        return layer
+
     def check_base(self, layer: EditLayer) -> str | None:
         """None when the layer was computed on this base (its fingerprint covers every touched matrix)."""
         params = [f.param for f in layer.factors]
@@ -219,15 +226,11 @@ class EditManager:
             clip(request.filled()), clip(request.target), result.layer, probs.target_before, probs.target_after,
             clip(probs.old_object), probs.old_before, probs.old_after, header.compute_seconds,
         )  # fmt: skip
-        layer = EditLayer(header, factors)
         try:  # what a restart checks of the stored header, checked before it is ever stored
             LayerHeader.from_json(header.to_json())
         except ValueError as e:
             raise InvalidRequest(f"the edit cannot be stored: {e}") from e
-        problem = self.check_fit(layer)
-        if problem:
-            raise FailedPrecondition(f"the computed edit cannot be applied: {problem}")
-        return layer
+        return self._fitting(EditLayer(header, factors), "the computed edit")
 
     @staticmethod
     def _check_factors(factors: Sequence[RankOneFactor]) -> None:
@@ -360,10 +363,7 @@ class EditManager:
             layer = decode_layer(data)
         except ValueError as e:
             raise InvalidRequest(f"not a valid layer file: {e}") from e
-        problem = self.check_fit(layer)
-        if problem:
-            raise FailedPrecondition(f"edit {layer.edit_id} cannot be applied to this model: {problem}")
-        return layer
+        return self._fitting(layer, f"edit {layer.edit_id}")
 
     def check_import_base(self, layer: EditLayer) -> None:
         """FailedPrecondition unless the layer is new to this store and was computed on this base

@@ -15,6 +15,9 @@ character-count check. Edit computations and traces get a ``should_stop``
 next step, and the coroutine that holds the edit lock or the admission slot
 keeps holding it until the worker thread has actually ended.
 
+The edit operations (ApplyEdit, RevertEdit, listings, export, import) live in
+``engine_edits.EngineEdits``, a mixin of ``Engine``.
+
     engine = Engine(load_model(None), EngineLimits())
     async for chunk in engine.generate("The capital of France is", SamplingParams()):
         ...

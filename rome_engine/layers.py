@@ -9,6 +9,10 @@ base back exactly (reverting never subtracts in floating point).
     weights = LayerWeights(loaded)
     weights.materialize([layer_1, layer_2])   # the weights of a version
     weights.materialize([])                   # the base model, bit for bit
+
+Serving swaps versions through it, and evaluation applies and removes a
+computed edit through it too (``materialize_factors``): there is one way to
+apply an edit. The arithmetic itself is ``delta.rebuilt``'s.
 """
 
 from __future__ import annotations
