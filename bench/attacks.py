@@ -67,7 +67,8 @@ class Gateway:
         self.target = f"127.0.0.1:{self.port}"
         self.log = store.parent / f"serve-{self.port}.log"
         cmd = [*gateway_command(), "serve", "--model", str(model), "--edit-store", str(store),
-               "--cache-dir", str(cache), "--port", str(self.port), "--device", "cpu", *extra]  # fmt: skip
+               "--cache-dir", str(cache), "--port", str(self.port), "--device", "cpu", "--min-target-prob", "0",
+               *extra]  # fmt: skip
         with self.log.open("w") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         self.channel = grpc.insecure_channel(self.target, options=[("grpc.max_receive_message_length", 64 << 20)])

@@ -118,7 +118,8 @@ def served(*args: str, ready_timeout: float = 300.0) -> Iterator[tuple[str, subp
         log = Path(tmp) / "serve.log"
         with log.open("w") as f:
             proc = subprocess.Popen(
-                [*gateway_command(), "serve", "--port", str(port), "--dtype", "float32", "--device", "cpu", *args],
+                [*gateway_command(), "serve", "--port", str(port), "--dtype", "float32", "--device", "cpu",
+                 "--min-target-prob", "0", *args],  # timings of every edit, taken or not
                 stdout=f, stderr=subprocess.STDOUT,
             )  # fmt: skip
         target = f"127.0.0.1:{port}"

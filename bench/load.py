@@ -163,6 +163,8 @@ def start_server(model: str | None, store: Path, streams: int, extra: list[str])
         str(store),
         "--max-concurrent-streams",
         str(streams + 4),
+        "--min-target-prob",  # the load's edits are timed, taken or not
+        "0",
         *(["--model", model] if model else []),
         *extra,
     ]

@@ -79,6 +79,8 @@ class EngineLimits:
     max_import_bytes: int = 64 * 1024 * 1024  # their total size (one SmolLM2 layer file is ~9 KB)
     # refuse a layer with ||u v^T||_F > ratio * ||W||_F (on import and at start)
     max_update_norm_ratio: float = DEFAULT_MAX_UPDATE_NORM_RATIO
+    # an edit whose P(target) on its prompt stays below this is refused (a request may set its own)
+    min_target_prob: float = 0.0
     # -- admission control: refused at once with RESOURCE_EXHAUSTED (0: no limit)
     max_concurrent_traces: int = 2
     max_concurrent_scores: int = 4

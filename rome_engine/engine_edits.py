@@ -26,7 +26,7 @@ from .editing import EditManager
 from .errors import EngineError, FailedPrecondition, InvalidRequest, ResourceExhausted, Unavailable
 from .gate import VersionGate
 from .loading import LoadedModel
-from .records import ApplyOptions, EditView, ManifestEntry, RevertRequest
+from .records import ApplyOptions, EditView, LayerHeader, ManifestEntry, RevertRequest
 from .rome.compute import target_is_answer
 from .rome.hparams import hparams_for
 from .rome.request import EditRequest
@@ -101,6 +101,14 @@ class EngineEdits:
 
         return await asyncio.shield(asyncio.ensure_future(commit()))
 
+    def min_target_prob(self, options: ApplyOptions) -> float:
+        """The threshold an edit's P(target) must reach: the request's, else the server's (InvalidRequest
+        unless it is a probability)."""
+        value = self.limits.min_target_prob if options.min_target_prob is None else options.min_target_prob
+        if not 0.0 <= value <= 1.0:  # NaN too
+            raise InvalidRequest(f"min_target_prob must be a probability in [0, 1], got {value}")
+        return value
+
     def check_edit_chars(self, prompt: str, subject: str, target: str) -> None:
         """The cheap checks of an edit's texts, before any parsing or tokenizing (InvalidRequest)."""
         limit = self.limits.max_edit_chars
@@ -151,6 +159,7 @@ class EngineEdits:
         its end whatever happens to the caller, ``on_commit`` (an audit line) included."""
         manager = self._manager()
         self._check_expected(options.expected_version)
+        threshold = self.min_target_prob(options)
         self.check_edit_chars(request.prompt, request.subject, request.target)
         async with self._edit_turn():
             self._check_expected(options.expected_version)
@@ -174,6 +183,10 @@ class EngineEdits:
                 layer = await self.run_to_end(compute)
             if options.dry_run:
                 return EditView(layer.header, None, False), self.edit_version
+            refusal = below_min_target_prob(layer.header, threshold)
+            if refusal:
+                raise FailedPrecondition(f"{refusal}; nothing was stored: try other hyperparameters or layer, "
+                                         "or a lower min_target_prob")  # fmt: skip
 
             def applied(entries: list[ManifestEntry]) -> EditView:
                 entry, req = entries[0], layer.header.request
@@ -281,6 +294,18 @@ class EngineEdits:
             return await self._commit(
                 lambda: manager.store_layers(layers, op="import", author=author, origin_versions=origins), imported
             )
+
+
+def below_min_target_prob(header: LayerHeader, threshold: float) -> str | None:
+    """Why an edit did not take (P(target) on its prompt after it is below ``threshold``), else None."""
+    p = header.probabilities
+    if p.target_after >= threshold:
+        return None
+    return (
+        f"the edit did not take: P({clip(header.request.target)!r}) on its prompt went {p.target_before:.3g} -> "
+        f"{p.target_after:.3g}, below min_target_prob={threshold:g}"
+        + (f" (P({clip(p.old_object)!r}) {p.old_before:.3g} -> {p.old_after:.3g})" if p.old_object else "")
+    )
 
 
 async def _aiter(items: AsyncIterable[T] | Iterable[T]) -> AsyncIterator[T]:

@@ -63,6 +63,10 @@ class EngineClient(Protocol):
 
     # -- edits
 
+    def min_target_prob(self, options: ApplyOptions) -> float:
+        """The P(target) an edit must reach under ``options`` (the request's threshold or the server's)."""
+        ...
+
     def check_edit_chars(self, prompt: str, subject: str, target: str) -> None:
         """InvalidRequest when a text is over ``limits.max_edit_chars`` (cheap, before parsing)."""
         ...

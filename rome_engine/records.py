@@ -416,6 +416,7 @@ class ApplyOptions:
     author: str = ""
     comment: str = ""
     force: bool = False  # apply even when the target already is the model's greedy answer
+    min_target_prob: float | None = None  # refuse when P(target) after the edit is below it; None: the server's
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("romegw")
 
+# the served default: an edit that leaves its target less likely than not on its own prompt did not take
+# (seen: P(target) 0.004 -> 0.010 after 30 s of v* steps); the library's EngineLimits default is 0
+DEFAULT_MIN_TARGET_PROB = 0.5
+
 
 # ------------------------------------------------------------------ serve
 
@@ -106,6 +110,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         default=float(env("max_update_norm_ratio", d.max_update_norm_ratio)),
         help="refuse an imported or stored layer whose update norm exceeds this times its matrix's norm",
     )
+    p.add_argument(
+        "--min-target-prob", type=float, default=float(env("min_target_prob", DEFAULT_MIN_TARGET_PROB)),
+        help="refuse an edit whose P(target) on its prompt after the edit stays below this (a request may "
+        "set its own; 0 accepts every edit)",
+    )
     _add_admission_flags(p, d)
     p.set_defaults(func=cmd_serve)
 
@@ -155,6 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .main import ServerConfig, TlsConfig, serve
 
     check_serve_numbers(args)
+    if args.min_target_prob > 1:
+        raise SystemExit(f"--min-target-prob is a probability in [0, 1], got {args.min_target_prob}")
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -170,6 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_import_files=args.max_import_files,
         max_import_bytes=args.max_import_bytes,
         max_update_norm_ratio=args.max_update_norm_ratio,
+        min_target_prob=args.min_target_prob,
         **{name: getattr(args, name) for name, _ in _ADMISSION_LIMITS},
     )
     config = ServerConfig(

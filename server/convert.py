@@ -121,6 +121,7 @@ def apply_options(req: pb.ApplyEditRequest) -> ApplyOptions:
         author=req.author,
         comment=req.comment,
         force=req.force,
+        min_target_prob=req.min_target_prob if req.HasField("min_target_prob") else None,
     )
 
 

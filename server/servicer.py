@@ -17,6 +17,7 @@ import grpc
 
 from rome_engine.bounds import MAX_AUTHOR_CHARS, MAX_COMMENT_CHARS, check_text, clip
 from rome_engine.engine import TraceDone
+from rome_engine.engine_edits import below_min_target_prob
 from rome_engine.errors import InvalidRequest
 from rome_engine.protocol import EngineClient
 from rome_engine.records import EditView
@@ -128,14 +129,18 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
                 comment=request.comment,
             )
 
-        view, head = await self.engine.apply_edit(convert.edit_request(request.edit), convert.apply_options(request),
-                                                  on_commit=committed)  # fmt: skip
+        options = convert.apply_options(request)
+        threshold = self.engine.min_target_prob(options)  # InvalidRequest before anything is computed
+        view, head = await self.engine.apply_edit(convert.edit_request(request.edit), options, on_commit=committed)
         if self.metrics is not None:
             self.metrics.edit_compute.observe(view.header.compute_seconds)
             source = "cache" if view.header.covariance_from_cache else "computed"
             self.metrics.covariance.labels(source).inc()
         layer = convert.edit_layer(echoable(view))
-        return pb.ApplyEditResponse(layer=layer, dry_run=request.dry_run, head_version=head)
+        return pb.ApplyEditResponse(
+            layer=layer, dry_run=request.dry_run, head_version=head, min_target_prob=threshold,
+            below_min_target_prob=below_min_target_prob(view.header, threshold) is not None,
+        )  # fmt: skip
 
     async def RevertEdit(
         self, request: pb.RevertEditRequest, context: grpc.aio.ServicerContext

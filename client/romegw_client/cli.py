@@ -151,6 +151,8 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE", help="override (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="compute and report, change nothing")
     p.add_argument("--force", action="store_true", help="apply even if the target already is the model's answer")
+    p.add_argument("--min-target-prob", type=float, default=None,
+                   help="refuse the edit if P(new object) after it stays below this (default: the server's)")
     p.add_argument("--expected-version", type=int, help="refuse if the head version is not this one")
     p.add_argument("--author", default=env("author", os.environ.get("USER", "")))
     p.add_argument("--comment", default="")
@@ -296,9 +298,13 @@ def cmd_edit(args: argparse.Namespace) -> int:
             author=args.author,
             comment=args.comment,
             force=args.force,
+            min_target_prob=args.min_target_prob,
         )
     e = r.edit
     out(("dry run (nothing changed): " if r.dry_run else f"applied as version {e.version}: ") + _edit_line(e))
+    if r.below_min_target_prob:
+        out(f"  the edit did not take: P(target) {e.target_after:.3f} < min_target_prob {r.min_target_prob:g} "
+            "(ApplyEdit would refuse it)\n")
     out(
         f"  P({e.old_object!r}) {e.old_before:.3f} -> {e.old_after:.3f}; computed in {e.compute_seconds:.1f} s; "
         f"head version {r.head_version}\n"

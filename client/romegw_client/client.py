@@ -105,6 +105,7 @@ def apply_edit_request(
     author: str = "",
     comment: str = "",
     force: bool = False,
+    min_target_prob: float | None = None,
 ) -> pb.ApplyEditRequest:
     spec = pb.EditSpec(prompt=prompt, subject=subject, target=target, hparams=hparams or {})
     if layer is not None:
@@ -112,6 +113,8 @@ def apply_edit_request(
     req = pb.ApplyEditRequest(edit=spec, dry_run=dry_run, author=author, comment=comment, force=force)
     if expected_version is not None:
         req.expected_version = expected_version
+    if min_target_prob is not None:
+        req.min_target_prob = min_target_prob
     return req
 
 
@@ -247,7 +250,7 @@ class Client(_Base):
         (apply even when the target already is the model's greedy answer; else FailedPrecondition)."""
         req = apply_edit_request(prompt, subject, target, **options)
         reply = self._unary(self.stub.ApplyEdit, req, timeout)
-        return ApplyResult(EditInfo.from_pb(reply.layer), reply.head_version, reply.dry_run)
+        return ApplyResult.from_pb(reply)
 
     def revert_edit(self, *, to_version: int | None = None, edit_id: str | None = None, author: str = "",
                     comment: str = "", timeout: float | None = None) -> RevertResult:
@@ -363,7 +366,7 @@ class AsyncClient(_Base):
                          **options: Any) -> ApplyResult:
         req = apply_edit_request(prompt, subject, target, **options)
         reply = await self._unary(self.stub.ApplyEdit, req, timeout)
-        return ApplyResult(EditInfo.from_pb(reply.layer), reply.head_version, reply.dry_run)
+        return ApplyResult.from_pb(reply)
 
     async def revert_edit(self, *, to_version: int | None = None, edit_id: str | None = None, author: str = "",
                           comment: str = "", timeout: float | None = None) -> RevertResult:

@@ -229,6 +229,12 @@ class ApplyResult:
     edit: EditInfo
     head_version: int
     dry_run: bool
+    min_target_prob: float = 0.0  # the threshold the server applied
+    below_min_target_prob: bool = False  # a dry run's edit would be refused for not taking
+
+    @classmethod
+    def from_pb(cls, m: pb.ApplyEditResponse) -> ApplyResult:
+        return cls(EditInfo.from_pb(m.layer), m.head_version, m.dry_run, m.min_target_prob, m.below_min_target_prob)
 
 
 @dataclass(frozen=True)

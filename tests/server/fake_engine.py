@@ -135,6 +135,12 @@ class FakeEngine:
                 raise event
             yield event
 
+    def min_target_prob(self, options: ApplyOptions) -> float:
+        value = self.limits.min_target_prob if options.min_target_prob is None else options.min_target_prob
+        if not 0.0 <= value <= 1.0:
+            raise InvalidRequest(f"min_target_prob must be a probability in [0, 1], got {value}")
+        return value
+
     def check_edit_chars(self, prompt: str, subject: str, target: str) -> None:
         self._call("check_edit_chars", (prompt, subject, target))
         for name, text in (("prompt", prompt), ("subject", subject), ("target", target)):

@@ -36,7 +36,7 @@ class Server:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         args = ["serve", "--model", str(model_dir), "--edit-store", str(store), "--cache-dir", str(cache),
-                "--port", str(self.port), "--device", "cpu", *extra]
+                "--port", str(self.port), "--device", "cpu", "--min-target-prob", "0", *extra]  # FAST edits barely move
         cmd = [sys.executable, str(HERE / "crashing_server.py"), str(crash[0]), crash[1] or "none", "--", *args]
         self.log = log
         with log.open("a") as f:

@@ -213,6 +213,19 @@ def test_apply_edit_request_and_layer(serve: Serve) -> None:
     assert dry.dry_run and not dry.edit.active and dry.head_version == 2
 
 
+def test_min_target_prob_is_the_requests_or_the_servers(serve: Serve) -> None:
+    """The fake's edits reach P(target) 0.9: a dry run reports whether the threshold would refuse it."""
+    c, fake = serve()
+    r = c.apply_edit("{} lives in", "P", " C", dry_run=True)
+    assert (r.min_target_prob, r.below_min_target_prob) == (0.0, False)  # the server's default here
+    r = c.apply_edit("{} lives in", "P", " C", dry_run=True, min_target_prob=0.95)
+    assert (r.min_target_prob, r.below_min_target_prob) == (0.95, True)
+    assert fake.given("apply_edit")[-1][1].min_target_prob == 0.95
+    for bad in (float("nan"), -0.1, 1.5):
+        with pytest.raises(InvalidArgument, match="min_target_prob must be a probability"):
+            c.apply_edit("{} lives in", "P", " C", min_target_prob=bad)
+
+
 def test_revert_list_get_export_import(serve: Serve) -> None:
     c, fake = serve()
     fake.views = [edit_view("b", 2), edit_view("a", 1, active=False)]
