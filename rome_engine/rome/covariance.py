@@ -56,9 +56,8 @@ def layer_covariance(
     progress: ProgressFn | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """C of ``layer`` as float32 (D_in, D_in) on the model's device, and whether it came from a cache."""
+    path = covariance_path(loaded, layer, hp, cache)
     source = text_source_id(cache)
-    name = f"cov-L{layer}-{source}-n{hp.mom2_n_tokens}-len{hp.mom2_seq_len}.safetensors"
-    path = cache.model_dir(loaded) / name
     from_disk = False
 
     def load_or_compute() -> torch.Tensor:
@@ -86,6 +85,16 @@ def layer_covariance(
 
     c, in_memory = cache.get_or_compute(f"cov:{path}", load_or_compute)
     return c.to(loaded.device), in_memory or from_disk
+
+
+def covariance_path(loaded: LoadedModel, layer: int, hp: RomeHParams, cache: RomeCache) -> Path:
+    """Where C of ``layer`` is cached: one file per (model, layer, text source, token count, length).
+
+    Statistics derived from C (its eigenbasis, for instance) are cached beside it under this stem.
+    """
+    source = text_source_id(cache)
+    name = f"cov-L{layer}-{source}-n{hp.mom2_n_tokens}-len{hp.mom2_seq_len}.safetensors"
+    return cache.model_dir(loaded) / name
 
 
 def text_source_id(cache: RomeCache) -> str:

@@ -132,6 +132,11 @@ _RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
 )
 
 
+def value_ranges() -> Mapping[str, tuple[float, float]]:
+    """(lo, hi) inclusive of each range-checked field, for hyperparameter sets that share ROME's names."""
+    return _RANGES
+
+
 def check_names(overrides: Mapping[str, object]) -> None:
     unknown = sorted(set(overrides) - set(RomeHParams.names()))
     if unknown:

@@ -1,0 +1,87 @@
+"""Editing methods whose updates accumulate: MEMIT, the null-space projected mode, FT-L, and ROME.
+
+Every method computes (never applies) low-rank factors per touched matrix,
+Delta W = u @ v.T in (out, in) layout, plus the keys it wrote at.
+
+Public names:
+    METHODS                                  - ("rome", "memit", "projected", "ft")
+    compute_method(method, loaded, requests, cache, *, prior_keys=None, overrides=None, progress=None)
+                                             -> MethodResult: the dispatcher
+    compute_memit(loaded, requests, cache, *, overrides=None, progress=None) -> MethodResult
+    compute_projected(loaded, requests, cache, *, prior_keys=None, overrides=None, progress=None) -> MethodResult
+    compute_ft(loaded, requests, cache, *, overrides=None, progress=None) -> MethodResult
+    rome_result(edit) -> MethodResult        - a ROME ``EditResult`` as a rank-one MethodResult
+    LowRankFactor, MethodResult, RequestInfo, LayerInfo - the result types
+    MemitHParams, FtHParams, memit_hparams_for, ft_hparams_for - typed hyperparameters
+    low_rank_patch(loaded, factors)          - run the model as if factors were applied (this thread only)
+    layer_eigenbasis, preserved_basis, projector - the projected mode's P
+
+    result = compute_method("memit", loaded, [req1, req2, req3], cache)
+    result.factors[0].u.shape      # (out, 3)
+    result.keys[result.factors[0].param].shape   # (in, 3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..errors import InvalidRequest
+from ..loading import LoadedModel
+from ..rome.cache import ProgressFn, RomeCache
+from ..rome.request import EditRequest
+from .ft import compute_ft
+from .hparams import FtHParams, MemitHParams, ft_hparams_for, memit_hparams_for
+from .memit import compute_memit, compute_projected
+from .patch import low_rank_patch
+from .projection import layer_eigenbasis, preserved_basis, projector
+from .result import LayerInfo, LowRankFactor, MethodResult, RequestInfo
+from .rome import compute_rome, rome_result
+
+METHODS = ("rome", "memit", "projected", "ft")
+
+
+def compute_method(
+    method: str,
+    loaded: LoadedModel,
+    requests: Sequence[EditRequest],
+    cache: RomeCache,
+    *,
+    prior_keys: Mapping[str, torch.Tensor] | None = None,
+    overrides: Mapping[str, float] | None = None,
+    progress: ProgressFn | None = None,
+) -> MethodResult:
+    """The edit of ``requests`` by ``method``; ``prior_keys`` only matter to "projected"."""
+    if method == "memit":
+        return compute_memit(loaded, requests, cache, overrides=overrides, progress=progress)
+    if method == "projected":
+        return compute_projected(loaded, requests, cache, prior_keys=prior_keys, overrides=overrides, progress=progress)
+    if method == "ft":
+        return compute_ft(loaded, requests, cache, overrides=overrides, progress=progress)
+    if method == "rome":
+        return compute_rome(loaded, requests, cache, overrides=overrides, progress=progress)
+    raise InvalidRequest(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+
+
+__all__ = [
+    "METHODS",
+    "FtHParams",
+    "LayerInfo",
+    "LowRankFactor",
+    "MemitHParams",
+    "MethodResult",
+    "RequestInfo",
+    "compute_ft",
+    "compute_memit",
+    "compute_method",
+    "compute_projected",
+    "compute_rome",
+    "ft_hparams_for",
+    "layer_eigenbasis",
+    "low_rank_patch",
+    "memit_hparams_for",
+    "preserved_basis",
+    "projector",
+    "rome_result",
+]
