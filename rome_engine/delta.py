@@ -1,64 +1,100 @@
-"""The rank-one delta: the one place that turns a factor into a weight change.
+"""The low-rank delta: the one place that turns a factor into a weight change.
 
-Every edit, however computed, is stored and applied as factors of the matrices
-it touches. This module owns that arithmetic, for both ways of using it:
+Every edit, however computed (ROME's rank one, MEMIT's rank r for a batch of r
+facts, a truncated SVD of a fine-tuning change), is stored and applied as
+factors of the matrices it touches. This module owns that arithmetic, for both
+ways of using it:
 
 * ``rebuilt``: a matrix's weights as base + its deltas (``layers.LayerWeights``
   calls it to serve a version, evaluation through the same class);
 * ``as_if_applied``: the model evaluated *as if* the deltas were applied, by a
-  forward hook that only the installing thread sees (measuring an edit before it
-  is stored, while streams run on the live weights).
+  hook that only the installing thread sees (measuring an edit before it is
+  stored, MEMIT's lower layers while it computes the higher ones, while
+  streams run on the live weights).
 
 **The u/v convention**, stated once for the whole project: a factor of the
 matrix W in its (out, in) layout (``nn.Linear``'s; GPT-2's ``Conv1D`` stores W
 transposed, ``ArchSpec.as_out_in``/``from_out_in`` convert) is
 
-    delta W = outer(u, v),   u: (out,)  the value side,  u = v* - W k*
-                             v: (in,)   the key side,    v = C^-1 k* / (k*^T C^-1 k*)
+    delta W = u @ v.T,   u: (out, r)  the value side,  ROME: u = v* - W k*
+                         v: (in, r)   the key side,    ROME: v = C^-1 k* / (k*^T C^-1 k*)
 
-so that W' k* = W k* + u (v . k*) = v*. The ROME authors' code names the same
-two vectors the other way round for its (in, out) GPT-2 layout: its
+so that for ROME W' k* = W k* + u (v . k*) = v*. The ROME authors' code names
+the same two vectors the other way round for its (in, out) GPT-2 layout: its
 ``left_vector`` (in,) is our v and its ``right_vector`` (out,) our u.
 """
 
 from __future__ import annotations
 
-import threading
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .arch import ArchSpec
+from .hooks import Trace
 from .loading import LoadedModel
 
 
-@dataclass(frozen=True)
-class RankOneFactor:
-    """One matrix's update in (out, in) layout: delta = outer(u, v) (see the module docstring)."""
+@dataclass(frozen=True, eq=False)
+class LowRankFactor:
+    """One matrix's update in (out, in) layout: delta W = u @ v.T (see the module docstring)."""
 
     param: str  # the weight's parameter name, e.g. "model.layers.4.mlp.down_proj.weight"
-    u: torch.Tensor  # (out,) float32, the value side
-    v: torch.Tensor  # (in,) float32, the key side
+    u: torch.Tensor  # (out, r) float32, the value side
+    v: torch.Tensor  # (in, r) float32, the key side
+
+    def __post_init__(self) -> None:
+        if self.u.dim() != 2 or self.v.dim() != 2 or self.u.shape[1] != self.v.shape[1]:
+            raise ValueError(f"the factors of {self.param} must be (out, r) and (in, r), got "
+                             f"{tuple(self.u.shape)} and {tuple(self.v.shape)}")  # fmt: skip
+
+    @classmethod
+    def rank_one(cls, param: str, u: torch.Tensor, v: torch.Tensor) -> LowRankFactor:
+        """From vectors u (out,) and v (in,): delta W = outer(u, v)."""
+        return cls(param, u.reshape(-1, 1), v.reshape(-1, 1))
+
+    @property
+    def rank(self) -> int:
+        return int(self.u.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the matrix it updates."""
+        return int(self.u.shape[0]), int(self.v.shape[0])
 
     @property
     def norm(self) -> float:
-        # ||u v^T||_F = ||u|| ||v||
-        return float(self.u.norm() * self.v.norm())
+        # ||u v^T||_F^2 = tr(v u^T u v^T) = sum((u^T u) * (v^T v))
+        gram = (self.u.double().T @ self.u.double()) * (self.v.double().T @ self.v.double())
+        return math.sqrt(max(float(gram.sum()), 0.0))
 
     @property
     def finite(self) -> bool:
         return bool(torch.isfinite(self.u).all()) and bool(torch.isfinite(self.v).all())
 
+    def delta(self) -> torch.Tensor:
+        """u @ v.T: (out, in) float32."""
+        return self.u.float() @ self.v.float().T
 
-def storage_delta(spec: ArchSpec, factor: RankOneFactor) -> torch.Tensor:
-    """outer(u, v) in the weight's storage layout ((in, out) for Conv1D), float32."""
-    return spec.from_out_in(torch.outer(factor.u.float(), factor.v.float()))
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """delta W x for inputs x (..., in): (x @ v) @ u.T, (..., out) float32."""
+        return (x.float() @ self.v.to(x.device)) @ self.u.to(x.device).T
+
+    def cpu(self) -> LowRankFactor:
+        """The same factor as float32 tensors on the CPU (how layers store it)."""
+        return LowRankFactor(self.param, self.u.detach().float().cpu(), self.v.detach().float().cpu())
+
+
+def storage_delta(spec: ArchSpec, factor: LowRankFactor) -> torch.Tensor:
+    """u @ v.T in the weight's storage layout ((in, out) for Conv1D), float32."""
+    return spec.from_out_in(factor.delta())
 
 
 @torch.no_grad()
-def rebuilt(spec: ArchSpec, base: torch.Tensor, factors: Sequence[RankOneFactor]) -> torch.Tensor:
-    """W = base + sum_i outer(u_i, v_i), summed in float32 in order, cast to the base's dtype.
+def rebuilt(spec: ArchSpec, base: torch.Tensor, factors: Sequence[LowRankFactor]) -> torch.Tensor:
+    """W = base + sum_i u_i @ v_i.T, summed in float32 in order, cast to the base's dtype.
 
     The same base and factors always give the same bits; no factors gives the base itself.
     """
@@ -75,30 +111,26 @@ def rebuilt(spec: ArchSpec, base: torch.Tensor, factors: Sequence[RankOneFactor]
 class as_if_applied:  # used like a function in a with statement
     """Evaluate the model *as if* ``factors`` were applied, without touching its weights.
 
-    A forward hook on each edited projection adds u (v . x) to its output:
-    W' x = W x + u (v . x). Only forward passes of the installing thread see
-    it, so streams served meanwhile keep the live weights.
+    A hook on each touched projection adds (x @ v) @ u.T to its output:
+    W' x = W x + u (v^T x). It is a ``hooks.Trace``, so only forward passes of
+    the installing thread see it: streams served meanwhile keep the live weights.
     """
 
-    def __init__(self, loaded: LoadedModel, factors: Sequence[RankOneFactor]) -> None:
-        owner = threading.get_ident()
-        self._handles = []
-        for f in factors:
-            module = loaded.model.get_submodule(f.param.removesuffix(".weight"))
-            u, v = f.u, f.v
+    def __init__(self, loaded: LoadedModel, factors: Sequence[LowRankFactor]) -> None:
+        by_module: dict[str, list[LowRankFactor]] = {}
+        for f in factors:  # the factors live where the model runs
+            moved = LowRankFactor(f.param, f.u.float().to(loaded.device), f.v.float().to(loaded.device))
+            by_module.setdefault(f.param.removesuffix(".weight"), []).append(moved)
 
-            def hook(_m: torch.nn.Module, args: tuple, output: torch.Tensor, u=u, v=v) -> torch.Tensor:
-                if threading.get_ident() != owner:
-                    return output
-                x = args[0]  # (..., in)
-                coeff = x.float() @ v.to(x.device)  # (...,) = v . x
-                return output + (coeff.unsqueeze(-1) * u.to(x.device)).to(output.dtype)
+        def add(name: str, out: torch.Tensor) -> torch.Tensor:
+            x = self._trace[name].input  # (..., in), as the projection read it
+            return out + sum(f.apply(x) for f in by_module[name]).to(out.dtype)
 
-            self._handles.append(module.register_forward_hook(hook))
+        self._trace = Trace(loaded.model, list(by_module), capture_input=True, capture_output=False,
+                            edit_output=add)  # fmt: skip
 
     def __enter__(self) -> as_if_applied:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
+        self._trace.close()

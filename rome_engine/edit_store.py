@@ -1,24 +1,34 @@
 """The edit store: versioned edit layers on disk.
 
-On-disk format (``format_version`` 1), under the store folder ``DIR``::
+On-disk format (layer files in ``format_version`` 2, read in 1 and 2; manifest in
+``format_version`` 1), under the store folder ``DIR``::
 
     DIR/
       manifest.json                      the history, rewritten atomically on every change
       layers/<edit_id>.safetensors       one file per edit layer, never modified once written
 
 A **layer file** is a safetensors file. Its tensors are the factors of every
-matrix the edit touches, float32, never a dense matrix::
+matrix the edit touches, float32, never a dense matrix (``delta`` states the
+u/v convention)::
 
-    "<param>.u"   (out_features,)   # in the (out, in) layout of the weight
-    "<param>.v"   (in_features,)    # update: W[out, in] += u v^T (transposed for Conv1D storage)
+    "<param>.u"     (out_features, r)   # in the (out, in) layout of the weight
+    "<param>.v"     (in_features, r)    # update: W[out, in] += u @ v.T (transposed for Conv1D storage)
+    "<param>.keys"  (in_features, k)    # optional: the keys k* the update was written at (a later
+                                        # null-space projected edit leaves them unchanged)
 
-and its metadata holds one key, ``romegw``, a JSON header: ``format_version``,
+and its metadata holds one key, ``romegw``, a JSON header: ``format_version`` (2),
 ``edit_id`` (a UUID), ``version`` (the version this edit created), ``parent_version``,
-``created_at`` (UTC ISO-8601), ``author``, ``comment``, ``request`` (prompt,
-subject, target, layer, hyperparameters), ``matrices`` (name, shape, dtype,
-update norm), ``base_fingerprint`` (model id and the sha256 of every touched
-base matrix: a layer is applied only onto the base it was computed on), the
-pre/post ``probabilities`` and ``compute_seconds``.
+``created_at`` (UTC ISO-8601), ``author``, ``comment``, ``facts`` (one or a batch:
+prompt, subject, target, layer, hyperparameters), ``method`` (rome, memit, projected,
+ft), ``layer`` and ``layers`` (the edited blocks), ``matrices`` (name, shape, dtype,
+update norm, rank, number of keys), ``base_fingerprint`` (model id and the sha256 of
+every touched base matrix: a layer is applied only onto the base it was computed
+on), the pre/post ``probabilities`` of each fact and ``compute_seconds``.
+
+**Format 1** (written before 2026-11-28, read unchanged; ``tests/fixtures/edit_store_v1``):
+one fact as ``request`` and one ``probabilities`` object, method ROME on one ``layer``,
+and 1-D factors ``u`` (out,) and ``v`` (in,), no keys. A layer is never rewritten: a
+format-1 file stays format 1 on disk; an imported one is stored as format 2.
 
 The **manifest** is JSON: ``{"format_version": 1, "model_id": ..., "entries": [...]}``.
 Entries are only ever appended (history is never rewritten); each is one of::
@@ -61,6 +71,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,13 +80,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
-from .delta import RankOneFactor
+from .delta import LowRankFactor
 from .errors import FailedPrecondition, NotFound
 from .fileio import atomic_write
 from .records import (
-    FORMAT_VERSION,
     HEADER_KEY,
     LAYERS,
+    MANIFEST_FORMAT,
     LayerHeader,
     ManifestEntry,
     check_edit_id,
@@ -114,10 +125,11 @@ def _short(value: object) -> str:
 
 @dataclass(frozen=True)
 class EditLayer:
-    """A layer as stored: its header and its factors."""
+    """A layer as stored: its header, its factors, and the keys its update was written at."""
 
     header: LayerHeader
-    factors: tuple[RankOneFactor, ...]
+    factors: tuple[LowRankFactor, ...]
+    keys: Mapping[str, torch.Tensor] = field(default_factory=dict)  # param -> (in, k) float32 edit keys
 
     @property
     def edit_id(self) -> str:
@@ -129,10 +141,13 @@ class EditLayer:
 
 
 def encode_layer(layer: EditLayer) -> bytes:
+    """The layer file, in the format this code writes (``records.LAYER_FORMAT``)."""
     tensors: dict[str, torch.Tensor] = {}
     for f in layer.factors:
         tensors[f"{f.param}.u"] = f.u.detach().float().contiguous().cpu()
         tensors[f"{f.param}.v"] = f.v.detach().float().contiguous().cpu()
+    for param, keys in layer.keys.items():
+        tensors[f"{param}.keys"] = keys.detach().float().contiguous().cpu()
     return safetensors_save(tensors, metadata={HEADER_KEY: json.dumps(layer.header.to_json(), sort_keys=True)})
 
 
@@ -140,8 +155,9 @@ def decode_layer(data: bytes, *, stored: bool = False) -> EditLayer:
     """Parse and validate a layer file; ValueError naming what is wrong.
 
     The header's whole schema is checked (``LayerHeader.from_json``), and the
-    factors against it: one 1-D float32 ``u`` (out,) and ``v`` (in,) per listed
-    matrix, no other tensor, every value finite.
+    tensors against it: per listed matrix a float32 ``u`` and ``v`` of its shape
+    and rank ((out,) and (in,) in format 1, (out, r) and (in, r) in format 2),
+    ``keys`` (in, k) when it lists k keys, no other tensor, every value finite.
     """
     from safetensors.torch import load as safetensors_load
 
@@ -151,25 +167,33 @@ def decode_layer(data: bytes, *, stored: bool = False) -> EditLayer:
     except Exception as e:  # safetensors and json raise several kinds on malformed input
         raise ValueError(f"not a readable safetensors layer file: {e}") from e
     header = LayerHeader.from_json(raw, stored=stored)
+    one_d = raw.get("format_version") == 1
     expected = {f"{m.name}.{side}" for m in header.matrices for side in ("u", "v")}
+    expected |= {f"{m.name}.keys" for m in header.matrices if m.keys}
     if set(tensors) != expected:
         raise ValueError(
             f"the layer's tensors {_short(sorted(tensors))} are not the factors of its matrices {sorted(expected)}"
         )
-    factors = []
+    factors, keys = [], {}
     for m in header.matrices:
-        u, v = tensors[f"{m.name}.u"], tensors[f"{m.name}.v"]
-        for side, t, n in (("u", u, m.shape[0]), ("v", v, m.shape[1])):
-            if t.dtype != torch.float32 or tuple(t.shape) != (n,):
+        (out_dim, in_dim), r = m.shape, m.rank
+        sides = [("u", (out_dim,) if one_d else (out_dim, r)), ("v", (in_dim,) if one_d else (in_dim, r))]
+        if m.keys:
+            sides.append(("keys", (in_dim, m.keys)))
+        for side, shape in sides:
+            t = tensors[f"{m.name}.{side}"]
+            if t.dtype != torch.float32 or tuple(t.shape) != shape:
                 raise ValueError(
-                    f"{m.name}.{side} must be float32 of shape ({n},) as matrices lists, "
+                    f"{m.name}.{side} must be float32 of shape {shape} as matrices lists, "
                     f"got {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
                 )
-        factor = RankOneFactor(m.name, u, v)
-        if not factor.finite:
-            raise ValueError(f"the factors of {m.name} hold NaN or infinite values")
-        factors.append(factor)
-    return EditLayer(header, tuple(factors))
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{m.name}.{side} holds NaN or infinite values")
+        u, v = tensors[f"{m.name}.u"], tensors[f"{m.name}.v"]
+        factors.append(LowRankFactor(m.name, u.reshape(out_dim, r), v.reshape(in_dim, r)))
+        if m.keys:
+            keys[m.name] = tensors[f"{m.name}.keys"]
+    return EditLayer(header, tuple(factors), keys)
 
 
 def _read_header_bytes(data: bytes) -> dict:
@@ -224,7 +248,7 @@ class Manifest:
         return {e.edit_id: e for e in self.entries if e.adds_layer and e.edit_id is not None}
 
     def to_json(self) -> bytes:
-        doc = {"format_version": FORMAT_VERSION, "model_id": self.model_id,
+        doc = {"format_version": MANIFEST_FORMAT, "model_id": self.model_id,
                "entries": [e.to_json() for e in self.entries]}  # fmt: skip
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
@@ -234,7 +258,7 @@ class Manifest:
         doc = json.loads(data)
         if not isinstance(doc, dict):
             raise ValueError("the manifest must be a JSON object")
-        check_format(doc, "manifest")
+        check_format(doc, "manifest", (MANIFEST_FORMAT,))
         model_id, raw = doc.get("model_id"), doc.get("entries")
         if not isinstance(model_id, str) or not isinstance(raw, list):
             raise ValueError("the manifest needs model_id (a string) and entries (a list)")

@@ -1,13 +1,13 @@
-"""Versioned editing of the live model: compute a ROME layer, store it, serve it.
+"""Versioned editing of the live model: compute an edit layer (any method), store it, serve it.
 
 ``EditManager`` holds the edit store, the live weights (``LayerWeights``) and
 the served head version. Its methods are blocking (torch and disk work); the
 engine calls them on a worker thread, under its edit lock, and swaps weights
 only inside its version gate, when no stream is running.
 
-    manager = EditManager(loaded, EditStore(dir, loaded.model_id), compute=compute_fn)
+    manager = EditManager(loaded, EditStore(dir, loaded.model_id), compute=method_compute(cache_dir))
     manager.restore()                       # at start: re-apply the stored stack
-    layer = manager.compute_layer(request, author="ops", comment="ticket 42")
+    layer = manager.compute_layer([request], "rome", author="ops", comment="ticket 42")
     entry = manager.store_layer(layer)      # durable from here on
     manager.activate(entry.active, entry.version)
 """
@@ -20,16 +20,19 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from .bounds import clip
-from .delta import RankOneFactor, as_if_applied
+from .delta import LowRankFactor, as_if_applied
 from .edit_store import EditLayer, EditStore, decode_layer, sha256_bytes, utc_now
 from .errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, Unavailable
 from .layers import LayerWeights
 from .loading import LoadedModel
+from .methods import MethodResult
 from .records import (
     EditView,
     LayerHeader,
@@ -39,22 +42,30 @@ from .records import (
     RevertRequest,
     StoredRequest,
 )
-from .rome import EditRequest, EditResult
+from .rome import EditRequest
 from .rome.cache import ProgressFn
+from .rome.compute import first_answer, greedy_text
 from .scoring import score_continuations
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ComputeFn", "EditManager", "EditView", "fact_probabilities", "rome_compute"]
+__all__ = ["ComputeFn", "EditManager", "EditView", "fact_probabilities", "method_compute"]
 
 
 class ComputeFn(Protocol):
-    """How an edit is computed (``rome_compute``; a test's fake): on the given weights, which it
-    leaves unchanged. ``progress`` runs at each step; an exception it raises abandons the work."""
+    """How an edit is computed (``method_compute``; a test's fake): the facts of ``requests`` by
+    ``method``, on the given weights, which it leaves unchanged. ``prior_keys[param]`` (in, n) are
+    the keys of the edits active on that matrix (the projected method protects them). ``progress``
+    runs at each step; an exception it raises abandons the work."""
 
     def __call__(
-        self, loaded: LoadedModel, request: EditRequest, progress: ProgressFn | None = None
-    ) -> EditResult: ...
+        self,
+        loaded: LoadedModel,
+        requests: Sequence[EditRequest],
+        method: str,
+        prior_keys: Mapping[str, torch.Tensor],
+        progress: ProgressFn | None = None,
+    ) -> MethodResult: ...
 
 
 # ||u v^T||_F <= ratio * ||W||_F for every imported or restored layer. Real ROME edits of
@@ -62,13 +73,14 @@ class ComputeFn(Protocol):
 DEFAULT_MAX_UPDATE_NORM_RATIO = 1.0
 
 
-def fact_probabilities(
-    loaded: LoadedModel, request: EditRequest, factors: Sequence[RankOneFactor], old_object: str
-) -> Probabilities:
+def fact_probabilities(loaded: LoadedModel, request: EditRequest, factors: Sequence[LowRankFactor]) -> Probabilities:
     """P(target) and P(old object) on the filled edit prompt (whole continuation, as the API reports
     them): on the weights as they are, then as if ``factors`` were applied (a hook, no mutation).
-    The one place an edit's effect is measured."""
+    The old object is the model's greedy answer before the edit. The one place an edit's effect is
+    measured."""
     prompt = request.filled()
+    old_object = first_answer(greedy_text(loaded, prompt, max_new_tokens=8))
+    old_object = old_object if old_object.strip() else ""
     conts = [request.target] + ([old_object] if old_object and old_object != request.target else [])
     with_old = len(conts) > 1
 
@@ -191,17 +203,34 @@ class EditManager:
 
     # -- apply --------------------------------------------------------------
 
+    def active_keys(self) -> dict[str, torch.Tensor]:
+        """param -> (in, n): the edit keys stored in the active layers, oldest first. Derived from the
+        layers every time (never accumulated), so any version's statistic is exactly its layers'."""
+        keys: dict[str, list[torch.Tensor]] = {}
+        for edit_id in self.active:
+            for param, k in self._layers[edit_id].keys.items():
+                keys.setdefault(param, []).append(k)
+        return {param: torch.cat(ks, dim=1) for param, ks in keys.items()}
+
     def compute_layer(
-        self, request: EditRequest, *, author: str, comment: str, progress: ProgressFn | None = None
+        self,
+        requests: Sequence[EditRequest],
+        method: str,
+        *,
+        author: str,
+        comment: str,
+        progress: ProgressFn | None = None,
     ) -> EditLayer:
-        """Compute an edit on the current weights (which it leaves unchanged) as a layer, measured.
-        ``progress`` runs at every step of the computation; an exception it raises abandons it."""
+        """Compute the edit of ``requests`` by ``method`` on the current weights (which it leaves
+        unchanged) as one layer, measured fact by fact. ``progress`` runs at every step of the
+        computation; an exception it raises abandons it."""
         t0 = time.perf_counter()
-        result = self.compute(self.loaded, request, progress)
-        factors = tuple(RankOneFactor(f.param, f.u.detach().float().cpu(), f.v.detach().float().cpu())
-                        for f in result.factors)  # fmt: skip
+        prior = self.active_keys() if method == "projected" else {}
+        result = self.compute(self.loaded, requests, method, prior, progress)
+        factors = tuple(f.cpu() for f in result.factors)
         self._check_factors(factors)
-        probs = fact_probabilities(self.loaded, request, factors, result.old_object)
+        probs = tuple(fact_probabilities(self.loaded, r, factors) for r in requests)
+        hparams = result.hparams.to_dict()
         header = LayerHeader(
             edit_id=str(uuid.uuid4()),
             version=self.store.manifest.max_version + 1,
@@ -209,31 +238,36 @@ class EditManager:
             created_at=utc_now(),
             author=author,
             comment=comment,
-            request=StoredRequest(request.prompt, request.subject, request.target, result.layer,
-                                  result.hparams.to_dict()),  # fmt: skip
-            layer=result.layer,
+            facts=tuple(StoredRequest(r.prompt, r.subject, r.target, result.layers[-1], hparams) for r in requests),
+            method=result.method,
+            layer=result.layers[-1],
+            layers=tuple(result.layers),
             matrices=tuple(
-                MatrixRecord(f.param, (f.u.numel(), f.v.numel()), f.norm, self.loaded.dtype_name) for f in factors
-            ),
+                MatrixRecord(f.param, f.shape, f.norm, self.loaded.dtype_name, f.rank,
+                             int(result.keys[f.param].shape[1]) if f.param in result.keys else 0)
+                for f in factors
+            ),  # fmt: skip
             base_fingerprint=self.weights.fingerprint([f.param for f in factors]),
             probabilities=probs,
             compute_seconds=time.perf_counter() - t0,
             covariance_from_cache=result.cov_from_cache,
             model_id=self.loaded.model_id,
         )
-        log.info(
-            "edit %r -> %r at layer %d: P(target) %.3f -> %.3f, P(%r) %.3f -> %.3f, %.1f s",
-            clip(request.filled()), clip(request.target), result.layer, probs.target_before, probs.target_after,
-            clip(probs.old_object), probs.old_before, probs.old_after, header.compute_seconds,
-        )  # fmt: skip
+        for r, p in zip(requests, probs, strict=True):
+            log.info(
+                "edit %r -> %r (%s, layers %s): P(target) %.3f -> %.3f, P(%r) %.3f -> %.3f, %.1f s",
+                clip(r.filled()), clip(r.target), result.method, list(result.layers), p.target_before,
+                p.target_after, clip(p.old_object), p.old_before, p.old_after, header.compute_seconds,
+            )  # fmt: skip
         try:  # what a restart checks of the stored header, checked before it is ever stored
             LayerHeader.from_json(header.to_json())
         except ValueError as e:
             raise InvalidRequest(f"the edit cannot be stored: {e}") from e
-        return self._fitting(EditLayer(header, factors), "the computed edit")
+        keys = {p: k.detach().float().cpu().contiguous() for p, k in result.keys.items()}
+        return self._fitting(EditLayer(header, factors, keys), "the computed edit")
 
     @staticmethod
-    def _check_factors(factors: Sequence[RankOneFactor]) -> None:
+    def _check_factors(factors: Sequence[LowRankFactor]) -> None:
         for f in factors:
             if not f.finite:
                 raise FailedPrecondition(
@@ -375,13 +409,21 @@ class EditManager:
             raise FailedPrecondition(f"edit {layer.edit_id} was computed on another base model: {problem}")
 
 
-def rome_compute(cache_dir: Path | str | None = None, corpus: Path | str | None = None) -> ComputeFn:
-    """The ROME computation with its caches (covariance statistics, prefixes) under ``cache_dir``."""
-    from .rome import RomeCache, compute_edit
+def method_compute(cache_dir: Path | str | None = None, corpus: Path | str | None = None) -> ComputeFn:
+    """The editing methods (``methods.compute_method``) with their caches (covariance statistics,
+    eigenbases, prefixes) under ``cache_dir``."""
+    from .methods import compute_method
+    from .rome import RomeCache
 
     cache = RomeCache(cache_dir, corpus=corpus)
 
-    def compute(loaded: LoadedModel, request: EditRequest, progress: ProgressFn | None = None) -> EditResult:
-        return compute_edit(loaded, request, cache, progress=progress)
+    def compute(
+        loaded: LoadedModel,
+        requests: Sequence[EditRequest],
+        method: str,
+        prior_keys: Mapping[str, torch.Tensor],
+        progress: ProgressFn | None = None,
+    ) -> MethodResult:
+        return compute_method(method, loaded, requests, cache, prior_keys=prior_keys, progress=progress)
 
     return compute

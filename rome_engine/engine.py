@@ -81,6 +81,8 @@ class EngineLimits:
     max_update_norm_ratio: float = DEFAULT_MAX_UPDATE_NORM_RATIO
     # an edit whose P(target) on its prompt stays below this is refused (a request may set its own)
     min_target_prob: float = 0.0
+    edit_method: str = "rome"  # how an edit is computed unless its request names a method (records.METHODS)
+    max_batch_facts: int = 64  # facts of one ApplyEdits call (one layer, one version)
     # -- admission control: refused at once with RESOURCE_EXHAUSTED (0: no limit)
     max_concurrent_traces: int = 2
     max_concurrent_scores: int = 4

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .admission import Admission, ModelShape, check_memory, edit_bytes
@@ -26,7 +26,7 @@ from .editing import EditManager
 from .errors import EngineError, FailedPrecondition, InvalidRequest, ResourceExhausted, Unavailable
 from .gate import VersionGate
 from .loading import LoadedModel
-from .records import ApplyOptions, EditView, LayerHeader, ManifestEntry, RevertRequest
+from .records import METHODS, ApplyOptions, EditView, LayerHeader, ManifestEntry, RevertRequest
 from .rome.compute import target_is_answer
 from .rome.hparams import hparams_for
 from .rome.request import EditRequest
@@ -144,31 +144,52 @@ class EngineEdits:
         check_memory("edit", estimate, lim.max_request_memory_mb)
         return (prompts + 1) * tokens, estimate
 
-    async def apply_edit(
+    def edit_method(self, options: ApplyOptions) -> str:
+        """The method an edit is computed by: the request's, else the server's (InvalidRequest if unknown)."""
+        method = options.method or self.limits.edit_method
+        if method not in METHODS:
+            raise InvalidRequest(f"unknown edit method {clip(method)!r}: use one of {', '.join(METHODS)}")
+        return method
+
+    async def apply_edits(
         self,
-        request: EditRequest,
+        requests: Sequence[EditRequest],
         options: ApplyOptions,
         on_commit: Callable[[EditView], None] | None = None,
     ) -> tuple[EditView, int]:
-        """Compute a ROME layer and (unless dry_run) make it the new head. Returns (layer, head version).
+        """Compute the edit of ``requests`` (one fact, or a batch that becomes ONE layer and one
+        version) and, unless dry_run, make it the new head. Returns (layer, head version).
 
-        Refused (FAILED_PRECONDITION) when the target already is the model's greedy answer, unless
-        ``options.force``. If the caller goes away (cancel, deadline) or ``close()`` runs while the layer is
-        computed, the computation stops at its next step; the edit lock is held until it has
-        stopped, so computations never overlap. Once the layer is being stored the commit runs to
-        its end whatever happens to the caller, ``on_commit`` (an audit line) included."""
+        Refused (FAILED_PRECONDITION) when a target already is the model's greedy answer, unless
+        ``options.force``, and when a fact did not take (P(target) after the edit below
+        ``min_target_prob``), with nothing stored. If the caller goes away (cancel, deadline) or
+        ``close()`` runs while the layer is computed, the computation stops at its next step; the
+        edit lock is held until it has stopped, so computations never overlap. Once the layer is
+        being stored the commit runs to its end whatever happens to the caller, ``on_commit`` (an
+        audit line) included."""
         manager = self._manager()
         self._check_expected(options.expected_version)
         threshold = self.min_target_prob(options)
-        self.check_edit_chars(request.prompt, request.subject, request.target)
+        method = self.edit_method(options)
+        if not 0 < len(requests) <= self.limits.max_batch_facts:
+            raise InvalidRequest(
+                f"an edit holds 1 to max_batch_facts={self.limits.max_batch_facts} facts, got {len(requests)}"
+            )
+        if method in ("rome", "ft") and len(requests) > 1:
+            raise InvalidRequest(f"{method} edits one fact at a time: use memit or projected for a batch")
+        for request in requests:
+            self.check_edit_chars(request.prompt, request.subject, request.target)
         async with self._edit_turn():
             self._check_expected(options.expected_version)
-            tokens, estimate = await self.run(self._check_edit_size, request)
-            if not options.force and await self.run(target_is_answer, self.loaded, request):
-                raise FailedPrecondition(
-                    f"the model already answers {request.target!r} to {request.filled()!r} (greedy): "
-                    "nothing to edit; set force to apply it anyway"
-                )
+            sizes = [await self.run(self._check_edit_size, r) for r in requests]
+            for request in requests:
+                if not options.force and await self.run(target_is_answer, self.loaded, request):
+                    raise FailedPrecondition(
+                        f"the model already answers {clip(request.target)!r} to {clip(request.filled())!r} "
+                        "(greedy): nothing to edit; set force to apply it anyway"
+                    )
+            # the facts' value optimisations run one after another: the largest one's memory at a time
+            tokens, estimate = max(t for t, _ in sizes), max(e for _, e in sizes)
             with self.admission.admit("edit", tokens=tokens, memory=estimate):
 
                 def compute(should_stop: Callable[[], bool]) -> EditLayer:
@@ -177,7 +198,7 @@ class EngineEdits:
                             raise Unavailable(f"the edit was cancelled during {stage}; nothing was stored")
 
                     return manager.compute_layer(
-                        request, author=options.author, comment=options.comment, progress=progress
+                        requests, method, author=options.author, comment=options.comment, progress=progress
                     )
 
                 layer = await self.run_to_end(compute)
@@ -185,8 +206,8 @@ class EngineEdits:
                 return EditView(layer.header, None, False), self.edit_version
             refusal = below_min_target_prob(layer.header, threshold)
             if refusal:
-                raise FailedPrecondition(f"{refusal}; nothing was stored: try other hyperparameters or layer, "
-                                         "or a lower min_target_prob")  # fmt: skip
+                raise FailedPrecondition(f"{refusal}; nothing was stored: try other hyperparameters, layer or "
+                                         "method, or a lower min_target_prob")  # fmt: skip
 
             def applied(entries: list[ManifestEntry]) -> EditView:
                 entry, req = entries[0], layer.header.request
@@ -297,15 +318,18 @@ class EngineEdits:
 
 
 def below_min_target_prob(header: LayerHeader, threshold: float) -> str | None:
-    """Why an edit did not take (P(target) on its prompt after it is below ``threshold``), else None."""
-    p = header.probabilities
-    if p.target_after >= threshold:
-        return None
-    return (
-        f"the edit did not take: P({clip(header.request.target)!r}) on its prompt went {p.target_before:.3g} -> "
-        f"{p.target_after:.3g}, below min_target_prob={threshold:g}"
-        + (f" (P({clip(p.old_object)!r}) {p.old_before:.3g} -> {p.old_after:.3g})" if p.old_object else "")
-    )
+    """Why an edit did not take (a fact's P(target) on its prompt after it is below ``threshold``),
+    else None."""
+    for i, (fact, p) in enumerate(zip(header.facts, header.probabilities, strict=True)):
+        if p.target_after >= threshold:
+            continue
+        which = f"fact {i + 1} of {len(header.facts)} ({clip(fact.subject)!r}): " if len(header.facts) > 1 else ""
+        return (
+            f"the edit did not take: {which}P({clip(fact.target)!r}) on its prompt went {p.target_before:.3g} -> "
+            f"{p.target_after:.3g}, below min_target_prob={threshold:g}"
+            + (f" (P({clip(p.old_object)!r}) {p.old_before:.3g} -> {p.old_after:.3g})" if p.old_object else "")
+        )
+    return None
 
 
 async def _aiter(items: AsyncIterable[T] | Iterable[T]) -> AsyncIterator[T]:

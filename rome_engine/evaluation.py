@@ -393,7 +393,7 @@ def evaluate_record(
     window = n_tok + 2
     pre = _measure(loaded, rec, window, fluency_tokens)
     result = compute_edit(loaded, request, cache)
-    target_after = fact_probabilities(loaded, request, result.factors, result.old_object).target_after
+    target_after = fact_probabilities(loaded, request, result.factors).target_after
     weights = LayerWeights(loaded)  # applied as a served version is, and taken off bit for bit
     weights.materialize_factors(result.factors)
     try:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .delta import RankOneFactor, rebuilt
+from .delta import LowRankFactor, rebuilt
 from .edit_store import EditLayer, tensor_sha256
 from .loading import LoadedModel
 from .records import BaseFingerprint
@@ -103,9 +103,9 @@ class LayerWeights:
         self.materialize_factors([f for layer in layers for f in layer.factors])
 
     @torch.no_grad()
-    def materialize_factors(self, factors: Sequence[RankOneFactor]) -> None:
+    def materialize_factors(self, factors: Sequence[LowRankFactor]) -> None:
         """Set every touched matrix to base + its ``factors`` (in order); no factors: the base, bit for bit."""
-        deltas: dict[str, list[RankOneFactor]] = {}
+        deltas: dict[str, list[LowRankFactor]] = {}
         for f in factors:
             deltas.setdefault(f.param, []).append(f)
         for name in deltas:

@@ -13,7 +13,7 @@ ones of ``errors.py`` (the server maps each to a status code).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # annotations only: importing this module loads no torch
@@ -71,11 +71,18 @@ class EngineClient(Protocol):
         """InvalidRequest when a text is over ``limits.max_edit_chars`` (cheap, before parsing)."""
         ...
 
-    async def apply_edit(
-        self, request: EditRequest, options: ApplyOptions, on_commit: Callable[[EditView], None] | None = None
+    def edit_method(self, options: ApplyOptions) -> str:
+        """The method an edit is computed by under ``options`` (InvalidRequest if unknown)."""
+        ...
+
+    async def apply_edits(
+        self,
+        requests: Sequence[EditRequest],
+        options: ApplyOptions,
+        on_commit: Callable[[EditView], None] | None = None,
     ) -> tuple[EditView, int]:
-        """The computed layer and the head version after it; ``on_commit`` runs once it is live
-        (even if the caller has gone)."""
+        """The computed layer (one for all the facts) and the head version after it; ``on_commit``
+        runs once it is live (even if the caller has gone)."""
         ...
 
     async def revert_edit(

@@ -30,7 +30,12 @@ from typing import Any
 from .bounds import MAX_AUTHOR_CHARS, MAX_COMMENT_CHARS, check_text
 from .errors import EngineError
 
-FORMAT_VERSION = 1
+LAYER_FORMAT = 2  # the layer header this code writes: facts, method, rank-r factors, edit keys
+LAYER_FORMATS = (1, 2)  # the ones it reads (format 1: one fact, rank one; see edit_store)
+MANIFEST_FORMAT = 1
+METHODS = ("rome", "memit", "projected", "ft")  # the editing methods a header may name
+MAX_FACTS = 256  # facts of one batch edit (one layer)
+MAX_RANK = 1024  # columns of one matrix's factors (a batch's facts, an FT change's SVD rank)
 HEADER_KEY = "romegw"  # the layer file's metadata key holding the header
 MAX_REQUEST_CHARS = 100_000  # a stored request's prompt, subject or target (the engine's max_prompt_chars)
 MAX_HEADER_BYTES = 256 * 1024  # a header as JSON: every field above within its limit fits many times over
@@ -41,10 +46,12 @@ JsonObject = dict[str, Any]  # a parsed JSON object, before validation or as wri
 Hparams = Mapping[str, float | int | None]  # a request's hyperparameter overrides as stored
 
 
-def check_format(doc: Mapping[str, Any], what: str) -> None:
-    """ValueError unless the document is of the format this code reads (the one place that checks)."""
-    if type(doc.get("format_version")) is not int or doc["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"unsupported {what} format_version {_short(doc.get('format_version'))}")
+def check_format(doc: Mapping[str, Any], what: str, readable: tuple[int, ...]) -> int:
+    """The document's format version, or ValueError unless this code reads it (the one place that checks)."""
+    version = doc.get("format_version")
+    if type(version) is not int or version not in readable:
+        raise ValueError(f"unsupported {what} format_version {_short(version)} (this server reads {readable})")
+    return version
 
 
 def check_edit_id(value: object) -> str:
@@ -102,6 +109,13 @@ def _object(doc: Mapping[str, Any], key: str, *, default: JsonObject | None = No
     return value
 
 
+def _list(doc: Mapping[str, Any], key: str, limit: int, kind: type) -> list[Any]:
+    value = doc.get(key)
+    if not isinstance(value, list) or not 0 < len(value) <= limit or not all(isinstance(x, kind) for x in value):
+        raise ValueError(f"{key} must be a list of 1 to {limit} {kind.__name__} values, got {_short(value)}")
+    return value
+
+
 def _extras(doc: Mapping[str, Any], known: frozenset[str]) -> Mapping[str, Any]:
     return MappingProxyType({k: v for k, v in doc.items() if k not in known})
 
@@ -146,6 +160,8 @@ class MatrixRecord:
     shape: tuple[int, int]  # (out, in)
     update_norm: float
     dtype: str = ""  # the model's dtype when computed ("" when a writer left it out)
+    rank: int = 1  # columns of u and v (format 1: always 1)
+    keys: int = 0  # columns of the stored edit keys (in, keys); 0: none stored
 
     @classmethod
     def from_json(cls, doc: object) -> MatrixRecord:
@@ -160,10 +176,13 @@ class MatrixRecord:
         ):
             raise ValueError(f"matrices[{name}].shape must be two positive integers [out, in], got {_short(shape)}")
         dtype = _str(doc, "dtype", limit=32, default="")
-        return cls(name, (shape[0], shape[1]), _number(doc, "update_norm"), dtype)
+        rank = _int(doc, "rank", lo=1, hi=MAX_RANK) if "rank" in doc else 1
+        keys = _int(doc, "keys", hi=MAX_RANK) if "keys" in doc else 0
+        return cls(name, (shape[0], shape[1]), _number(doc, "update_norm"), dtype, rank, keys)
 
     def to_json(self) -> JsonObject:
-        doc = {"name": self.name, "shape": list(self.shape), "update_norm": self.update_norm}
+        doc = {"name": self.name, "shape": list(self.shape), "update_norm": self.update_norm, "rank": self.rank,
+               "keys": self.keys}  # fmt: skip
         return doc | ({"dtype": self.dtype} if self.dtype else {})
 
 
@@ -212,13 +231,19 @@ class Probabilities:
 
 _HEADER_KEYS = frozenset({
     "format_version", "edit_id", "version", "parent_version", "created_at", "author", "comment", "request",
-    "layer", "matrices", "base_fingerprint", "probabilities", "compute_seconds", "covariance_from_cache", "model_id",
+    "facts", "method", "layer", "layers", "matrices", "base_fingerprint", "probabilities", "compute_seconds",
+    "covariance_from_cache", "model_id",
 })  # fmt: skip
 
 
 @dataclass(frozen=True)
 class LayerHeader:
-    """The ``romegw`` header of a layer file: what the edit is, where it came from, what it did."""
+    """The ``romegw`` header of a layer file: what the edit is, where it came from, what it did.
+
+    Format 2 (written): ``facts`` and ``probabilities`` are lists (a batch edit is one layer),
+    ``method`` names how it was computed, ``layers`` every edited block. Format 1 (read): one
+    ``request`` and one ``probabilities`` object, ROME on one ``layer``.
+    """
 
     edit_id: str  # a UUID
     version: int  # the version this edit created
@@ -226,15 +251,27 @@ class LayerHeader:
     created_at: str  # UTC ISO-8601
     author: str
     comment: str
-    request: StoredRequest
-    layer: int  # the edited block
+    facts: tuple[StoredRequest, ...]  # the facts written, one or a batch
+    method: str  # one of METHODS
+    layer: int  # the edited block (MEMIT: the last of its range)
+    layers: tuple[int, ...]  # every edited block, lowest first
     matrices: tuple[MatrixRecord, ...]
     base_fingerprint: BaseFingerprint
-    probabilities: Probabilities
+    probabilities: tuple[Probabilities, ...]  # one per fact
     compute_seconds: float
     covariance_from_cache: bool
     model_id: str
     extras: Mapping[str, Any] = field(default_factory=dict)  # keys this reader does not know, kept as they were
+
+    @property
+    def request(self) -> StoredRequest:
+        """The (first) fact: the whole edit for a single-fact layer."""
+        return self.facts[0]
+
+    @property
+    def fact_probabilities(self) -> Probabilities:
+        """The (first) fact's probabilities."""
+        return self.probabilities[0]
 
     @classmethod
     def from_json(cls, doc: object, *, stored: bool = False) -> LayerHeader:
@@ -243,7 +280,7 @@ class LayerHeader:
         (the API clips it when echoing), where an import or a new edit is refused."""
         if not isinstance(doc, dict):
             raise ValueError(f"the {HEADER_KEY} header must be a JSON object, got {_short(doc)}")
-        check_format(doc, "layer")
+        version = check_format(doc, "layer", LAYER_FORMATS)
         try:  # every string is echoed by the API: lone surrogates (valid JSON escapes) cannot be
             json.dumps(doc, ensure_ascii=False).encode("utf-8")
         except (UnicodeEncodeError, ValueError) as e:
@@ -255,13 +292,32 @@ class LayerHeader:
                 "a layer's header holds its request and provenance, nothing bulky"
             )
         text_limit = MAX_STORED_TEXT_CHARS if stored else None
-        request = StoredRequest.from_json(_object(doc, "request"))
+        if version == 1:
+            facts = (StoredRequest.from_json(_object(doc, "request")),)
+            probabilities = (Probabilities.from_json(_object(doc, "probabilities", default={})),)
+            method = "rome"
+            layer = _int(doc, "layer") if "layer" in doc else facts[0].layer
+            layers = (layer,)
+        else:
+            facts = tuple(StoredRequest.from_json(f) for f in _list(doc, "facts", MAX_FACTS, dict))
+            probabilities = tuple(Probabilities.from_json(p) for p in _list(doc, "probabilities", MAX_FACTS, dict))
+            if len(probabilities) != len(facts):
+                raise ValueError(f"probabilities lists {len(probabilities)} facts, facts {len(facts)}")
+            method = _str(doc, "method", limit=32)
+            if method not in METHODS:
+                raise ValueError(f"method must be one of {', '.join(METHODS)}, got {_short(method)}")
+            layer = _int(doc, "layer")
+            layers = tuple(_list(doc, "layers", 1024, int))
+            if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= INT32_MAX for n in layers):
+                raise ValueError(f"layers must be layer numbers, got {_short(layers)}")
         matrices = doc.get("matrices")
         if not isinstance(matrices, list) or not matrices:
             raise ValueError(f"matrices must be a non-empty list, got {_short(matrices)}")
         records = tuple(MatrixRecord.from_json(m) for m in matrices)
         if len({m.name for m in records}) != len(records):
             raise ValueError("matrices names a matrix twice")
+        if version == 1 and any(m.rank != 1 or m.keys for m in records):
+            raise ValueError("a format 1 layer holds rank-one factors and no keys")
         base = BaseFingerprint.from_json(_object(doc, "base_fingerprint"))
         if set(base.matrices) != {m.name for m in records}:
             raise ValueError(
@@ -278,11 +334,13 @@ class LayerHeader:
             created_at=_str(doc, "created_at", limit=256, default=""),
             author=_str(doc, "author", limit=text_limit or MAX_AUTHOR_CHARS, default=""),
             comment=_str(doc, "comment", limit=text_limit or MAX_COMMENT_CHARS, default=""),
-            request=request,
-            layer=_int(doc, "layer") if "layer" in doc else request.layer,
+            facts=facts,
+            method=method,
+            layer=layer,
+            layers=layers,
             matrices=records,
             base_fingerprint=base,
-            probabilities=Probabilities.from_json(_object(doc, "probabilities", default={})),
+            probabilities=probabilities,
             compute_seconds=_number(doc, "compute_seconds", default=0.0),
             covariance_from_cache=cov_cached,
             model_id=_str(doc, "model_id", limit=256, default=""),
@@ -290,20 +348,23 @@ class LayerHeader:
         )
 
     def to_json(self) -> JsonObject:
+        """The header in the format this code writes (LAYER_FORMAT), whatever format it was read from."""
         return {
             **self.extras,
-            "format_version": FORMAT_VERSION,
+            "format_version": LAYER_FORMAT,
             "edit_id": self.edit_id,
             "version": self.version,
             "parent_version": self.parent_version,
             "created_at": self.created_at,
             "author": self.author,
             "comment": self.comment,
-            "request": self.request.to_json(),
+            "facts": [f.to_json() for f in self.facts],
+            "method": self.method,
             "layer": self.layer,
+            "layers": list(self.layers),
             "matrices": [m.to_json() for m in self.matrices],
             "base_fingerprint": self.base_fingerprint.to_json(),
-            "probabilities": self.probabilities.to_json(),
+            "probabilities": [p.to_json() for p in self.probabilities],
             "compute_seconds": self.compute_seconds,
             "covariance_from_cache": self.covariance_from_cache,
             "model_id": self.model_id,
@@ -417,6 +478,7 @@ class ApplyOptions:
     comment: str = ""
     force: bool = False  # apply even when the target already is the model's greedy answer
     min_target_prob: float | None = None  # refuse when P(target) after the edit is below it; None: the server's
+    method: str = ""  # one of METHODS; "": the server's default
 
 
 @dataclass(frozen=True)

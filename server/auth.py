@@ -2,7 +2,7 @@
 
 Roles are an allow-list (``ROLE_METHODS``): ``generate`` may call Generate,
 Score, Trace, GetModelInfo, ListEdits and GetEdit; ``edit`` may call those and
-ApplyEdit, RevertEdit, ImportEdits and ExportEdits. A gateway RPC that no role
+ApplyEdit, ApplyEdits, RevertEdit, ImportEdits and ExportEdits. A gateway RPC that no role
 names is refused (PERMISSION_DENIED) whatever the token: a new RPC stays closed
 until it is added to the table. Health and reflection are not gateway RPCs;
 the interceptor leaves them open. Tokens come from a file (``--tokens-file``) or the
@@ -34,7 +34,7 @@ _GENERATE_ROLE = frozenset({"Generate", "Score", "Trace", "GetModelInfo", "ListE
 # role -> the gateway RPCs it may call; anything not listed is refused
 ROLE_METHODS: dict[str, frozenset[str]] = {
     "generate": _GENERATE_ROLE,
-    "edit": _GENERATE_ROLE | {"ApplyEdit", "RevertEdit", "ImportEdits", "ExportEdits"},
+    "edit": _GENERATE_ROLE | {"ApplyEdit", "ApplyEdits", "RevertEdit", "ImportEdits", "ExportEdits"},
 }
 MIN_TOKEN_CHARS = 16
 

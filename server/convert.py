@@ -14,7 +14,7 @@ from rome_engine.generation import (
     GenerationChunk,
     SamplingParams,
 )
-from rome_engine.records import ApplyOptions, EditView, ManifestEntry, RevertRequest
+from rome_engine.records import ApplyOptions, EditView, ManifestEntry, Probabilities, RevertRequest, StoredRequest
 from rome_engine.rome.request import EditRequest
 from rome_engine.scoring import ContinuationScore
 from rome_engine.tracing import KINDS, TraceRequest
@@ -114,7 +114,7 @@ def edit_request(spec: pb.EditSpec) -> EditRequest:
     )
 
 
-def apply_options(req: pb.ApplyEditRequest) -> ApplyOptions:
+def apply_options(req: pb.ApplyEditRequest | pb.ApplyEditsRequest) -> ApplyOptions:
     return ApplyOptions(
         dry_run=req.dry_run,
         expected_version=req.expected_version if req.HasField("expected_version") else None,
@@ -122,6 +122,7 @@ def apply_options(req: pb.ApplyEditRequest) -> ApplyOptions:
         comment=req.comment,
         force=req.force,
         min_target_prob=req.min_target_prob if req.HasField("min_target_prob") else None,
+        method=req.method,
     )
 
 
@@ -137,8 +138,25 @@ def revert_request(req: pb.RevertEditRequest) -> RevertRequest:
     )
 
 
+def edit_spec(fact: StoredRequest) -> pb.EditSpec:
+    return pb.EditSpec(
+        prompt=fact.prompt,
+        subject=fact.subject,
+        target=fact.target,
+        layer=fact.layer,
+        hparams={k: float(v) for k, v in fact.hparams.items() if v is not None},
+    )
+
+
+def fact_probabilities(p: Probabilities) -> pb.FactProbabilities:
+    return pb.FactProbabilities(
+        target_before=p.target_before, target_after=p.target_after, old_before=p.old_before, old_after=p.old_after,
+        old_object=p.old_object,
+    )  # fmt: skip
+
+
 def edit_layer(view: EditView) -> pb.EditLayer:
-    h, req, probs = view.header, view.header.request, view.header.probabilities
+    h = view.header
     return pb.EditLayer(
         edit_id=h.edit_id,
         version=view.version,
@@ -146,25 +164,20 @@ def edit_layer(view: EditView) -> pb.EditLayer:
         created_at=h.created_at,
         author=h.author,
         comment=h.comment,
-        edit=pb.EditSpec(
-            prompt=req.prompt,
-            subject=req.subject,
-            target=req.target,
-            layer=req.layer,
-            hparams={k: float(v) for k, v in req.hparams.items() if v is not None},
-        ),
+        edit=edit_spec(h.request),
         layer=h.layer,
-        matrices=[pb.TouchedMatrix(name=m.name, shape=m.shape, update_norm=m.update_norm) for m in h.matrices],
-        probabilities=pb.FactProbabilities(
-            target_before=probs.target_before,
-            target_after=probs.target_after,
-            old_before=probs.old_before,
-            old_after=probs.old_after,
-            old_object=probs.old_object,
-        ),
+        matrices=[
+            pb.TouchedMatrix(name=m.name, shape=m.shape, update_norm=m.update_norm, rank=m.rank, keys=m.keys)
+            for m in h.matrices
+        ],
+        probabilities=fact_probabilities(h.fact_probabilities),
         compute_seconds=h.compute_seconds,
         active=view.active,
         header_json=json.dumps(h.to_json(), sort_keys=True),
+        method=h.method,
+        facts=[edit_spec(f) for f in h.facts],
+        fact_probabilities=[fact_probabilities(p) for p in h.probabilities],
+        layers=h.layers,
     )
 
 

@@ -39,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from rome_engine.edit_store import EditStore
-from rome_engine.editing import EditManager, rome_compute
+from rome_engine.editing import EditManager, method_compute
 from rome_engine.engine import Engine, EngineLimits
 from rome_engine.loading import LoadedModel, load_model
 from rome_engine.protocol import EngineClient
@@ -132,7 +132,7 @@ def build_engine(loaded: LoadedModel, config: ServerConfig) -> Engine:
         log.warning("no --edit-store given: edits go to %s and will not survive a restart", store_dir)
     store = EditStore(store_dir, loaded.model_id)
     manager = EditManager(
-        loaded, store, rome_compute(config.cache_dir, config.corpus),
+        loaded, store, method_compute(config.cache_dir, config.corpus),
         max_update_norm_ratio=config.limits.max_update_norm_ratio,
     )
     manager.restore()

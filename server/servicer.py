@@ -112,34 +112,44 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
     async def ApplyEdit(
         self, request: pb.ApplyEditRequest, context: grpc.aio.ServicerContext
     ) -> pb.ApplyEditResponse:
+        return await self._apply("ApplyEdit", [request.edit], request)
+
+    async def ApplyEdits(
+        self, request: pb.ApplyEditsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ApplyEditResponse:
+        limit = self.engine.limits.max_batch_facts
+        if not 0 < len(request.edits) <= limit:  # before any text is read
+            raise InvalidRequest(f"ApplyEdits takes 1 to max_batch_facts={limit} edits, got {len(request.edits)}")
+        return await self._apply("ApplyEdits", list(request.edits), request)
+
+    async def _apply(
+        self, rpc: str, specs: list[pb.EditSpec], request: pb.ApplyEditRequest | pb.ApplyEditsRequest
+    ) -> pb.ApplyEditResponse:
         check_authorship(request.author, request.comment)  # before the (slow) computation
-        self.engine.check_edit_chars(request.edit.prompt, request.edit.subject, request.edit.target)
+        for spec in specs:
+            self.engine.check_edit_chars(spec.prompt, spec.subject, spec.target)
+        options = convert.apply_options(request)
+        threshold = self.engine.min_target_prob(options)  # InvalidRequest before anything is computed
+        self.engine.edit_method(options)
         before = self.engine.edit_version
 
         def committed(view: EditView) -> None:  # inside the engine's commit: even if the caller has gone
             if self.metrics is not None:
                 self.metrics.edits_applied.inc()
             self._audit(
-                "ApplyEdit",
-                before,
-                edit_id=view.edit_id,
-                subject=request.edit.subject,
-                target=request.edit.target,
-                author=request.author,
-                comment=request.comment,
-            )
+                rpc, before, edit_id=view.edit_id, method=view.header.method, facts=len(specs),
+                subject=specs[0].subject, target=specs[0].target, author=request.author, comment=request.comment,
+            )  # fmt: skip
 
-        options = convert.apply_options(request)
-        threshold = self.engine.min_target_prob(options)  # InvalidRequest before anything is computed
-        view, head = await self.engine.apply_edit(convert.edit_request(request.edit), options, on_commit=committed)
+        requests = [convert.edit_request(spec) for spec in specs]
+        view, head = await self.engine.apply_edits(requests, options, on_commit=committed)
         if self.metrics is not None:
             self.metrics.edit_compute.observe(view.header.compute_seconds)
             source = "cache" if view.header.covariance_from_cache else "computed"
             self.metrics.covariance.labels(source).inc()
-        layer = convert.edit_layer(echoable(view))
         return pb.ApplyEditResponse(
-            layer=layer, dry_run=request.dry_run, head_version=head, min_target_prob=threshold,
-            below_min_target_prob=below_min_target_prob(view.header, threshold) is not None,
+            layer=convert.edit_layer(echoable(view)), dry_run=request.dry_run, head_version=head,
+            min_target_prob=threshold, below_min_target_prob=below_min_target_prob(view.header, threshold) is not None,
         )  # fmt: skip
 
     async def RevertEdit(

@@ -28,6 +28,7 @@ from .types import (
     ContinuationScore,
     EditInfo,
     EditPage,
+    FactInfo,
     GenerateChunk,
     GeneratedToken,
     LayerFile,
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ApplyResult",
     "EditInfo",
+    "FactInfo",
     "EditPage",
     "LayerFile",
     "RevertResult",

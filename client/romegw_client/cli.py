@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -143,10 +144,16 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("trace.png"), help="the heatmap (PNG)")
     p.set_defaults(func=cmd_trace)
 
-    p = sub.add_parser("edit", parents=[common], help="rewrite a fact (ROME) as a new version")
-    p.add_argument("prompt", help='a template with {} for the subject ("{} is located in"), or a prompt with it')
-    p.add_argument("--subject", required=True)
-    p.add_argument("--object", required=True, dest="new_object", help='the new object, e.g. " Rome"')
+    p = sub.add_parser("edit", parents=[common], help="rewrite a fact, or a batch of facts, as a new version")
+    p.add_argument("prompt", nargs="?",
+                   help='a template with {} for the subject ("{} is located in"), or a prompt with it')
+    p.add_argument("--subject")
+    p.add_argument("--object", dest="new_object", help='the new object, e.g. " Rome"')
+    p.add_argument("--from", dest="from_file", type=Path, metavar="FACTS.jsonl",
+                   help='a batch instead: one JSON object per line, {"prompt", "subject", "target"}, written as '
+                   "ONE layer and one version (method memit or projected)")
+    p.add_argument("--method", default="", choices=["", *EDIT_METHODS],
+                   help="how the edit is computed (default: the server's)")
     p.add_argument("--layer", type=int)
     p.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE", help="override (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="compute and report, change nothing")
@@ -285,29 +292,59 @@ def _edit_line(e: EditInfo) -> str:
     )
 
 
+EDIT_METHODS = ("rome", "memit", "projected", "ft")
+MAX_FACTS_FILE_BYTES = 16 * 1024 * 1024
+
+
+def read_facts(path: Path) -> list[tuple[str, str, str]]:
+    """(prompt, subject, target) of each line of a JSONL file; SystemExit naming the first bad line."""
+    if path.stat().st_size > MAX_FACTS_FILE_BYTES:
+        raise SystemExit(f"{path} is over {MAX_FACTS_FILE_BYTES} bytes: send the facts in smaller batches")
+    facts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+            fact = tuple(doc[k] for k in ("prompt", "subject", "target"))
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"{path}:{n}: not a fact ({e}): write {{\"prompt\", \"subject\", \"target\"}}") from None
+        if not all(isinstance(x, str) for x in fact):
+            raise SystemExit(f"{path}:{n}: prompt, subject and target must be strings")
+        facts.append(fact)
+    if not facts:
+        raise SystemExit(f"{path} holds no facts")
+    return facts
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
-    with _client(args) as c, _spinner("computing the edit"):
-        r = c.apply_edit(
-            args.prompt,
-            args.subject,
-            args.new_object,
-            layer=args.layer,
-            hparams=parse_hparams(args.hparam),
-            dry_run=args.dry_run,
-            expected_version=args.expected_version,
-            author=args.author,
-            comment=args.comment,
-            force=args.force,
-            min_target_prob=args.min_target_prob,
-        )
+    options = {
+        "layer": args.layer, "hparams": parse_hparams(args.hparam), "dry_run": args.dry_run,
+        "expected_version": args.expected_version, "author": args.author, "comment": args.comment,
+        "force": args.force, "min_target_prob": args.min_target_prob, "method": args.method,
+    }  # fmt: skip
+    if args.from_file is not None:
+        if args.prompt or args.subject or args.new_object:
+            raise SystemExit("give either --from FACTS.jsonl or a prompt with --subject and --object, not both")
+        facts = read_facts(args.from_file)
+        with _client(args) as c, _spinner(f"computing the edit of {len(facts)} facts"):
+            r = c.apply_edits(facts, **options)
+    else:
+        if not (args.prompt and args.subject and args.new_object):
+            raise SystemExit("give a prompt with --subject and --object, or --from FACTS.jsonl")
+        with _client(args) as c, _spinner("computing the edit"):
+            r = c.apply_edit(args.prompt, args.subject, args.new_object, **options)
     e = r.edit
     out(("dry run (nothing changed): " if r.dry_run else f"applied as version {e.version}: ") + _edit_line(e))
+    for f in e.facts[1:]:
+        out(f"  also {f.prompt.replace('{}', f.subject)!r} -> {f.target!r}  P(target) {f.target_before:.3f} -> "
+            f"{f.target_after:.3f}\n")
     if r.below_min_target_prob:
-        out(f"  the edit did not take: P(target) {e.target_after:.3f} < min_target_prob {r.min_target_prob:g} "
+        out(f"  the edit did not take: a P(target) is below min_target_prob {r.min_target_prob:g} "
             "(ApplyEdit would refuse it)\n")
     out(
-        f"  P({e.old_object!r}) {e.old_before:.3f} -> {e.old_after:.3f}; computed in {e.compute_seconds:.1f} s; "
-        f"head version {r.head_version}\n"
+        f"  {e.method} on layers {list(e.layers) or [e.layer]}; P({e.old_object!r}) {e.old_before:.3f} -> "
+        f"{e.old_after:.3f}; computed in {e.compute_seconds:.1f} s; head version {r.head_version}\n"
     )
     return 0
 

@@ -93,28 +93,49 @@ def tls_credentials(
     return channel_credentials(read(ca), read(client_key), read(client_cert))
 
 
-def apply_edit_request(
-    prompt: str,
-    subject: str,
-    target: str,
+def edit_spec(prompt: str, subject: str, target: str, *, layer: int | None = None,
+              hparams: dict[str, float] | None = None) -> pb.EditSpec:
+    spec = pb.EditSpec(prompt=prompt, subject=subject, target=target, hparams=hparams or {})
+    if layer is not None:
+        spec.layer = layer
+    return spec
+
+
+def _set_options(
+    req: pb.ApplyEditRequest | pb.ApplyEditsRequest,
     *,
-    layer: int | None = None,
-    hparams: dict[str, float] | None = None,
     dry_run: bool = False,
     expected_version: int | None = None,
     author: str = "",
     comment: str = "",
     force: bool = False,
     min_target_prob: float | None = None,
-) -> pb.ApplyEditRequest:
-    spec = pb.EditSpec(prompt=prompt, subject=subject, target=target, hparams=hparams or {})
-    if layer is not None:
-        spec.layer = layer
-    req = pb.ApplyEditRequest(edit=spec, dry_run=dry_run, author=author, comment=comment, force=force)
+    method: str = "",
+) -> None:
+    req.dry_run, req.author, req.comment, req.force, req.method = dry_run, author, comment, force, method
     if expected_version is not None:
         req.expected_version = expected_version
     if min_target_prob is not None:
         req.min_target_prob = min_target_prob
+
+
+def apply_edit_request(
+    prompt: str, subject: str, target: str, *, layer: int | None = None, hparams: dict[str, float] | None = None,
+    **options: Any,
+) -> pb.ApplyEditRequest:  # fmt: skip
+    """Options: dry_run, expected_version, author, comment, force, min_target_prob, method."""
+    req = pb.ApplyEditRequest(edit=edit_spec(prompt, subject, target, layer=layer, hparams=hparams))
+    _set_options(req, **options)
+    return req
+
+
+def apply_edits_request(
+    facts: Sequence[Sequence[str]], *, layer: int | None = None, hparams: dict[str, float] | None = None,
+    **options: Any,
+) -> pb.ApplyEditsRequest:  # fmt: skip
+    """``facts``: (prompt, subject, target) each; they share ``layer`` and ``hparams``."""
+    req = pb.ApplyEditsRequest(edits=[edit_spec(*f, layer=layer, hparams=hparams) for f in facts])
+    _set_options(req, **options)
     return req
 
 
@@ -247,9 +268,18 @@ class Client(_Base):
     def apply_edit(self, prompt: str, subject: str, target: str, *, timeout: float | None = None,
                    **options: Any) -> ApplyResult:
         """Rewrite a fact. Options: layer, hparams, dry_run, expected_version, author, comment, force
-        (apply even when the target already is the model's greedy answer; else FailedPrecondition)."""
+        (apply even when the target already is the model's greedy answer; else FailedPrecondition),
+        min_target_prob (refuse an edit that did not take; default: the server's), method ("rome",
+        "memit", "projected", "ft"; default: the server's)."""
         req = apply_edit_request(prompt, subject, target, **options)
         reply = self._unary(self.stub.ApplyEdit, req, timeout)
+        return ApplyResult.from_pb(reply)
+
+    def apply_edits(self, facts: Sequence[Sequence[str]], *, timeout: float | None = None,
+                    **options: Any) -> ApplyResult:
+        """Rewrite several facts, (prompt, subject, target) each, as ONE layer and one version
+        (method "memit" or "projected"). Options as apply_edit's."""
+        reply = self._unary(self.stub.ApplyEdits, apply_edits_request(facts, **options), timeout)
         return ApplyResult.from_pb(reply)
 
     def revert_edit(self, *, to_version: int | None = None, edit_id: str | None = None, author: str = "",
@@ -366,6 +396,11 @@ class AsyncClient(_Base):
                          **options: Any) -> ApplyResult:
         req = apply_edit_request(prompt, subject, target, **options)
         reply = await self._unary(self.stub.ApplyEdit, req, timeout)
+        return ApplyResult.from_pb(reply)
+
+    async def apply_edits(self, facts: Sequence[Sequence[str]], *, timeout: float | None = None,
+                          **options: Any) -> ApplyResult:
+        reply = await self._unary(self.stub.ApplyEdits, apply_edits_request(facts, **options), timeout)
         return ApplyResult.from_pb(reply)
 
     async def revert_edit(self, *, to_version: int | None = None, edit_id: str | None = None, author: str = "",

@@ -195,6 +195,9 @@ class EditInfo:
     compute_seconds: float
     active: bool
     header: dict
+    method: str = "rome"
+    layers: tuple[int, ...] = ()  # every edited block (MEMIT: a range)
+    facts: tuple[FactInfo, ...] = ()  # every fact of the layer (the fields above are the first's)
 
     @classmethod
     def from_pb(cls, m: pb.EditLayer) -> EditInfo:
@@ -221,7 +224,26 @@ class EditInfo:
             compute_seconds=m.compute_seconds,
             active=m.active,
             header=json.loads(m.header_json) if m.header_json else {},
+            method=m.method or "rome",
+            layers=tuple(m.layers),
+            facts=tuple(FactInfo.from_pb(f, p) for f, p in zip(m.facts, m.fact_probabilities, strict=False)),
         )
+
+
+@dataclass(frozen=True)
+class FactInfo:
+    """One fact of an edit layer and what the edit did to it."""
+
+    prompt: str
+    subject: str
+    target: str
+    target_before: float
+    target_after: float
+    old_object: str
+
+    @classmethod
+    def from_pb(cls, spec: pb.EditSpec, p: pb.FactProbabilities) -> FactInfo:
+        return cls(spec.prompt, spec.subject, spec.target, p.target_before, p.target_after, p.old_object)
 
 
 @dataclass(frozen=True)

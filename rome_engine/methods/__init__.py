@@ -13,7 +13,6 @@ Public names:
     rome_result(edit) -> MethodResult        - a ROME ``EditResult`` as a rank-one MethodResult
     LowRankFactor, MethodResult, RequestInfo, LayerInfo - the result types
     MemitHParams, FtHParams, memit_hparams_for, ft_hparams_for - typed hyperparameters
-    low_rank_patch(loaded, factors)          - run the model as if factors were applied (this thread only)
     layer_eigenbasis, preserved_basis, projector - the projected mode's P
 
     result = compute_method("memit", loaded, [req1, req2, req3], cache)
@@ -27,6 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..delta import LowRankFactor
 from ..errors import InvalidRequest
 from ..loading import LoadedModel
 from ..rome.cache import ProgressFn, RomeCache
@@ -34,9 +34,8 @@ from ..rome.request import EditRequest
 from .ft import compute_ft
 from .hparams import FtHParams, MemitHParams, ft_hparams_for, memit_hparams_for
 from .memit import compute_memit, compute_projected
-from .patch import low_rank_patch
 from .projection import layer_eigenbasis, preserved_basis, projector
-from .result import LayerInfo, LowRankFactor, MethodResult, RequestInfo
+from .result import LayerInfo, MethodResult, RequestInfo
 from .rome import compute_rome, rome_result
 
 METHODS = ("rome", "memit", "projected", "ft")
@@ -79,7 +78,6 @@ __all__ = [
     "compute_rome",
     "ft_hparams_for",
     "layer_eigenbasis",
-    "low_rank_patch",
     "memit_hparams_for",
     "preserved_basis",
     "projector",

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..delta import LowRankFactor
 from ..errors import InvalidRequest
 from ..hooks import Trace, replay, run_until_stopped, stop_after
 from ..layer_selection import select_edit_layer
@@ -38,7 +39,7 @@ from ..rome.compute_u import compute_key
 from ..rome.request import SLOT, EditRequest
 from ..scoring import split_continuation
 from .hparams import FtHParams, ft_hparams_for
-from .result import LayerInfo, LowRankFactor, MethodResult, RequestInfo
+from .result import LayerInfo, MethodResult, RequestInfo
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ For a batch of r facts and the layers l_1 < ... < l_L (MLP output projections):
    optimisation (``compute_v.compute_delta``) at l_L: adding delta to that
    layer's MLP output adds it to the block's output, the residual.
 2. For each layer l_i, lowest first, *as if the lower layers' updates were
-   applied* (``patch.low_rank_patch``, a hook on this thread):
+   applied* (``delta.as_if_applied``, a hook on this thread):
    K = the layer's keys of the r facts (in, r), averaged over the context prompts;
    R = (z - h(l_L)) / (L - i + 1): the residual still missing, spread over the remaining layers;
    Delta_i = R K^T (lambda C + K K^T)^-1                       (memit)
@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from ..delta import LowRankFactor, as_if_applied
 from ..errors import FailedPrecondition, InvalidRequest
 from ..hooks import Trace, run_until_stopped, stop_after
 from ..layer_selection import select_edit_layer
@@ -41,9 +42,8 @@ from ..rome.covariance import layer_covariance
 from ..rome.hparams import hparams_for
 from ..rome.request import SLOT, EditRequest
 from .hparams import MemitHParams, memit_hparams_for
-from .patch import low_rank_patch
 from .projection import Eigenbasis, layer_eigenbasis, preserved_basis, projector
-from .result import LayerInfo, LowRankFactor, MethodResult, RequestInfo
+from .result import LayerInfo, MethodResult, RequestInfo
 from .solve import memit_factor, projected_factor, written_share
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def _compute(
     for i, layer in enumerate(layers):
         report("solve", i, len(layers))
         param = spec.mlp_out_weight_name(layer)
-        with low_rank_patch(loaded, factors):
+        with as_if_applied(loaded, factors):
             k = torch.stack([compute_key(loaded, layer, templates, r, hp.k_identity_weight) for r in requests])
             h = residuals_at_subject(loaded, last, requests)
         k = k.T.contiguous()  # (in, r)

@@ -18,49 +18,17 @@ edit protects them (see ``projection.py``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from ..delta import LowRankFactor
 from ..rome.hparams import RomeHParams
 from ..rome.request import EditRequest
 from .hparams import FtHParams, MemitHParams
 
 MethodHParams = MemitHParams | FtHParams | RomeHParams
-
-
-@dataclass(frozen=True, eq=False)
-class LowRankFactor:
-    """One matrix's update in (out, in) layout: Delta W = u @ v.T."""
-
-    param: str  # e.g. "model.layers.4.mlp.down_proj.weight"
-    u: torch.Tensor  # (out, r) float32
-    v: torch.Tensor  # (in, r) float32
-
-    def __post_init__(self) -> None:
-        if self.u.dim() != 2 or self.v.dim() != 2 or self.u.shape[1] != self.v.shape[1]:
-            raise ValueError(f"factors of {self.param} must be (out, r) and (in, r), got "
-                             f"{tuple(self.u.shape)} and {tuple(self.v.shape)}")  # fmt: skip
-
-    @property
-    def rank(self) -> int:
-        return int(self.u.shape[1])
-
-    @property
-    def norm(self) -> float:
-        # ||u v^T||_F^2 = tr(v u^T u v^T) = sum((u^T u) * (v^T v))
-        gram = (self.u.double().T @ self.u.double()) * (self.v.double().T @ self.v.double())
-        return math.sqrt(max(float(gram.sum()), 0.0))
-
-    def delta(self) -> torch.Tensor:
-        """u @ v.T: (out, in) float32."""
-        return self.u.float() @ self.v.float().T
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Delta W x for inputs x (..., in): (x @ v) @ u.T, (..., out) float32."""
-        return (x.float() @ self.v.to(x.device)) @ self.u.to(x.device).T
 
 
 @dataclass(frozen=True)

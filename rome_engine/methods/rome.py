@@ -1,6 +1,6 @@
 """ROME as one of the methods: its rank-one edit as a ``MethodResult``.
 
-This is the one place that reads ROME's ``EditResult`` (``rome/apply.py``):
+This is the one place that reads ROME's ``EditResult`` (``rome/compute.py``):
 ``rome_result`` is the adapter, so a change of that record touches one function.
 """
 
@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 
 from ..errors import InvalidRequest
 from ..loading import LoadedModel
-from ..rome.apply import EditResult, compute_edit
 from ..rome.cache import ProgressFn, RomeCache
+from ..rome.compute import EditResult, compute_edit
 from ..rome.request import EditRequest
-from .result import LayerInfo, LowRankFactor, MethodResult, RequestInfo
+from .result import LayerInfo, MethodResult, RequestInfo
 
 
 def compute_rome(
@@ -35,15 +35,15 @@ def compute_rome(
 
 
 def rome_result(edit: EditResult) -> MethodResult:
-    """The adapter: Delta W = left right^T as factors u = left (out, 1), v = right (in, 1); keys = k* (in, 1)."""
-    factor = LowRankFactor(edit.param_name, edit.left.float().unsqueeze(1), edit.right.float().unsqueeze(1))
-    info = RequestInfo(edit.request, edit.v_target_prob, edit.v_steps, float(edit.left.norm()),
-                       float((edit.value - edit.left).norm()))  # fmt: skip
-    layer = LayerInfo(edit.layer, edit.param_name, float(edit.left.norm()), edit.update_norm, 1.0)
+    """The adapter: ROME's one rank-one factor, its key k* (in, 1) as the edit key."""
+    (factor,) = edit.factors
+    u = factor.u[:, 0]  # v* - W k*
+    info = RequestInfo(edit.request, edit.v_target_prob, edit.v_steps, float(u.norm()), float((edit.value - u).norm()))
+    layer = LayerInfo(edit.layer, factor.param, float(u.norm()), factor.norm, 1.0)
     return MethodResult(
         method="rome",
         factors=(factor,),
-        keys={edit.param_name: edit.key.float().unsqueeze(1)},
+        keys={factor.param: edit.key.float().unsqueeze(1)},
         layers=(edit.layer,),
         hparams=edit.hparams,
         cov_from_cache=edit.cov_from_cache,

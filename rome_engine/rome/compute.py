@@ -10,12 +10,13 @@ so W' k* = v* exactly and W' k = W k for every k with (C^-1 k*)^T k = 0
 (u, v as ``rome_engine.delta`` states the convention).
 
     result = compute_edit(loaded, EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome"), cache)
-    result.factors      # (RankOneFactor(param, u, v),)
+    result.factors      # (LowRankFactor(param, u (out, 1), v (in, 1)),)
 
 ``compute_edit`` only computes: the model ends as it began. Applying the
 result is ``layers.LayerWeights``'s (serving and evaluation alike); measuring
 it before it is stored is ``editing.fact_probabilities``'s, through
-``delta.as_if_applied``.
+``delta.as_if_applied``. ``methods.compute_method`` runs it as one of the
+editing methods (``methods/rome.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..bounds import clip
-from ..delta import RankOneFactor
+from ..delta import LowRankFactor
 from ..errors import InvalidRequest
 from ..generation import SamplingParams, generate_tokens
 from ..layer_selection import select_edit_layer
@@ -49,11 +50,10 @@ log = logging.getLogger(__name__)
 class EditResult:
     """One computed edit: its factors (one per touched matrix) and how they were found."""
 
-    factors: tuple[RankOneFactor, ...]  # ROME: one, on the MLP output projection of ``layer``
+    factors: tuple[LowRankFactor, ...]  # ROME: one, on the MLP output projection of ``layer``
     layer: int
     request: EditRequest  # normalised: template prompt, target with its leading space
     hparams: RomeHParams  # as used, layer filled in
-    old_object: str  # the model's greedy answer before the edit ("" if none)
     cov_from_cache: bool  # C was read from memory or disk, not computed
     key: torch.Tensor  # (D_in,) float32, k*
     value: torch.Tensor  # (D_out,) float32, v* = W k* + u
@@ -138,18 +138,15 @@ def compute_edit(
     with torch.no_grad():
         base_value = module(k_star.to(loaded.dtype).unsqueeze(0)).squeeze(0).float()  # W k* (+ bias): (D_out,)
 
-    old_object = first_answer(greedy_text(loaded, request.filled(), max_new_tokens=8))
-
     report("optimize_v")
     through = v.to(loaded.device) if hp.v_through_update else None
     d = compute_delta(loaded, layer, hp, templates, request, base_value, through, progress=progress)
     u = d.delta.float().cpu()  # v* - W k*
     result = EditResult(
-        factors=(RankOneFactor(spec.mlp_out_weight_name(layer), u, v.float().cpu()),),
+        factors=(LowRankFactor.rank_one(spec.mlp_out_weight_name(layer), u, v.float().cpu()),),
         layer=layer,
         request=request,
         hparams=hp,
-        old_object=old_object if old_object.strip() else "",
         cov_from_cache=cov_from_cache,
         key=k_star.float().cpu(),
         value=base_value.cpu() + u,

@@ -111,7 +111,7 @@ def solve_cov(cov: torch.Tensor, k: torch.Tensor, shrinkage: float = 0.0) -> tor
 
 def right_vector(cov: torch.Tensor, k_star: torch.Tensor, shrinkage: float = 0.0) -> torch.Tensor:
     """v = C^-1 k* / ((C^-1 k*)^T k*): (D_in,) float32, so that v . k* = 1 (the key side of the
-    factor, ``delta.RankOneFactor.v``; the ROME code's ``left_vector``)."""
+    factor, ``delta.LowRankFactor.v`` as one column; the ROME code's ``left_vector``)."""
     cinv_k = solve_cov(cov, k_star, shrinkage)  # (D_in,)
     denom = torch.dot(cinv_k, k_star.double())
     if not torch.isfinite(denom) or denom.abs() < 1e-30:

@@ -11,9 +11,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rome_engine.delta import RankOneFactor, as_if_applied
+from rome_engine.delta import LowRankFactor, as_if_applied
 from rome_engine.edit_store import (
-    FORMAT_VERSION,
     EditLayer,
     EditStore,
     decode_layer,
@@ -24,7 +23,9 @@ from rome_engine.edit_store import (
 from rome_engine.editing import EditManager
 from rome_engine.errors import FailedPrecondition, NotFound
 from rome_engine.layers import LayerWeights
+from rome_engine.methods import LayerInfo, MethodResult, RequestInfo
 from rome_engine.records import LayerHeader, ManifestEntry, RevertRequest
+from rome_engine.rome import RomeHParams
 
 
 def param_hashes(model: torch.nn.Module) -> dict[str, str]:
@@ -36,15 +37,26 @@ def random_layer(loaded, weights: LayerWeights, layer_index: int, seed: int, ver
     g = torch.Generator().manual_seed(seed)
     name = loaded.spec.mlp_out_weight_name(layer_index)
     out_dim, in_dim = loaded.spec.as_out_in(weights.parameter(name)).shape
-    f = RankOneFactor(name, torch.randn(out_dim, generator=g) * 0.1, torch.randn(in_dim, generator=g) * 0.1)
+    f = LowRankFactor.rank_one(name, torch.randn(out_dim, generator=g) * 0.1, torch.randn(in_dim, generator=g) * 0.1)
     header = {
-        "format_version": FORMAT_VERSION, "edit_id": str(uuid.uuid4()), "version": version, "parent_version": 0,
+        "format_version": 1, "edit_id": str(uuid.uuid4()), "version": version, "parent_version": 0,
         "created_at": "2026-01-01T00:00:00Z", "author": "test", "comment": "",
         "request": {"prompt": "{} is in", "subject": "X", "target": " Y", "layer": layer_index, "hparams": {}},
         "layer": layer_index, "matrices": [{"name": name, "shape": [out_dim, in_dim], "update_norm": f.norm}],
         "base_fingerprint": weights.fingerprint([name]).to_json(), "probabilities": {}, "compute_seconds": 0.0,
     }
     return EditLayer(LayerHeader.from_json(header), (f,))
+
+
+def method_result(factor: LowRankFactor, requests, keys: torch.Tensor | None = None) -> MethodResult:
+    """A computed edit of ``factor`` as the editing methods return it (for fake compute functions)."""
+    layer = int(factor.param.split(".")[2])
+    return MethodResult(
+        method="rome", factors=(factor,), keys={factor.param: keys} if keys is not None else {}, layers=(layer,),
+        hparams=RomeHParams(layer=layer), cov_from_cache=False,
+        requests=tuple(RequestInfo(r, 0.0, 0, 0.0, 0.0) for r in requests),
+        layer_info=(LayerInfo(layer, factor.param, 0.0, factor.norm, 1.0),), compute_seconds=0.0,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -86,7 +98,7 @@ def test_delta_orientation_and_patch_equivalence(model_copy) -> None:
     W0 = loaded.spec.as_out_in(w.parameter(f.param)).detach().clone()
     w.materialize([layer])
     W1 = loaded.spec.as_out_in(w.parameter(f.param)).detach()
-    assert torch.allclose(W1 - W0, torch.outer(f.u, f.v), atol=1e-6)
+    assert torch.allclose(W1 - W0, f.delta(), atol=1e-6)
     with torch.no_grad():
         applied = loaded.model(ids).logits
     assert not torch.allclose(base, applied)
@@ -175,9 +187,10 @@ def test_store_refuses_another_models_store_and_orphans_are_removed(tiny_llama, 
         EditStore(tmp_path, "another-model")
     orphan = tmp_path / "layers" / f"{uuid.uuid4()}.safetensors"
     orphan.write_bytes(b"partial")
-    EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=lambda *_: None).restore()
+    restarted = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=lambda *_: None)
+    assert restarted.restore() == 1
     assert not orphan.exists()
-    LayerWeights(tiny_llama).materialize([])
+    restarted.activate([], 0)  # the shared model as it was
 
 
 def test_import_refuses_a_layer_for_another_base(tiny_llama, tokenizer, tmp_path) -> None:
@@ -207,12 +220,12 @@ def _write_entry(store: EditStore, header: dict, tensors: dict) -> None:
 
 
 def _no_request(h: dict, t: dict) -> None:
-    del h["request"]
+    del h["facts"]
 
 
 def _u_column(h: dict, t: dict) -> None:
     name = next(k for k in t if k.endswith(".u"))
-    t[name] = t[name].reshape(-1, 1)
+    t[name] = t[name].reshape(1, -1)  # a row where a column belongs
 
 
 def _nan(h: dict, t: dict) -> None:
@@ -224,7 +237,7 @@ def _embeddings(h: dict, t: dict) -> None:
     """A consistent layer whose factor targets the token embeddings (49152, 64): not an editable matrix."""
     name, (vocab, width) = "model.embed_tokens.weight", (49152, 64)
     t.clear()
-    t[f"{name}.u"], t[f"{name}.v"] = torch.full((vocab,), 1e-3), torch.full((width,), 1e-3)
+    t[f"{name}.u"], t[f"{name}.v"] = torch.full((vocab, 1), 1e-3), torch.full((width, 1), 1e-3)
     h["matrices"] = [{"name": name, "shape": [vocab, width], "update_norm": 1e-3}]
     h["base_fingerprint"]["matrices"] = {name: h.pop("_embed_sha")}
 
@@ -319,27 +332,26 @@ def test_a_layer_with_a_path_as_edit_id_is_never_written(tiny_llama, tmp_path) -
 
 def test_a_computed_layer_that_a_restart_would_refuse_is_never_stored(tiny_llama, tmp_path) -> None:
     from rome_engine.errors import InvalidRequest
-    from rome_engine.rome import EditRequest, EditResult, RomeHParams
+    from rome_engine.rome import EditRequest
 
     name = tiny_llama.spec.mlp_out_weight_name(0)
     scale = {"value": 100.0}
 
-    def compute(loaded, request, progress=None):
-        return EditResult(
-            factors=(RankOneFactor(name, torch.ones(64) * scale["value"], torch.ones(128)),), layer=0,
-            request=request, hparams=RomeHParams(v_lr=0.5), old_object=" Z", cov_from_cache=False,
-            key=torch.zeros(128), value=torch.zeros(64),
-        )
+    def compute(loaded, requests, method, prior_keys, progress=None):
+        factor = LowRankFactor.rank_one(name, torch.ones(64) * scale["value"], torch.ones(128))
+        return method_result(factor, requests, keys=torch.ones(128, 1))
 
     request = EditRequest("{} is in", "X", " Y")
     m = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute=compute)
     with pytest.raises(FailedPrecondition, match="max_update_norm_ratio=1.0"):
-        m.compute_layer(request, author="a", comment="")
+        m.compute_layer([request], "rome", author="a", comment="")
     scale["value"] = float("nan")
     with pytest.raises(FailedPrecondition, match="NaN or infinite"):
-        m.compute_layer(request, author="a", comment="")
+        m.compute_layer([request], "rome", author="a", comment="")
     scale["value"] = 1e-4
     with pytest.raises(InvalidRequest, match="author has 300 characters, over the limit of 256"):
-        m.compute_layer(request, author="a" * 300, comment="")
-    layer = m.compute_layer(request, author="a", comment="")
-    assert decode_layer(encode_layer(layer)).edit_id == layer.edit_id
+        m.compute_layer([request], "rome", author="a" * 300, comment="")
+    layer = m.compute_layer([request], "rome", author="a", comment="")
+    back = decode_layer(encode_layer(layer))
+    assert back.edit_id == layer.edit_id and back.header == layer.header
+    assert torch.equal(back.keys[name], torch.ones(128, 1)) and back.header.matrices[0].keys == 1

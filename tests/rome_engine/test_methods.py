@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rome_engine.delta import as_if_applied
 from rome_engine.errors import FailedPrecondition, InvalidRequest
 from rome_engine.loading import LoadedModel
 from rome_engine.methods import (
@@ -16,7 +17,6 @@ from rome_engine.methods import (
     compute_method,
     compute_projected,
     layer_eigenbasis,
-    low_rank_patch,
     preserved_basis,
     projector,
 )
@@ -107,10 +107,10 @@ def test_memit_moves_the_target_in_every_layer_of_its_range(
         before = _logprob(tiny_gpt2, fact)
         for f in result.factors:
             assert f.norm > 0
-            with low_rank_patch(tiny_gpt2, [f]):  # this layer's update alone
+            with as_if_applied(tiny_gpt2, [f]):  # this layer's update alone
                 alone = _logprob(tiny_gpt2, fact)
             assert alone > before + 1e-3, f"{f.param} alone: {before:.4f} -> {alone:.4f} for {fact.target!r}"
-        with low_rank_patch(tiny_gpt2, result.factors):
+        with as_if_applied(tiny_gpt2, result.factors):
             together = _logprob(tiny_gpt2, fact)
         assert together > before + 1e-2
 
@@ -125,14 +125,14 @@ def test_each_layer_writes_its_share_at_its_keys(memit_batch: tuple[MethodResult
         assert info.written == pytest.approx(float(share.mean()), rel=1e-5)
 
 
-def test_low_rank_patch_equals_writing_the_weights(
+def test_as_if_applied_equals_writing_the_weights(
     memit_batch: tuple[MethodResult, dict], tiny_gpt2: LoadedModel
 ) -> None:
     result, _ = memit_batch
     f = result.factors[1]
     module = tiny_gpt2.model.get_submodule(f.param.removesuffix(".weight"))
     x = torch.randn(2, 5, 256)
-    with torch.no_grad(), low_rank_patch(tiny_gpt2, [f]):
+    with torch.no_grad(), as_if_applied(tiny_gpt2, [f]):
         patched = module(x)
     expected = x @ (_out_in(tiny_gpt2, f.param) + f.delta()).T + module.bias  # (W + u v^T) x + b
     torch.testing.assert_close(patched, expected, rtol=1e-4, atol=1e-5)
@@ -233,7 +233,7 @@ def test_ft_respects_its_norm_bound_and_raises_the_target(tiny_llama: LoadedMode
 
     before = _logprob(tiny_llama, FACTS[0])
     param = tiny_llama.spec.mlp_out_weight_name(1)
-    with low_rank_patch(tiny_llama, [LowRankFactor(param, delta, torch.eye(128))]):  # Delta W exactly
+    with as_if_applied(tiny_llama, [LowRankFactor(param, delta, torch.eye(128))]):  # Delta W exactly
         after = _logprob(tiny_llama, FACTS[0])
     assert after > before + 1e-2
 

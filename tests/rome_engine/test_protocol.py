@@ -16,7 +16,7 @@ def test_the_engine_implements_the_protocol(tiny_llama) -> None:
         assert isinstance(engine, EngineClient)
         for name in ("generate", "trace"):  # streams: async iterators, as the protocol says
             assert inspect.isasyncgenfunction(getattr(Engine, name))
-        for name in ("score", "apply_edit", "revert_edit", "list_edits", "get_edit", "export_edits", "import_edits"):
+        for name in ("score", "apply_edits", "revert_edit", "list_edits", "get_edit", "export_edits", "import_edits"):
             assert inspect.iscoroutinefunction(getattr(Engine, name))
             assert inspect.iscoroutinefunction(getattr(EngineClient, name))
     finally:

@@ -179,15 +179,16 @@ def test_update_writes_v_at_k_and_spares_orthogonal_keys(
     _assert_same(loaded, snap)  # model at beginning == model at end
     (f,) = result.factors
     assert f.param == loaded.spec.mlp_out_weight_name(1)
-    assert f.u.dtype == f.v.dtype == torch.float32
-    assert f.u.shape == (loaded.model.config.hidden_size,)
-    torch.testing.assert_close(torch.dot(f.v, result.key), torch.tensor(1.0), rtol=1e-4, atol=1e-4)
+    assert f.u.dtype == f.v.dtype == torch.float32 and f.rank == 1
+    assert f.u.shape == (loaded.model.config.hidden_size, 1)
+    u, v = f.u[:, 0], f.v[:, 0]
+    torch.testing.assert_close(torch.dot(v, result.key), torch.tensor(1.0), rtol=1e-4, atol=1e-4)
 
     module = loaded.model.get_submodule(loaded.spec.mlp_out_name(1))
     k_star = result.key
     torch.manual_seed(1)
     k = torch.randn_like(k_star)
-    k_orth = k - torch.dot(k, f.v) / torch.dot(f.v, f.v) * f.v  # v . k = 0
+    k_orth = k - torch.dot(k, v) / torch.dot(v, v) * v  # v . k = 0
     weights = LayerWeights(loaded)
     with torch.no_grad():
         before = module(torch.stack([k_star, k_orth]))
@@ -197,7 +198,7 @@ def test_update_writes_v_at_k_and_spares_orthogonal_keys(
     # W' k* = v*  and  W' k = W k when (C^-1 k*)^T k = 0
     torch.testing.assert_close(after[0], result.value, rtol=1e-4, atol=1e-4 * float(result.value.abs().max()))
     torch.testing.assert_close(after[1], before[1], rtol=1e-4, atol=1e-5)
-    assert result.update_norm == pytest.approx(float(torch.outer(f.u, f.v).norm()), rel=1e-4)
+    assert result.update_norm == pytest.approx(float(torch.outer(u, v).norm()), rel=1e-4)
     _assert_same(loaded, snap)
 
 
@@ -214,14 +215,14 @@ def test_conv1d_orientation_matches_linear_math(tiny_gpt2: LoadedModel, rome_cac
     weights = LayerWeights(loaded)
     weights.materialize_factors(result.factors)
     try:
-        torch.testing.assert_close(loaded.spec.as_out_in(w), w_oi + torch.outer(f.u, f.v))
+        torch.testing.assert_close(loaded.spec.as_out_in(w), w_oi + f.delta())
         with torch.no_grad():
             y = module(x)
             with as_if_applied(loaded, result.factors):  # on top of the applied one: twice the delta
                 y2 = module(x)
-        expected = x @ (w_oi + torch.outer(f.u, f.v)).T + module.bias  # Linear math
+        expected = x @ (w_oi + f.delta()).T + module.bias  # Linear math
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(y2, x @ (w_oi + 2 * torch.outer(f.u, f.v)).T + module.bias, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(y2, x @ (w_oi + 2 * f.delta()).T + module.bias, rtol=1e-4, atol=1e-4)
     finally:
         weights.materialize_factors([])
 

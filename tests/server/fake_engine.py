@@ -11,7 +11,7 @@ Replies are scripted, calls are recorded, and any method can be made to fail:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +21,7 @@ from rome_engine.errors import InvalidRequest, NotFound
 from rome_engine.gate import VersionGate
 from rome_engine.generation import FINISH_LENGTH, GenerationChunk, SamplingParams
 from rome_engine.records import (
+    METHODS,
     ApplyOptions,
     BaseFingerprint,
     EditView,
@@ -48,12 +49,14 @@ def edit_view(
         created_at="2026-01-01T00:00:00Z",
         author=author,
         comment=comment,
-        request=StoredRequest("{} lives in", f"Person {version}", f" City{version}", 2,
-                              {"v_lr": 0.5, "clamp_norm_factor": 4}),  # fmt: skip
+        facts=(StoredRequest("{} lives in", f"Person {version}", f" City{version}", 2,
+                             {"v_lr": 0.5, "clamp_norm_factor": 4}),),  # fmt: skip
+        method="rome",
         layer=2,
+        layers=(2,),
         matrices=(MatrixRecord(matrix, (64, 128), 1.5),),
         base_fingerprint=BaseFingerprint("fake", {matrix: "cd" * 32}),
-        probabilities=Probabilities(0.01, 0.9, 0.4, 0.05, " Rome"),
+        probabilities=(Probabilities(0.01, 0.9, 0.4, 0.05, " Rome"),),
         compute_seconds=0.25,
         covariance_from_cache=True,
         model_id="fake",
@@ -147,10 +150,18 @@ class FakeEngine:
             if len(text) > self.limits.max_edit_chars:
                 raise InvalidRequest(f"{name} is over max_edit_chars={self.limits.max_edit_chars}")
 
-    async def apply_edit(
-        self, request: EditRequest, options: ApplyOptions, on_commit: Callable[[EditView], None] | None = None
+    def edit_method(self, options: ApplyOptions) -> str:
+        if options.method not in ("", *METHODS):
+            raise InvalidRequest(f"unknown edit method {options.method!r}")
+        return options.method or self.limits.edit_method
+
+    async def apply_edits(
+        self,
+        requests: Sequence[EditRequest],
+        options: ApplyOptions,
+        on_commit: Callable[[EditView], None] | None = None,
     ) -> tuple[EditView, int]:
-        self._call("apply_edit", (request, options))
+        self._call("apply_edits", (list(requests), options))
         view = edit_view(f"e{self.edit_version + 1}", self.edit_version + 1, author=options.author,
                          comment=options.comment, active=not options.dry_run, stored=not options.dry_run)  # fmt: skip
         if not options.dry_run:

@@ -48,7 +48,7 @@ def test_apply_generate_revert_bit_exact(embedded, serve) -> None:
         assert e.target_after > e.target_before and e.old_object.startswith(" Paris")
         assert len(e.matrices) == 1 and e.matrices[0][2] > 0
         assert e.header["base_fingerprint"]["model_id"] == embedded.model_id
-        assert e.header["request"]["subject"] == "The Eiffel Tower"
+        assert e.header["facts"][0]["subject"] == "The Eiffel Tower"
 
         text, version = answer(c, "The Eiffel Tower is in")
         assert text.startswith(" Rome") and version == 1

@@ -23,7 +23,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_save
 
-from rome_engine.edit_store import FORMAT_VERSION
 from rome_engine.engine import EngineLimits
 from romegw_client import Client
 from romegw_client.errors import FailedPrecondition, GatewayError, InvalidArgument, ResourceExhausted
@@ -47,7 +46,7 @@ def layer_parts(loaded, weights, *, seed: int = 0, scale: float = 0.05) -> tuple
     g = torch.Generator().manual_seed(seed)
     u, v = torch.randn(out_dim, generator=g) * scale, torch.randn(in_dim, generator=g) * scale
     header = {
-        "format_version": FORMAT_VERSION, "edit_id": str(uuid.uuid4()), "version": 1, "parent_version": 0,
+        "format_version": 1, "edit_id": str(uuid.uuid4()), "version": 1, "parent_version": 0,
         "created_at": "2026-01-01T00:00:00Z", "author": "elsewhere", "comment": "",
         "request": {"prompt": "{} is in", "subject": "X", "target": " Y", "layer": LAYER, "hparams": {"v_lr": 0.5}},
         "layer": LAYER,

@@ -14,15 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from rome_engine.delta import RankOneFactor
+from rome_engine.delta import LowRankFactor
 from rome_engine.edit_store import EditStore
 from rome_engine.editing import EditManager
 from rome_engine.engine import Engine, EngineLimits
-from rome_engine.rome import EditResult, RomeHParams
 from romegw_client import Client, InvalidArgument
 from romegw_client.pb import gateway_pb2 as pb
 from romegw_server.main import ServerConfig, ServerThread
-from tests.rome_engine.test_edit_store import random_layer
+from tests.rome_engine.test_edit_store import method_result, random_layer
 
 MB = 1_000_000
 
@@ -45,8 +44,8 @@ def write_history(loaded, root: Path, headers: list[dict[str, str]]) -> list[str
 def test_overlong_author_comment_or_edit_text_is_refused_before_compute(tiny_llama, tmp_path) -> None:
     computed = []
 
-    def compute(_loaded, request):  # stands in for ROME: it must never run here
-        computed.append(request)
+    def compute(_loaded, requests, method, prior_keys, progress=None):  # stands in for ROME: must never run
+        computed.append(requests)
         raise RuntimeError("the edit was computed before its strings were checked")
 
     manager = EditManager(tiny_llama, EditStore(tmp_path, tiny_llama.model_id), compute)
@@ -134,14 +133,13 @@ def test_no_log_line_carries_a_huge_request_string(tiny_llama, serve, tmp_path, 
     assert max(len(line) for line in lines) < 2000, max(lines, key=len)[:300]
 
 
-def fake_compute(loaded, request, progress=None):
+def fake_compute(loaded, requests, method, prior_keys, progress=None):
     """A random rank-one edit of layer 0 in place of ROME (fast); the header is built as for a real one."""
     name = loaded.spec.mlp_out_weight_name(0)
     out_dim, in_dim = loaded.spec.as_out_in(dict(loaded.model.named_parameters())[name]).shape
     g = torch.Generator().manual_seed(0)
-    factor = RankOneFactor(name, torch.randn(out_dim, generator=g) * 1e-3, torch.randn(in_dim, generator=g) * 1e-3)
-    return EditResult(factors=(factor,), layer=0, request=request, hparams=RomeHParams(), old_object="",
-                      cov_from_cache=False, key=torch.zeros(in_dim), value=torch.zeros(out_dim))  # fmt: skip
+    u, v = torch.randn(out_dim, generator=g) * 1e-3, torch.randn(in_dim, generator=g) * 1e-3
+    return method_result(LowRankFactor.rank_one(name, u, v), requests)
 
 
 def test_an_edit_with_the_longest_legal_strings_logs_short_lines(tiny_llama, tmp_path, caplog) -> None:

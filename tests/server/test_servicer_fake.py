@@ -194,7 +194,7 @@ def test_apply_edit_request_and_layer(serve: Serve) -> None:
     c, fake = serve()
     r = c.apply_edit("{} lives in", "Person 1", " City1", layer=2, hparams={"v_lr": 0.5}, expected_version=0,
                      author="alice", comment="why", force=True)  # fmt: skip
-    request, options = fake.given("apply_edit")[0]
+    (request,), options = fake.given("apply_edits")[0]
     assert request == EditRequest(prompt="{} lives in", subject="Person 1", target=" City1", layer=2,
                                   hparams={"v_lr": 0.5})  # fmt: skip
     assert options == ApplyOptions(dry_run=False, expected_version=0, author="alice", comment="why", force=True)
@@ -204,10 +204,10 @@ def test_apply_edit_request_and_layer(serve: Serve) -> None:
     assert (e.prompt, e.subject, e.target, e.layer) == ("{} lives in", "Person 1", " City1", 2)
     assert e.matrices == (("model.layers.2.mlp.down_proj.weight", (64, 128), 1.5),)
     assert (e.target_before, e.target_after, e.old_object) == (0.01, 0.9, " Rome")
-    assert e.header["request"]["hparams"] == {"v_lr": 0.5, "clamp_norm_factor": 4}  # header_json carries all
+    assert e.header["facts"][0]["hparams"] == {"v_lr": 0.5, "clamp_norm_factor": 4}  # header_json carries all
 
     dry = c.apply_edit("{} lives in", "Person 2", " City2")
-    _, options = fake.given("apply_edit")[1]
+    _, options = fake.given("apply_edits")[1]
     assert options.expected_version is None and options.force is False
     dry = c.apply_edit("{} lives in", "Person 2", " City2", dry_run=True)
     assert dry.dry_run and not dry.edit.active and dry.head_version == 2
@@ -220,7 +220,7 @@ def test_min_target_prob_is_the_requests_or_the_servers(serve: Serve) -> None:
     assert (r.min_target_prob, r.below_min_target_prob) == (0.0, False)  # the server's default here
     r = c.apply_edit("{} lives in", "P", " C", dry_run=True, min_target_prob=0.95)
     assert (r.min_target_prob, r.below_min_target_prob) == (0.95, True)
-    assert fake.given("apply_edit")[-1][1].min_target_prob == 0.95
+    assert fake.given("apply_edits")[-1][1].min_target_prob == 0.95
     for bad in (float("nan"), -0.1, 1.5):
         with pytest.raises(InvalidArgument, match="min_target_prob must be a probability"):
             c.apply_edit("{} lives in", "P", " C", min_target_prob=bad)
@@ -297,7 +297,7 @@ def test_stored_strings_are_checked_before_the_engine_computes(serve: Serve) -> 
             c.revert_edit(to_version=0, **options)
     with pytest.raises(InvalidArgument, match="max_edit_chars"):
         c.apply_edit("{} lives in", "S" * (fake.limits.max_edit_chars + 1), " T")
-    assert fake.given("apply_edit") == [] and fake.given("revert_edit") == []
+    assert fake.given("apply_edits") == [] and fake.given("revert_edit") == []
 
 
 # -- auth
@@ -318,7 +318,7 @@ def test_roles_are_an_allow_list(serve: Serve, caplog: pytest.LogCaptureFixture)
                      lambda: gen.revert_edit(to_version=0)):  # fmt: skip
             with pytest.raises(PermissionDenied, match="'edit' role"):
                 call()
-    assert fake.given("apply_edit") == []
+    assert fake.given("apply_edits") == []
     with caplog.at_level(logging.INFO, logger="romegw.audit"), Client(target, token=EDIT) as edit:
         edit.apply_edit("{} lives in", "S", " T")
     assert any("who=alice what=ApplyEdit version_before=0 version_after=1" in r.getMessage() for r in caplog.records)
