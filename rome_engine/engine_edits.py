@@ -26,9 +26,9 @@ from .editing import EditManager
 from .errors import EngineError, FailedPrecondition, InvalidRequest, ResourceExhausted, Unavailable
 from .gate import VersionGate
 from .loading import LoadedModel
+from .methods import work_hparams
 from .records import METHODS, ApplyOptions, EditView, LayerHeader, ManifestEntry, RevertRequest
 from .rome.compute import target_is_answer
-from .rome.hparams import hparams_for
 from .rome.request import EditRequest
 from .scoring import encode_prompt
 
@@ -116,7 +116,7 @@ class EngineEdits:
             if len(value) > limit:
                 raise InvalidRequest(f"edit {name} has {len(value)} characters, over the limit max_edit_chars={limit}")
 
-    def _check_edit_size(self, request: EditRequest) -> tuple[int, int]:
+    def _check_edit_size(self, request: EditRequest, method: str) -> tuple[int, int]:
         """Token limits, the hparams that size memory, the memory estimate (blocking: tokenizes).
         Returns the tokens the computation holds in flight and its memory estimate (bytes)."""
         lim, tok = self.limits, self.loaded.tokenizer
@@ -128,7 +128,7 @@ class EngineEdits:
         for name, (n, limit) in counts.items():
             if n > limit:
                 raise InvalidRequest(f"edit {name} has {n} tokens, over the limit max_edit_{name}_tokens={limit}")
-        hp = hparams_for(self.loaded).with_overrides(request.hparams)
+        hp = work_hparams(method, self.loaded, request.hparams)
         if hp.mom2_seq_len > self.context_length:
             raise InvalidRequest(
                 f"hparam mom2_seq_len={hp.mom2_seq_len} exceeds the model's context length {self.context_length}"
@@ -181,7 +181,7 @@ class EngineEdits:
             self.check_edit_chars(request.prompt, request.subject, request.target)
         async with self._edit_turn():
             self._check_expected(options.expected_version)
-            sizes = [await self.run(self._check_edit_size, r) for r in requests]
+            sizes = [await self.run(self._check_edit_size, r, method) for r in requests]
             for request in requests:
                 if not options.force and await self.run(target_is_answer, self.loaded, request):
                     raise FailedPrecondition(

@@ -71,8 +71,8 @@ class LayerWeights:
                 w = self.loaded.spec.as_out_in(self.parameter(f.param))
             except LookupError:
                 return f"the model has no parameter {f.param}"
-            if tuple(w.shape) != (f.u.numel(), f.v.numel()):
-                factors = f"{f.u.numel()} x {f.v.numel()}"
+            if tuple(w.shape) != f.shape:
+                factors = f"{f.shape[0]} x {f.shape[1]}"
                 return f"{f.param} is {tuple(w.shape)} (out, in) but the layer's factors are {factors}"
         return None
 

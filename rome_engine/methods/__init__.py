@@ -29,7 +29,9 @@ import torch
 from ..delta import LowRankFactor
 from ..errors import InvalidRequest
 from ..loading import LoadedModel
+from ..records import METHODS
 from ..rome.cache import ProgressFn, RomeCache
+from ..rome.hparams import RomeHParams, hparams_for
 from ..rome.request import EditRequest
 from .ft import compute_ft
 from .hparams import FtHParams, MemitHParams, ft_hparams_for, memit_hparams_for
@@ -37,8 +39,6 @@ from .memit import compute_memit, compute_projected
 from .projection import layer_eigenbasis, preserved_basis, projector
 from .result import LayerInfo, MethodResult, RequestInfo
 from .rome import compute_rome, rome_result
-
-METHODS = ("rome", "memit", "projected", "ft")
 
 
 def compute_method(
@@ -63,6 +63,20 @@ def compute_method(
     raise InvalidRequest(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
 
 
+def work_hparams(method: str, loaded: LoadedModel, overrides: Mapping[str, float]) -> RomeHParams:
+    """``overrides`` checked by ``method``'s own hyperparameters (InvalidRequest naming an unknown
+    name or a value out of range), as the ROME hyperparameters that size its work: the prefixes,
+    C's sample and the value optimisation (admission's memory estimate reads these)."""
+    if method in ("memit", "projected"):
+        return memit_hparams_for(loaded).with_overrides(overrides).z_hparams(0)
+    if method == "ft":
+        ft_hparams_for(loaded).with_overrides(overrides)
+        return hparams_for(loaded)
+    if method == "rome":
+        return hparams_for(loaded).with_overrides(overrides)
+    raise InvalidRequest(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+
+
 __all__ = [
     "METHODS",
     "FtHParams",
@@ -82,4 +96,5 @@ __all__ = [
     "preserved_basis",
     "projector",
     "rome_result",
+    "work_hparams",
 ]

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ..errors import InvalidRequest
-from .hparams import check_names
 
 SLOT = "{}"
+MAX_HPARAMS = 64  # overrides one request may carry (every method has fewer hyperparameters)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,11 @@ class EditRequest:
             raise InvalidRequest("target must not be empty: give the new object, e.g. ' Rome'")
         if self.layer is not None and (isinstance(self.layer, bool) or self.layer < 0):
             raise InvalidRequest(f"layer must be >= 0 (or unset for the model's default), got {self.layer}")
-        check_names(self.hparams)
+        if len(self.hparams) > MAX_HPARAMS:
+            raise InvalidRequest(f"at most {MAX_HPARAMS} hparams may be set, got {len(self.hparams)}")
+        for name in self.hparams:  # the names each method knows are checked by its hyperparameters
+            if not (isinstance(name, str) and 0 < len(name) <= 64 and name.isidentifier()):
+                raise InvalidRequest(f"hparam name {name!r:.80} is not a hyperparameter's name")
         for name, value in self.hparams.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise InvalidRequest(f"hparam {name} must be a finite number, got {value!r}")

@@ -296,3 +296,18 @@ def test_a_progress_callback_that_raises_abandons_the_edit(tiny_llama: LoadedMod
         compute_memit(tiny_llama, FACTS[:1], cache, overrides=TINY, progress=cancel)
     for n, p in tiny_llama.model.named_parameters():
         assert torch.equal(p, snap[n]), f"{n} changed"
+
+
+def test_each_method_checks_its_own_hparam_names(tiny_llama: LoadedModel) -> None:
+    """A request's hparams are checked by the method that runs it, before any work is admitted."""
+    from rome_engine.errors import InvalidRequest
+    from rome_engine.methods import work_hparams
+
+    assert work_hparams("memit", tiny_llama, {"n_layers": 2, "v_lr": 0.1}).v_lr == 0.1
+    assert work_hparams("rome", tiny_llama, {"v_lr": 0.2}).v_lr == 0.2
+    bad_names = (("rome", "n_layers"), ("memit", "ft_lr"), ("projected", "bogus"), ("ft", "nullspace_threshold"))
+    for method, bad in bad_names:
+        with pytest.raises(InvalidRequest, match=bad):
+            work_hparams(method, tiny_llama, {bad: 1.0})
+    with pytest.raises(InvalidRequest, match="unknown method"):
+        work_hparams("sgd", tiny_llama, {})

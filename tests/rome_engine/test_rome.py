@@ -78,7 +78,7 @@ def test_subject_not_in_prompt_names_both() -> None:
         ({"target": "  "}, "target"),
         ({"subject": ""}, "subject"),
         ({"prompt": "{} and {} are in"}, "exactly one"),
-        ({"hparams": {"v_lr": 0.1, "bogus": 1.0}}, "v_num_grad_steps"),  # lists the valid names
+        ({"hparams": {"v_lr": 0.1, "bogus name": 1.0}}, "not a hyperparameter's name"),  # each method checks its own
         ({"layer": -1}, "layer"),
     ],
 )
