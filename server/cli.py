@@ -296,7 +296,7 @@ def cmd_eval_sequential(args: argparse.Namespace) -> int:
     json_path = args.json or Path("sequential_eval.json")
     with (
         tqdm(total=None, unit="edit", desc="sequential edits", file=sys.stderr, smoothing=0) as edits,
-        tqdm(total=None, unit="rec", desc="measuring", file=sys.stderr, leave=False) as measuring,
+        tqdm(total=None, unit="seq", desc="measuring", file=sys.stderr, leave=False) as measuring,
     ):
 
         def progress(stage: str, done: int, total: int) -> None:

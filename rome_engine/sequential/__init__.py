@@ -5,7 +5,7 @@ Public names:
     SequentialConfig, parse_checkpoints  - what to run (checkpoints, methods, overrides)
     METHODS, MethodFactory               - method name -> factory of its compute function
     run_sequential(loaded, records, config, *, known, store_dir, out, progress, on_checkpoint)
-    SequentialReport, Checkpoint, MethodRun, EditOutcome, EditTimes - the results (JSON, tables, curves)
+    SequentialReport, Checkpoint, MethodRun, EditOutcome, EditTimes, RunProgress - the results
     Metrics                              - one state of the model over the records edited so far
     KnownAnswer, load_known_answers      - known_1000.json facts for the retention measure
     HELD_TEXT, held_perplexity           - the fixed text whose perplexity is tracked
@@ -17,7 +17,7 @@ Public names:
 """
 
 from .measure import HELD_TEXT, KnownAnswer, Metrics, held_perplexity, load_known_answers
-from .report import Checkpoint, EditOutcome, EditTimes, MethodRun, SequentialReport
+from .report import Checkpoint, EditOutcome, EditTimes, MethodRun, RunProgress, SequentialReport
 from .run import METHODS, MethodFactory, SequentialConfig, parse_checkpoints, run_sequential
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "KnownAnswer",
     "MethodFactory",
     "MethodRun",
+    "RunProgress",
     "Metrics",
     "SequentialConfig",
     "SequentialReport",

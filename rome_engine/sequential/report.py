@@ -61,6 +61,9 @@ class EditTimes:
     compute_median: float  # the parts of an edit: computing the layer (v* steps, probabilities) ...
     store_median: float  # ... writing the layer file and the manifest ...
     activate_median: float  # ... rebuilding the live weights from the base and every active layer
+    # store + activate, the part of the path that grows with the number of active layers, early vs late
+    overhead_first10_median: float
+    overhead_last10_median: float
 
     @staticmethod
     def of(edits: Sequence[EditOutcome]) -> EditTimes:
@@ -74,6 +77,8 @@ class EditTimes:
             compute_median=_median([e.compute_seconds for e in edits]),
             store_median=_median([e.store_seconds for e in edits]),
             activate_median=_median([e.activate_seconds for e in edits]),
+            overhead_first10_median=_median([e.store_seconds + e.activate_seconds for e in edits[:10]]),
+            overhead_last10_median=_median([e.store_seconds + e.activate_seconds for e in edits[-10:]]),
         )
 
 
@@ -100,6 +105,16 @@ class MethodRun:
 
 
 @dataclass(frozen=True)
+class RunProgress:
+    """How far a run got: the method running last, its edits and last checkpoint so far."""
+
+    method: str | None
+    edits: int
+    checkpoint: int
+    methods_done: int  # methods that made all their edits
+
+
+@dataclass(frozen=True)
 class SequentialReport:
     model_id: str
     case_ids: tuple[int, ...]  # the records, in edit order
@@ -116,22 +131,21 @@ class SequentialReport:
     seconds: float
 
     @property
-    def done(self) -> dict[str, object]:
-        """How far the run got: the method running last and its edits and checkpoint so far."""
+    def done(self) -> RunProgress:
         if not self.runs:
-            return {"method": None, "edits": 0, "checkpoint": 0, "methods_done": 0}
+            return RunProgress(None, 0, 0, 0)
         last = self.runs[-1]
-        return {
-            "method": last.method,
-            "edits": len(last.edits),
-            "checkpoint": last.checkpoints[-1].n_edits if last.checkpoints else 0,
-            "methods_done": sum(len(r.edits) == len(self.case_ids) for r in self.runs),
-        }
+        return RunProgress(
+            method=last.method,
+            edits=len(last.edits),
+            checkpoint=last.checkpoints[-1].n_edits if last.checkpoints else 0,
+            methods_done=sum(len(r.edits) == len(self.case_ids) for r in self.runs),
+        )
 
     def to_json(self) -> str:
         data = dataclasses.asdict(dataclasses.replace(self, hparams={}))  # a mappingproxy does not deep-copy
         data["hparams"] = dict(self.hparams)
-        data["done"] = self.done
+        data["done"] = dataclasses.asdict(self.done)
         return json.dumps(_finite(data), indent=1, default=str)
 
     def checkpoint(self, method: str, n_edits: int) -> Checkpoint | None:
@@ -152,9 +166,12 @@ class SequentialReport:
             fmt = _num if name in ("fluency", "perplexity") else _pct
             lines.append(f"{label:<34}{fmt(cells[0]):>10}" + "".join(f"{fmt(x):>12}" for x in cells[1:]))
         lines.append(f"{'Edits refused':<34}{'':>10}" + "".join(f"{c.n_failed:>12}" for c in cps))
-        for label, attr in (("Edit s median / p95", ("median", "p95")),
-                            ("Edit s first 10 / last 10 (median)", ("first10_median", "last10_median"))):
-            cells = ["/".join(_num(getattr(c.times, a), 1) for a in attr) for c in cps]
+        for label, attr, digits in (
+            ("Edit s median / p95", ("median", "p95"), 1),
+            ("Edit s first 10 / last 10 (median)", ("first10_median", "last10_median"), 1),
+            ("Store+activate s first/last 10", ("overhead_first10_median", "overhead_last10_median"), 2),
+        ):
+            cells = ["/".join(_num(getattr(c.times, a), digits) for a in attr) for c in cps]
             lines.append(f"{label:<34}{'':>10}" + "".join(f"{x:>12}" for x in cells))
         cells = [f"{c.measure_seconds:.0f}" for c in cps]
         lines.append(f"{'Measuring this checkpoint (s)':<34}{'':>10}" + "".join(f"{x:>12}" for x in cells))
