@@ -4,6 +4,8 @@ subcommands are clients of a running server (through the client SDK).
     rome-gateway serve [--model ID_OR_PATH] [--host H] [--port P] [--device D] [--dtype T]
     rome-gateway trace-summary --data known_1000.json [--n 50] [--kind mlp] [--out trace_summary.png]
     rome-gateway eval --data counterfact.json [--n 100] [--hparam NAME=VALUE]
+    rome-gateway eval --data counterfact.json --sequential 1000 --checkpoints 10,100,300 --method rome \
+        --known known_1000.json [--start 1000] [--json seq.json] [--plot seq.png]
 
 This module owns ``serve`` and the two jobs that load a model in this process
 (``trace-summary``, ``eval``: argument handling around one call into ``rome_engine.jobs``).
@@ -237,6 +239,15 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, default=env("cache_dir"))
     p.add_argument("--corpus", type=Path, default=env("corpus"))
     p.add_argument("--json", type=Path, help="write the report (with per-record scores) as JSON")
+    s = p.add_argument_group("sequential evaluation (edits one after another, never reverted)")
+    s.add_argument("--sequential", type=int, metavar="N", help="apply N records in a row instead of one at a time")
+    s.add_argument("--checkpoints", help="edit counts to measure at, e.g. 10,100,300,1000 (N is always one)")
+    s.add_argument("--method", default="rome", help="editing methods side by side, comma-separated")
+    s.add_argument("--known", type=Path, help="known_1000.json: facts whose retention is measured")
+    s.add_argument("--known-n", type=int, help="use the first K known facts (default: all)")
+    s.add_argument("--fluency-tokens", type=int, default=40, help="greedy tokens per record for fluency (0: off)")
+    s.add_argument("--store", type=Path, help="folder of the methods' edit stores (default: a temporary one)")
+    s.add_argument("--plot", type=Path, default=Path("sequential_eval.png"), help="metric vs edits, per method")
     p.set_defaults(func=cmd_eval)
 
 
@@ -269,6 +280,9 @@ def cmd_trace_summary(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if args.sequential is not None:
+        return cmd_eval_sequential(args)
+
     from rome_engine.jobs import evaluate_counterfact
 
     with tqdm(total=None, unit="edit", desc="evaluating", file=sys.stderr) as bar:
@@ -281,6 +295,56 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(report.to_json())
         out(f"report written to {args.json}\n")
+    return 0
+
+
+def cmd_eval_sequential(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from rome_engine.errors import EngineError
+    from rome_engine.jobs import evaluate_sequential
+    from rome_engine.sequential import SequentialConfig, parse_checkpoints
+
+    json_path = args.json or Path("sequential_eval.json")
+    with (
+        tqdm(total=None, unit="edit", desc="sequential edits", file=sys.stderr, smoothing=0) as edits,
+        tqdm(total=None, unit="seq", desc="measuring", file=sys.stderr, leave=False) as measuring,
+    ):
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage == "edit":
+                _advance(edits, done, total)
+                return
+            if stage != measuring.desc or done < measuring.n:  # a new measurement, or a new part of one
+                measuring.reset(total)
+                measuring.set_description_str(stage)
+            _advance(measuring, done, total)
+
+        try:
+            config = SequentialConfig(
+                checkpoints=parse_checkpoints(args.checkpoints, args.sequential),
+                methods=tuple(m.strip() for m in args.method.split(",") if m.strip()),
+                hparams=parse_hparams(args.hparam), layer=args.layer, fluency_tokens=args.fluency_tokens,
+            )  # fmt: skip
+            report = evaluate_sequential(
+                args.model, args.data, config, device=args.device, dtype=args.dtype, start=args.start,
+                known=args.known, known_n=args.known_n, cache_dir=args.cache_dir, corpus=args.corpus,
+                store_dir=args.store, out=json_path, progress=progress,
+                on_checkpoint=lambda r, cp: tqdm.write(r.format_checkpoint(cp.n_edits) + "\n", file=sys.stdout),
+            )  # fmt: skip
+        except EngineError as e:  # a bad flag (checkpoints, method), too few records, a used store folder
+            log.error("%s", e)
+            return 2
+    out(report.format_tables())
+    out(f"report written to {json_path}\n")
+    try:
+        from romegw_client.plotting import draw_sequential
+    except ImportError as e:  # matplotlib is optional: the numbers are in the JSON
+        log.warning("no plot (%s): pip install 'romegw-client[plot]'", e)
+        return 0
+    title = f"{report.model_id}: {len(report.case_ids)} sequential CounterFact edits"
+    draw_sequential(report.curves(), out_path=args.plot, title=title)
+    out(f"plot written to {args.plot}\n")
     return 0
 
 

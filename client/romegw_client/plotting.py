@@ -4,7 +4,9 @@
 et al. 2022: one row per prompt token (subject tokens marked with ``*``), one
 column per layer, the colour the probability of the answer when that state is
 restored. ``draw_summary`` draws the average indirect effect by layer over
-many facts (the style of their Figure 2).
+many facts (the style of their Figure 2). ``draw_sequential`` draws the
+sequential evaluation: each metric against the number of edits, one line per
+editing method.
 
     draw_trace(result.tokens, result.scores.tolist(), result.subject_range, kind="mlp",
                answer=result.answer, clean_prob=result.clean_prob,
@@ -14,6 +16,7 @@ many facts (the style of their Figure 2).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -129,3 +132,66 @@ def draw_summary(
     fig.savefig(out_path)
     plt.close(fig)
     log.info("wrote the %s summary to %s", kind, out_path)
+
+
+# the sequential evaluation's metrics (rome_engine.sequential.report.METRIC_NAMES): title, whether a share
+SEQUENTIAL_METRICS = {
+    "efficacy": ("Efficacy: P(new) > P(true)", True),
+    "paraphrase": ("Paraphrase: P(new) > P(true)", True),
+    "neighborhood": ("Neighborhood: P(true) > P(new)", True),
+    "score": ("Score (harmonic mean)", True),
+    "greedy_efficacy": ("Greedy answer = new object", True),
+    "greedy_paraphrase": ("Greedy paraphrase = new object", True),
+    "neighbor_unchanged": ("Neighbour greedy unchanged", True),
+    "known_retention": ("Known facts retained", True),
+    "fluency": ("Fluency (n-gram entropy, bits)", False),
+    "perplexity": ("Held-text perplexity", False),
+}
+
+
+def draw_sequential(
+    curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+    *,
+    out_path: str | os.PathLike,
+    title: str | None = None,
+    reference: str = "unedited",
+) -> None:
+    """Each metric against the number of sequential edits: one panel per metric, one line per
+    method. ``curves[line][metric]`` is a list of (edits, value) points (NaN: not measured);
+    the ``reference`` line (the same records before any edit) is drawn grey and dashed."""
+    metrics = [m for m in SEQUENTIAL_METRICS if any(m in c for c in curves.values())]
+    metrics += sorted({m for c in curves.values() for m in c} - set(metrics))
+    if not metrics:
+        raise ValueError("curves must map at least one line name to {metric: [(edits, value), ...]}")
+    cols = min(4, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), dpi=150, squeeze=False)
+    xs = [x for c in curves.values() for pts in c.values() for x, _ in pts if x > 0]
+    log_x = bool(xs) and max(xs) / min(xs) >= 20
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        label, share = SEQUENTIAL_METRICS.get(metric, (metric, False))
+        for name, c in curves.items():
+            pts = [(x, y) for x, y in c.get(metric, ()) if y is not None and not math.isnan(y)]
+            if not pts:
+                continue
+            ys = [100 * y if share else y for _, y in pts]
+            style = {"color": "grey", "linestyle": "--"} if name == reference else {"marker": "o", "markersize": 3}
+            ax.plot([x for x, _ in pts], ys, label=name, **style)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("sequential edits", fontsize=8)
+        if share:
+            ax.set_ylim(-3, 103)
+            ax.set_ylabel("%", fontsize=8)
+        if log_x:
+            ax.set_xscale("log")
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower right", fontsize=8)
+    fig.suptitle(title or "Sequential edits", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    log.info("wrote the sequential evaluation plot to %s", out_path)

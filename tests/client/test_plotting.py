@@ -67,3 +67,20 @@ def test_plotting_does_not_import_torch() -> None:
     code = "import sys, romegw_client.plotting; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_draw_sequential_one_panel_per_metric(tmp_path) -> None:
+    from romegw_client.plotting import draw_sequential
+
+    curves = {
+        "unedited": {"efficacy": [(10, 0.1), (100, 0.12)], "perplexity": [(10, 20.0), (100, 20.0)]},
+        "rome": {"efficacy": [(10, 1.0), (100, 0.8)], "perplexity": [(10, 20.5), (100, float("nan"))]},
+        "memit": {"efficacy": [(10, 0.9), (100, 0.9)], "perplexity": [(10, 20.1), (100, 21.0)]},
+    }
+    out = tmp_path / "seq.svg"
+    draw_sequential(curves, out_path=out, title="three lines")
+    text = out.read_text()
+    for label in ("three lines", "Efficacy", "Held-text perplexity", "rome", "memit", "unedited"):
+        assert label in text, label
+    with pytest.raises(ValueError, match="at least one"):
+        draw_sequential({}, out_path=tmp_path / "empty.png")

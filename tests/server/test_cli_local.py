@@ -59,6 +59,40 @@ def test_eval_cli_on_two_records(tokenizer, tmp_path, capsys) -> None:
     assert "Efficacy" in printed or "efficacy" in printed
 
 
+def test_eval_sequential_cli(tokenizer, tmp_path, capsys) -> None:
+    model_dir = tmp_path / "model"
+    tiny = make_tiny("llama", tokenizer)
+    tiny.model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    records = [
+        {"case_id": i, "prompt": f"{s} is located in", "subject": s, "target_new": new, "ground_truth": old,
+         "rephrase_prompt": f"Where is {s}? It is in", "locality_prompt": "Big Ben is located in",
+         "locality_ground_truth": "London"}
+        for i, (s, new, old) in enumerate([("The Louvre", "Rome", "Paris"), ("The Colosseum", "Paris", "Rome")])
+    ]
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records))
+    known = tmp_path / "known.json"
+    known.write_text(json.dumps([{"known_id": 0, "subject": "Big Ben", "attribute": "London",
+                                  "prompt": "Big Ben is located in"}]))
+    js, png = tmp_path / "seq.json", tmp_path / "seq.png"
+    common = ["eval", "--model", str(model_dir), "--device", "cpu", "--data", str(data), "--sequential", "2",
+              "--cache-dir", str(tmp_path / "cache"), "--json", str(js), "--plot", str(png)]
+    assert main([*common, "--checkpoints", "5"]) == 2  # past the 2 edits: refused before any work
+    assert not js.exists()
+    rc = main([*common, "--checkpoints", "1", "--method", "rome", "--known", str(known), "--fluency-tokens", "4",
+               "--store", str(tmp_path / "stores"), "--layer", "1",
+               *(f"--hparam={h}" for h in ("v_num_grad_steps=2", "mom2_n_tokens=256", "mom2_seq_len=32",
+                                           "ctx_n_short=1", "ctx_n_long=0"))])
+    assert rc == 0
+    report = json.loads(js.read_text())
+    assert report["complete"] and [c["n_edits"] for c in report["runs"][0]["checkpoints"]] == [1, 2]
+    assert report["known_tried"] == 1 and (tmp_path / "stores" / "rome").is_dir()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "After 1 sequential edits" in printed and "After 2 sequential edits" in printed
+
+
 @pytest.mark.parametrize("flag", ["--prestop-seconds=nan", "--grace-seconds=inf", "--max-update-norm-ratio=-1",
                                   "--max-concurrent-rpcs=-1", "--max-memory-in-flight-mb=-5"])
 def test_serve_refuses_a_negative_or_non_finite_number(flag: str) -> None:
