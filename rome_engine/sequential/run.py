@@ -26,11 +26,12 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ..edit_store import EditLayer, EditStore
-from ..editing import ComputeFn, EditManager, ProgressFn, rome_compute
+from ..editing import ComputeFn, EditManager, ProgressFn, method_compute
 from ..errors import EngineError, FailedPrecondition, InvalidRequest
 from ..evaluation import CounterFactRecord, FactScores
 from ..fileio import atomic_write
 from ..loading import LoadedModel
+from ..records import METHODS as METHOD_NAMES
 from ..rome import EditRequest
 from .measure import (
     KnownAnswer,
@@ -46,11 +47,10 @@ from .report import Checkpoint, EditOutcome, EditTimes, MethodRun, SequentialRep
 
 log = logging.getLogger(__name__)
 
-# (cache_dir, corpus) -> the compute function EditManager calls (see editing.ComputeFn)
+# (cache_dir, corpus) -> the compute function EditManager calls (see editing.ComputeFn), which gets
+# the method's name with every edit
 MethodFactory = Callable[[Path | None, Path | None], ComputeFn]
-METHODS: Mapping[str, MethodFactory] = MappingProxyType({
-    "rome": rome_compute,
-})  # fmt: skip
+METHODS: Mapping[str, MethodFactory] = MappingProxyType(dict.fromkeys(METHOD_NAMES, method_compute))
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def _report(progress: ProgressFn | None, stage: str, done: int, total: int) -> N
 
 # -- one edit through the ApplyEdit path ------------------------------------------
 # The two functions below are the only ones that read what EditManager returns (a layer
-# header and a manifest entry, dicts today): a change of those records is a change here.
+# header and a manifest entry).
 
 
 def _commit(manager: EditManager, layer: EditLayer) -> tuple[int, float]:
@@ -169,23 +169,25 @@ def _commit(manager: EditManager, layer: EditLayer) -> tuple[int, float]:
     t0 = time.perf_counter()
     entry = manager.store_layer(layer)
     stored = time.perf_counter() - t0
-    manager.activate(entry["active"], int(entry["version"]))
-    return int(entry["version"]), stored
+    manager.activate(entry.active, entry.version)
+    return entry.version, stored
 
 
 def _target_probabilities(layer: EditLayer) -> tuple[float, float]:
     """P(target | edit prompt) before and with the layer, as its header records them."""
-    probs = layer.header["probabilities"]
-    return float(probs["target_before"]), float(probs["target_after"])
+    probs = layer.header.fact_probabilities
+    return probs.target_before, probs.target_after
 
 
-def apply_record(manager: EditManager, rec: CounterFactRecord, index: int, config: SequentialConfig) -> EditOutcome:
+def apply_record(
+    manager: EditManager, method: str, rec: CounterFactRecord, index: int, config: SequentialConfig
+) -> EditOutcome:
     """Edit one record in; an edit the path refuses (a typed engine error) is recorded, not raised."""
     t0 = time.perf_counter()
     try:
         request = EditRequest(rec.prompt, rec.subject, rec.target_new, layer=config.layer, hparams=config.hparams)
         comment = f"sequential eval: CounterFact case {rec.case_id}"
-        layer = manager.compute_layer(request, author=config.author, comment=comment)
+        layer = manager.compute_layer([request], method, author=config.author, comment=comment)
         computed = time.perf_counter()
         version, stored = _commit(manager, layer)
     except EngineError as e:
@@ -291,7 +293,7 @@ class _Runner:
         run = MethodRun(method, str(manager.store.root), (), ())
         try:
             for i, rec in enumerate(self.records):
-                run = replace(run, edits=(*run.edits, apply_record(manager, rec, i + 1, cfg)))
+                run = replace(run, edits=(*run.edits, apply_record(manager, method, rec, i + 1, cfg)))
                 _report(self.progress, "edit", m * n + i + 1, n * len(cfg.methods))
                 if i + 1 in cfg.checkpoints:
                     run = self.checkpoint(m, run)

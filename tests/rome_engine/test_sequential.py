@@ -13,11 +13,11 @@ import torch
 
 import rome_engine.sequential.run as seq_run
 from rome_engine.edit_store import EditStore
-from rome_engine.editing import ComputeFn, rome_compute
+from rome_engine.editing import ComputeFn, method_compute
 from rome_engine.errors import FailedPrecondition, InvalidRequest
 from rome_engine.evaluation import CounterFactRecord, _measure, parse_record
 from rome_engine.loading import LoadedModel
-from rome_engine.rome.apply import first_answer, greedy_text
+from rome_engine.rome.compute import first_answer, greedy_text
 from rome_engine.sequential import (
     KnownAnswer,
     Metrics,
@@ -142,11 +142,11 @@ def test_methods_side_by_side_start_from_the_base(
 
     def recording(name: str):
         def factory(cache: Path | None, corpus: Path | None) -> ComputeFn:
-            inner = rome_compute(cache, corpus)
+            inner = method_compute(cache, corpus)
 
-            def compute(loaded: LoadedModel, request: object, progress: object = None) -> object:
+            def compute(loaded, requests, method, prior_keys, progress=None):  # the ComputeFn signature
                 seen[name].append(loaded.model.get_parameter(param).detach().clone())  # what this edit starts from
-                return inner(loaded, request)
+                return inner(loaded, requests, "rome", prior_keys)
 
             return compute
 
@@ -180,13 +180,13 @@ def test_a_refused_edit_is_recorded_and_the_run_goes_on(
     calls = []
 
     def refusing(cache: Path | None, corpus: Path | None) -> ComputeFn:
-        inner = rome_compute(cache, corpus)
+        inner = method_compute(cache, corpus)
 
-        def compute(loaded: LoadedModel, request: object, progress: object = None) -> object:
+        def compute(loaded, requests, method, prior_keys, progress=None):  # the ComputeFn signature
             calls.append(1)
             if len(calls) == 2:
                 raise FailedPrecondition("the computed update holds NaN values")
-            return inner(loaded, request)
+            return inner(loaded, requests, "rome", prior_keys)
 
         return compute
 
