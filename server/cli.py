@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from romegw_client import TRACE_KINDS
-from romegw_client.cli import add_client_commands, env, int_env, out, parse_hparams, run
+from romegw_client.cli import EDIT_METHODS, add_client_commands, env, int_env, out, parse_hparams, run
 from romegw_client.cli import build_parser as build_command_parser
 
 if TYPE_CHECKING:
@@ -113,6 +113,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="refuse an imported or stored layer whose update norm exceeds this times its matrix's norm",
     )
     p.add_argument(
+        "--edit-method", default=env("edit_method", d.edit_method), choices=list(EDIT_METHODS),
+        help="how an edit is computed unless its request names a method",
+    )
+    p.add_argument(
+        "--max-batch-facts", type=int, default=int_env("max_batch_facts", d.max_batch_facts),
+        help="facts of one ApplyEdits call (one layer, one version)",
+    )
+    p.add_argument(
         "--min-target-prob", type=float, default=float(env("min_target_prob", DEFAULT_MIN_TARGET_PROB)),
         help="refuse an edit whose P(target) on its prompt after the edit stays below this (a request may "
         "set its own; 0 accepts every edit)",
@@ -184,6 +192,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_import_bytes=args.max_import_bytes,
         max_update_norm_ratio=args.max_update_norm_ratio,
         min_target_prob=args.min_target_prob,
+        edit_method=args.edit_method,
+        max_batch_facts=args.max_batch_facts,
         **{name: getattr(args, name) for name, _ in _ADMISSION_LIMITS},
     )
     config = ServerConfig(
