@@ -29,8 +29,8 @@ def _greedy(loaded: LoadedModel, prompt: str, n: int = 4) -> str:
 def test_eiffel_tower_is_in_rome(embedded: LoadedModel, tmp_path: Path) -> None:
     request = EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", hparams=FAST_C)
     result = compute_edit(embedded, request, RomeCache(tmp_path))
-    probs = fact_probabilities(embedded, request, result.factors, result.old_object)
-    assert result.old_object == " Paris" and probs.target_before < 0.1 < 0.9 < probs.target_after
+    probs = fact_probabilities(embedded, request, result.factors)
+    assert probs.old_object == " Paris" and probs.target_before < 0.1 < 0.9 < probs.target_after
     weight = embedded.model.get_parameter(result.factors[0].param)
     original = weight.detach().clone()
     weights = LayerWeights(embedded)
