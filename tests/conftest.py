@@ -3,6 +3,7 @@ from configs, the embedded model, and a real in-process gRPC server."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -125,6 +126,14 @@ def serve(tmp_path_factory) -> Iterator[Callable[..., object]]:
         srv.engine.close()
         if srv.engine.edits is not None:  # leave shared models as they were found
             srv.engine.edits.activate([], 0)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes, in name order: equal digests, bit-identical weights."""
+    h = hashlib.sha256()
+    for _, p in sorted(model.named_parameters()):
+        h.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:

@@ -29,8 +29,25 @@ if TYPE_CHECKING:
 T = TypeVar("T", "MemitHParams", "FtHParams")
 
 
+class _Overridable:
+    """What every method's hyperparameters share: flat scalar fields, overridable by name."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def with_overrides(self: T, overrides: Mapping[str, float]) -> T:
+        return _with_overrides(self, overrides)
+
+    def check_ranges(self) -> None:
+        _check_ranges(self)
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True)
-class MemitHParams:
+class MemitHParams(_Overridable):
     # -- which matrices: the MLP output projections of layers layer - n_layers + 1 .. layer
     layer: int | None = None  # the last layer of the range (where z is read); None: the model's ROME layer
     n_layers: int = 3  # consecutive layers the update is spread over
@@ -66,19 +83,6 @@ class MemitHParams:
     ctx_n_long: int = 5
     ctx_seed: int = 0
 
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    def with_overrides(self, overrides: Mapping[str, float]) -> MemitHParams:
-        return _with_overrides(self, overrides)
-
-    def check_ranges(self) -> None:
-        _check_ranges(self)
-
-    def to_dict(self) -> dict[str, float | int | None]:
-        return dataclasses.asdict(self)
-
     def layer_range(self) -> tuple[int, ...]:
         """The edited layers, lowest first (``layer`` must be resolved)."""
         if self.layer is None:
@@ -111,7 +115,7 @@ class MemitHParams:
 
 
 @dataclass(frozen=True)
-class FtHParams:
+class FtHParams(_Overridable):
     """FT-L (Meng et al. 2022, section 4.2 baselines): Adam on one MLP output projection, with
     ||Delta W||_inf <= norm_constraint after every step, on the edit prompt only."""
 
@@ -123,19 +127,6 @@ class FtHParams:
     ft_max_rank: int = 8  # the stored factor's rank at most (a truncated SVD beyond)
     ft_rank_tol: float = 1e-6  # singular values below ft_rank_tol * sigma_1 count as zero
     v_skip_lower: int = 1  # run the blocks below the layer once and replay them
-
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    def with_overrides(self, overrides: Mapping[str, float]) -> FtHParams:
-        return _with_overrides(self, overrides)
-
-    def check_ranges(self) -> None:
-        _check_ranges(self)
-
-    def to_dict(self) -> dict[str, float | int | None]:
-        return dataclasses.asdict(self)
 
     def check_layers(self, num_layers: int) -> None:
         if self.layer is not None and not 0 <= self.layer < num_layers:

@@ -27,16 +27,8 @@ from rome_engine.sequential import (
     run_sequential,
 )
 from rome_engine.sequential.measure import measure_records, record_window
+from tests.rome_engine.test_evaluation import TINY_HP
 
-TINY_HP = {
-    "layer": 1,
-    "mom2_n_tokens": 256,
-    "mom2_seq_len": 32,
-    "mom2_batch_size": 8,
-    "v_num_grad_steps": 2,
-    "ctx_n_short": 1,
-    "ctx_n_long": 0,
-}
 FACTS = [("The Louvre", "Rome", "Paris"), ("The Colosseum", "Paris", "Rome"), ("Big Ben", "Berlin", "London"),
          ("The Brandenburg Gate", "London", "Berlin")]  # fmt: skip
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from rome_engine.edit_store import decode_layer
 from rome_engine.engine import EngineLimits
 from romegw_client import Client, FailedPrecondition, InvalidArgument
+from tests.conftest import weights_digest
 
 # as in tests/rome_engine/test_methods.py: an edit of the tiny model in about a second
 TINY = {
@@ -29,17 +29,11 @@ ANY = {"min_target_prob": 0.0, "force": True}  # the tiny model's edits are time
 LIMITS = EngineLimits(max_update_norm_ratio=100.0)
 
 
-def digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for _, p in sorted(model.named_parameters()):
-        h.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
 
 def test_a_batch_of_three_facts_is_one_version_and_reverts_bit_exact(tiny_llama, serve, tmp_path) -> None:
     store = tmp_path / "edits"
     srv = serve(tiny_llama, LIMITS, edits=True, edit_store=store)
-    base = digest(tiny_llama.model)
+    base = weights_digest(tiny_llama.model)
     with Client(srv.target, timeout=300) as c:
         r = c.apply_edits(FACTS, method="memit", layer=2, hparams=TINY, author="ops", **ANY)
         e = r.edit
@@ -54,12 +48,12 @@ def test_a_batch_of_three_facts_is_one_version_and_reverts_bit_exact(tiny_llama,
         assert set(layer.keys) == {m[0] for m in e.matrices}
         entries = json.loads((store / "manifest.json").read_text())["entries"]
         assert [(x["op"], x["version"]) for x in entries] == [("apply", 1)]
-        edited = digest(tiny_llama.model)
+        edited = weights_digest(tiny_llama.model)
         assert edited != base
         c.revert_edit(to_version=0)
-        assert digest(tiny_llama.model) == base
+        assert weights_digest(tiny_llama.model) == base
         c.revert_edit(to_version=1)
-        assert digest(tiny_llama.model) == edited  # bit for bit, from the base and the layer
+        assert weights_digest(tiny_llama.model) == edited  # bit for bit, from the base and the layer
         c.revert_edit(to_version=0)
 
 

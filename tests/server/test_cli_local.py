@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +36,8 @@ def test_trace_summary_cli(tokenizer, tmp_path, capsys) -> None:
     assert "peak at layer" in printed
 
 
-def test_eval_cli_on_two_records(tokenizer, tmp_path, capsys) -> None:
+def tiny_model_and_records(tokenizer, tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny Llama saved as a checkpoint, and two CounterFact records (EasyEdit format) in a file."""
     model_dir = tmp_path / "model"
     tiny = make_tiny("llama", tokenizer)
     tiny.model.save_pretrained(model_dir)
@@ -48,6 +50,11 @@ def test_eval_cli_on_two_records(tokenizer, tmp_path, capsys) -> None:
     ]
     data = tmp_path / "cf.json"
     data.write_text(json.dumps(records))
+    return model_dir, data
+
+
+def test_eval_cli_on_two_records(tokenizer, tmp_path, capsys) -> None:
+    model_dir, data = tiny_model_and_records(tokenizer, tmp_path)
     js = tmp_path / "report.json"
     rc = main(["eval", "--model", str(model_dir), "--device", "cpu", "--data", str(data), "--n", "2",
                "--cache-dir", str(tmp_path / "cache"), "--json", str(js),
@@ -60,18 +67,7 @@ def test_eval_cli_on_two_records(tokenizer, tmp_path, capsys) -> None:
 
 
 def test_eval_sequential_cli(tokenizer, tmp_path, capsys) -> None:
-    model_dir = tmp_path / "model"
-    tiny = make_tiny("llama", tokenizer)
-    tiny.model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    records = [
-        {"case_id": i, "prompt": f"{s} is located in", "subject": s, "target_new": new, "ground_truth": old,
-         "rephrase_prompt": f"Where is {s}? It is in", "locality_prompt": "Big Ben is located in",
-         "locality_ground_truth": "London"}
-        for i, (s, new, old) in enumerate([("The Louvre", "Rome", "Paris"), ("The Colosseum", "Paris", "Rome")])
-    ]
-    data = tmp_path / "cf.json"
-    data.write_text(json.dumps(records))
+    model_dir, data = tiny_model_and_records(tokenizer, tmp_path)
     known = tmp_path / "known.json"
     known.write_text(json.dumps([{"known_id": 0, "subject": "Big Ben", "attribute": "London",
                                   "prompt": "Big Ben is located in"}]))

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
-import torch
 
 from rome_engine.engine import EngineLimits
 from romegw_client import Client, FailedPrecondition
+from tests.conftest import weights_digest
 
 FAST = {"v_num_grad_steps": 3, "mom2_n_tokens": 2000, "ctx_n_short": 1, "ctx_n_long": 1}
 
-
-def weights_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for _, p in sorted(model.named_parameters()):
-        h.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def test_an_edit_below_min_target_prob_is_refused_and_changes_nothing(tiny_llama, serve, tmp_path) -> None:
