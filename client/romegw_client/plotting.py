@@ -175,8 +175,10 @@ def draw_sequential(
             if not pts:
                 continue
             ys = [100 * y if share else y for _, y in pts]
-            style = {"color": "grey", "linestyle": "--"} if name == reference else {"marker": "o", "markersize": 3}
-            ax.plot([x for x, _ in pts], ys, label=name, **style)
+            if name == reference:  # on top, so that it shows where a method's line coincides with it
+                ax.plot([x for x, _ in pts], ys, label=name, color="grey", linestyle="--", zorder=3)
+            else:
+                ax.plot([x for x, _ in pts], ys, label=name, marker="o", markersize=3)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("sequential edits", fontsize=8)
         if share:
@@ -184,6 +186,9 @@ def draw_sequential(
             ax.set_ylabel("%", fontsize=8)
         if log_x:
             ax.set_xscale("log")
+        if 0 < len(set(xs)) <= 8:  # the checkpoints themselves as ticks
+            ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
+            ax.minorticks_off()
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")

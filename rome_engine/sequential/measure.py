@@ -162,26 +162,33 @@ def greedy_texts(
 @torch.inference_mode()
 def mean_logprobs(loaded: LoadedModel, pairs: Sequence[tuple[str, str]], *, batch_size: int = 32) -> list[float]:
     """mean_t log P(c_t | prompt, c_<t) of each (prompt, continuation), as ``score_continuations``
-    computes it, over right-padded batches of rows."""
+    computes it, over right-padded batches of rows of similar prompt length; the vocabulary
+    projection runs only at the positions that predict continuation tokens (``logits_to_keep``)."""
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     split = [split_continuation(tok, p, c) for p, c in pairs]
-    out: list[float] = []
-    for at in range(0, len(split), batch_size):
-        chunk = split[at : at + batch_size]
-        width = max(len(p) + len(c) for p, c in chunk)
+    order = sorted(range(len(split)), key=lambda j: len(split[j][0]))
+    out = [0.0] * len(split)
+    for at in range(0, len(order), batch_size):
+        chunk = order[at : at + batch_size]
+        width = max(len(split[j][0]) + len(split[j][1]) for j in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (p, c) in enumerate(chunk):
-            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-            mask[i, : len(p) + len(c)] = 1
-        logits = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device)).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-        for i, (p, c) in enumerate(chunk):
-            # the token at position t is predicted by the logits at t - 1
-            at_t = torch.arange(len(p), len(p) + len(c)) - 1
+        for i, j in enumerate(chunk):
+            row = split[j][0] + split[j][1]
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        # the token at position t is predicted by the logits at t - 1: keep positions lo .. width - 2
+        lo = min(len(split[j][0]) for j in chunk) - 1
+        keep = torch.arange(lo, width - 1, device=loaded.device)
+        inputs = {"input_ids": ids.to(loaded.device), "attention_mask": mask.to(loaded.device)}
+        logits = loaded.model(**inputs, logits_to_keep=keep).logits  # (B, width - 1 - lo, V)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for i, j in enumerate(chunk):
+            p, c = split[j]
+            at_t = torch.arange(len(p), len(p) + len(c)) - 1 - lo
             total = sum(logprobs[i, at_t, torch.tensor(c, dtype=torch.long)].tolist())
-            out.append(total / max(len(c), 1))
+            out[j] = total / max(len(c), 1)
     return out
 
 
