@@ -51,12 +51,12 @@ class MemitHParams(_Overridable):
     # -- which matrices: the MLP output projections of layers layer - n_layers + 1 .. layer
     layer: int | None = None  # the last layer of the range (where z is read); None: the model's ROME layer
     n_layers: int = 3  # consecutive layers the update is spread over
-    layer_offset: int = 0  # with layer None: the last layer = the model's ROME layer + layer_offset
+    layer_offset: int = 1  # with layer None: the last layer = the model's ROME layer + layer_offset (centred)
     # -- MEMIT's solve: Delta = R K^T (lambda C + K K^T)^-1
     mom2_update_weight: float = 1500.0  # lambda: how many "C samples" one edit key weighs against
     # -- the projected mode: Delta^T = (P (K K^T + K_p K_p^T) + alpha I)^-1 P K R^T
-    nullspace_threshold: float = 2e-2  # keep eigenvectors of C whose eigenvalue is below this ...
-    nullspace_relative: int = 1  # ... times the mean eigenvalue tr(C)/d (1), or in absolute units (0)
+    nullspace_threshold: float = 1.0  # write only from eigenvectors of C whose eigenvalue is below this ...
+    nullspace_relative: int = 1  # ... times the mean eigenvalue tr(C)/d (1), or in absolute units (0, AlphaEdit: 2e-2)
     l2: float = 0.1  # alpha = l2 * tr(C): the ridge, relative to the mean squared key norm E||k||^2
     hard_prior: int = 1  # 1: earlier edits' keys are projected out exactly; 0: AlphaEdit's K_p K_p^T penalty
     # -- z: the residual at the last layer that makes the model say the target (ROME's v* machinery)
@@ -199,8 +199,10 @@ def _with_overrides(hp: T, overrides: Mapping[str, float]) -> T:
 
 # -- defaults -----------------------------------------------------------------
 
-# SmolLM2-135M(-Instruct), 30 layers, down_proj input 1536 (docs/methods.md says how these were chosen).
-_SMOLLM2_MEMIT = MemitHParams()
+# SmolLM2-135M(-Instruct), 30 layers, down_proj input 1536 (docs/methods.md says how these were chosen):
+# layers 3..5 around the traced/tuned ROME layer 4, lambda 1500 (k^T C^-1 k of a subject key is ~3000-4500
+# here, so each layer writes ~85% of its share, as the paper's lambda does for GPT-J), the paper's z values.
+_SMOLLM2_MEMIT = MemitHParams(layer=5, n_layers=3)
 _SMOLLM2_FT = FtHParams()
 
 _MEMIT_BY_MODEL: Mapping[str, MemitHParams] = MappingProxyType(
