@@ -296,3 +296,15 @@ def test_a_progress_callback_that_raises_abandons_the_edit(tiny_llama: LoadedMod
         compute_memit(tiny_llama, FACTS[:1], cache, overrides=TINY, progress=cancel)
     for n, p in tiny_llama.model.named_parameters():
         assert torch.equal(p, snap[n]), f"{n} changed"
+
+
+def test_rome_as_a_method_is_its_rank_one_update(tiny_llama: LoadedModel, cache: RomeCache) -> None:
+    shared = ("mom2_n_tokens", "mom2_seq_len", "mom2_batch_size", "ctx_n_short", "ctx_n_long", "ctx_len_long")
+    overrides = {**{k: TINY[k] for k in shared}, "layer": 1, "v_num_grad_steps": 3}
+    result = compute_method("rome", tiny_llama, FACTS[:1], cache, overrides=overrides)
+    (f,) = result.factors
+    assert result.method == "rome" and result.layers == (1,) and f.param == tiny_llama.spec.mlp_out_weight_name(1)
+    assert f.u.shape == (64, 1) and f.v.shape == (128, 1)
+    k = result.keys[f.param]
+    assert k.shape == (128, 1)
+    assert float(f.v[:, 0] @ k[:, 0]) == pytest.approx(1.0, rel=1e-4)  # ROME writes its whole delta at k*
