@@ -311,3 +311,15 @@ def test_each_method_checks_its_own_hparam_names(tiny_llama: LoadedModel) -> Non
             work_hparams(method, tiny_llama, {bad: 1.0})
     with pytest.raises(InvalidRequest, match="unknown method"):
         work_hparams("sgd", tiny_llama, {})
+
+
+def test_rome_as_a_method_is_its_rank_one_update(tiny_llama: LoadedModel, cache: RomeCache) -> None:
+    shared = ("mom2_n_tokens", "mom2_seq_len", "mom2_batch_size", "ctx_n_short", "ctx_n_long", "ctx_len_long")
+    overrides = {**{k: TINY[k] for k in shared}, "layer": 1, "v_num_grad_steps": 3}
+    result = compute_method("rome", tiny_llama, FACTS[:1], cache, overrides=overrides)
+    (f,) = result.factors
+    assert result.method == "rome" and result.layers == (1,) and f.param == tiny_llama.spec.mlp_out_weight_name(1)
+    assert f.u.shape == (64, 1) and f.v.shape == (128, 1)
+    k = result.keys[f.param]
+    assert k.shape == (128, 1)
+    assert float(f.v[:, 0] @ k[:, 0]) == pytest.approx(1.0, rel=1e-4)  # ROME writes its whole delta at k*
