@@ -1,4 +1,4 @@
-"""Live weights = pristine base + an ordered list of rank-one layers.
+"""Live weights = pristine base + an ordered list of edit layers (low-rank factors).
 
 The first time a matrix is touched, its pristine base is copied aside. From
 then on its weights are always *rebuilt*: the base in float32 plus every

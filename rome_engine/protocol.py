@@ -71,10 +71,6 @@ class EngineClient(Protocol):
         """InvalidRequest when a text is over ``limits.max_edit_chars`` (cheap, before parsing)."""
         ...
 
-    def edit_method(self, options: ApplyOptions) -> str:
-        """The method an edit is computed by under ``options`` (InvalidRequest if unknown)."""
-        ...
-
     async def apply_edits(
         self,
         requests: Sequence[EditRequest],

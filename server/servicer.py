@@ -130,7 +130,6 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
             self.engine.check_edit_chars(spec.prompt, spec.subject, spec.target)
         options = convert.apply_options(request)
         threshold = self.engine.min_target_prob(options)  # InvalidRequest before anything is computed
-        self.engine.edit_method(options)
         before = self.engine.edit_version
 
         def committed(view: EditView) -> None:  # inside the engine's commit: even if the caller has gone

@@ -21,7 +21,6 @@ from rome_engine.errors import InvalidRequest, NotFound
 from rome_engine.gate import VersionGate
 from rome_engine.generation import FINISH_LENGTH, GenerationChunk, SamplingParams
 from rome_engine.records import (
-    METHODS,
     ApplyOptions,
     BaseFingerprint,
     EditView,
@@ -149,11 +148,6 @@ class FakeEngine:
         for name, text in (("prompt", prompt), ("subject", subject), ("target", target)):
             if len(text) > self.limits.max_edit_chars:
                 raise InvalidRequest(f"{name} is over max_edit_chars={self.limits.max_edit_chars}")
-
-    def edit_method(self, options: ApplyOptions) -> str:
-        if options.method not in ("", *METHODS):
-            raise InvalidRequest(f"unknown edit method {options.method!r}")
-        return options.method or self.limits.edit_method
 
     async def apply_edits(
         self,
