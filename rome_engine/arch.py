@@ -90,6 +90,16 @@ class ArchSpec:
         """Inverse of ``as_out_in``: an (out, in) matrix in the weight's storage layout."""
         return matrix.T if self.conv1d else matrix
 
+    def project(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The editable projection ``module`` applied to x (..., in) with ``weight`` (storage layout) in
+        place of its own, by the same arithmetic as its forward (Conv1D: addmm; Linear: F.linear)."""
+        bias = getattr(module, "bias", None)
+        if self.conv1d:
+            flat = x.reshape(-1, x.shape[-1])
+            out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
+            return out.view(*x.shape[:-1], weight.shape[1])
+        return torch.nn.functional.linear(x, weight, bias)
+
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
     """The submodule called ``name``; LookupError if there is none."""

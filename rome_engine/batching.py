@@ -17,6 +17,12 @@ prompts it admitted; only a failed decode pass fails the whole batch.
     scheduler = BatchScheduler(loaded, max_batch_size=32)
     scheduler.submit(prompt_ids, params, emit=queue.put, cancelled=event.is_set)
 
+Rows may be on different edit versions: each forward pass tells the live
+versions (``versions.LiveVersions.rows``) which version each row serves, and
+the rows off the head get their difference as a side path on the touched
+projections. An edit going live lands between two passes: the running rows
+keep their version.
+
 Greedy output equals a stream decoded alone (tests check it), up to float
 rounding of batched matrix products.
 """
@@ -24,6 +30,7 @@ rounding of batched matrix products.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -34,6 +41,7 @@ from transformers import DynamicCache
 
 from .generation import DecodeState, GenerationChunk, SamplingParams, cache_kwarg, last_logits
 from .loading import LoadedModel
+from .versions import LiveVersions
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +66,11 @@ class _Pending:
 
 
 class BatchScheduler:
-    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32) -> None:
+    def __init__(
+        self, loaded: LoadedModel, *, max_batch_size: int = 32, versions: LiveVersions | None = None
+    ) -> None:
         self.loaded = loaded
+        self.versions = versions
         self.max_batch_size = max_batch_size
         self._cache_kw = cache_kwarg(loaded.model)
         self._pending: collections.deque[_Pending] = collections.deque()
@@ -134,6 +145,10 @@ class BatchScheduler:
                     log.exception("decode step failed")
                     self._fail_all(e)
 
+    def _on_versions(self, versions: list[int]) -> contextlib.AbstractContextManager:
+        """The next pass serves row i on ``versions[i]``."""
+        return self.versions.rows(versions) if self.versions is not None else contextlib.nullcontext()
+
     def _fail_all(self, error: BaseException) -> None:
         for row in self._rows:
             row.emit(error)
@@ -169,14 +184,15 @@ class BatchScheduler:
             ids[i, width - lengths[i] :] = torch.tensor(p.prompt_ids)
             mask[i, width - lengths[i] :] = 1
         ids, mask = ids.to(device), mask.to(device)
-        if len(admitted) == 1:  # no padding: the plain call, as a stream alone makes it
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            logits, cache = out.logits[:, -1], getattr(out, self._cache_kw)
-        else:
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its first real token
-            logits, cache = last_logits(
-                self.loaded, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True
-            )
+        with self._on_versions([p.state.edit_version for p in admitted]):
+            if len(admitted) == 1:  # no padding: the plain call, as a stream alone makes it
+                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                logits, cache = out.logits[:, -1], getattr(out, self._cache_kw)
+            else:
+                positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its first real token
+                logits, cache = last_logits(
+                    self.loaded, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True
+                )
         keys = [layer.keys for layer in cache.layers]  # (k, H, W, D)
         values = [layer.values for layer in cache.layers]
         if len(admitted) > 1:
@@ -240,13 +256,14 @@ class BatchScheduler:
         if cache is None:
             cache = DynamicCache(ddp_cache_data=list(zip(self._keys, self._values, strict=True)))
         padded = not bool(self._mask.all())  # no padding (e.g. one row): no mask to build
-        out = self.loaded.model(
-            input_ids=input_ids,
-            attention_mask=mask if padded else None,
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_kw: cache},
-        )
+        with self._on_versions([r.state.edit_version for r in rows]):
+            out = self.loaded.model(
+                input_ids=input_ids,
+                attention_mask=mask if padded else None,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_kw: cache},
+            )
         cache = getattr(out, self._cache_kw)
         self._cache = cache
         self._keys = [layer.keys for layer in cache.layers]

@@ -3,7 +3,7 @@
 ``EditManager`` holds the edit store, the live weights (``LayerWeights``) and
 the served head version. Its methods are blocking (torch and disk work); the
 engine calls them on a worker thread, under its edit lock, and swaps weights
-only inside its version gate, when no stream is running.
+through ``versions.LiveVersions`` (between forward passes; streams keep their version).
 
     manager = EditManager(loaded, EditStore(dir, loaded.model_id), compute=method_compute(cache_dir))
     manager.restore()                       # at start: re-apply the stored stack
@@ -20,7 +20,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -303,10 +303,29 @@ class EditManager:
                 ) from e
             raise Unavailable(f"cannot write the edit store {self.store.root}: {e}; nothing was changed") from e
 
-    def activate(self, active: Sequence[str], version: int) -> None:
-        """Swap the live weights to a version (call only while no stream runs)."""
-        self.weights.materialize([self._layers[i] for i in active])
+    def activate(
+        self, active: Sequence[str], version: int, swap: Callable[[int, list[EditLayer]], object] | None = None
+    ) -> None:
+        """Make a version the head: ``swap(version, layers)`` puts its weights live (the server's
+        ``versions.LiveVersions.swap``, between forward passes); without it, the weights are set
+        directly (no forward pass may run meanwhile)."""
+        layers = [self._layers[i] for i in active]
+        if swap is None:
+            self.weights.materialize(layers)
+        else:
+            swap(version, layers)
         self.active, self.head_version = list(active), version
+
+    def version_layers(self, version: int) -> list[EditLayer]:
+        """The active layers of any version of the history, loaded (blocking: may read layer files).
+        NotFound for a version that never existed, FailedPrecondition when its layers do not verify."""
+        if version == self.head_version:
+            return [self._layers[i] for i in self.active]
+        ids = self.store.manifest.active_at(version)
+        problem = self._load_all(ids)
+        if problem:
+            raise FailedPrecondition(f"version {version} cannot be served: {problem}")
+        return [self._layers[i] for i in ids]
 
     # -- revert -------------------------------------------------------------
 

@@ -47,13 +47,14 @@ from .arch import config_sizes
 from .batching import BatchScheduler
 from .editing import DEFAULT_MAX_UPDATE_NORM_RATIO, EditManager
 from .engine_edits import EngineEdits
-from .errors import InvalidRequest, Unavailable
-from .gate import VersionGate
+from .errors import FailedPrecondition, InvalidRequest, NotFound, Unavailable
 from .generation import GenerationChunk, SamplingParams, generate_tokens
 from .loading import LoadedModel
+from .records import UNPINNED, VersionPin
 from .scoring import ContinuationScore, encode_prompt, score_continuations
 from .tracing import NoiseCache, TraceRequest, TraceResult
 from .tracing import trace as trace_grid
+from .versions import LiveVersions
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,7 +72,8 @@ class EngineLimits:
     max_top_logprobs: int = 20
     max_continuations: int = 64
     max_prompt_chars: int = 100_000  # cheap guard before tokenizing
-    edit_drain_timeout: float = 60.0  # an edit waits this long for running streams to finish
+    version_cache_mb: int = 256  # side paths of pinned versions kept between passes (versions.py)
+    max_version_wait: float = 30.0  # a request's min_edit_version waits at most this long (and its deadline)
     max_queued_edits: int = 8  # edits waiting behind the one being computed
     max_trace_cells: int = 20_000  # tokens x layers of one trace grid
     max_trace_samples: int = 64
@@ -138,6 +140,8 @@ class EngineInfo:
     load_seconds: float
     version: str
     active_streams: int
+    known_version: int  # the newest version of the history this server knows
+    versions_in_use: dict[int, int]  # version -> requests running on it
 
 
 class Engine(EngineEdits):
@@ -153,13 +157,23 @@ class Engine(EngineEdits):
             max_workers=self.limits.max_concurrent_streams + 4, thread_name_prefix="romegw-torch"
         )
         self._closed = False
+        self.edits = edits
+        self.versions = (
+            LiveVersions(loaded, edits.weights, layers_at=edits.version_layers,
+                         cache_bytes=self.limits.version_cache_mb * 1024 * 1024)
+            if edits is not None
+            else None
+        )  # fmt: skip
+        if self.versions is not None:  # the weights hold the restored head already
+            self.versions.set_head(edits.head_version, edits.version_layers(edits.head_version))
         self.scheduler = (
-            BatchScheduler(loaded, max_batch_size=self.limits.max_batch_size)
+            BatchScheduler(loaded, max_batch_size=self.limits.max_batch_size, versions=self.versions)
             if self.limits.max_batch_size > 0
             else None
         )
-        self.gate = VersionGate()
-        self.edits = edits
+        self._history: asyncio.Condition | None = None  # notified when the head moves (min_edit_version)
+        self.on_live: Callable[[float], None] | None = None  # gets each change of the head's stored -> live seconds
+        self.waiting_for_version = 0
         self._edit_lock: asyncio.Lock | None = None
         self._queued_edits = 0
         self.noise_cache = NoiseCache()
@@ -183,7 +197,75 @@ class Engine(EngineEdits):
 
     @property
     def edit_version(self) -> int:
-        return self.edits.head_version if self.edits else 0
+        """The head: the version a request without a pin runs on."""
+        return self.versions.head if self.versions is not None else 0
+
+    @property
+    def known_version(self) -> int:
+        """The newest version of the history this server knows (min_edit_version compares with it)."""
+        return self.edits.store.manifest.max_version if self.edits is not None else 0
+
+    def versions_in_use(self) -> dict[int, int]:
+        """version -> requests running on it."""
+        return self.versions.in_use() if self.versions is not None else {}
+
+    def _history_changed(self) -> asyncio.Condition:
+        if self._history is None:  # created on the serving loop at first use
+            self._history = asyncio.Condition()
+        return self._history
+
+    async def notify_history(self) -> None:
+        """Wake the requests waiting for a min_edit_version (after every change of the head)."""
+        cond = self._history_changed()
+        async with cond:
+            cond.notify_all()
+
+    async def resolve_version(self, pin: VersionPin) -> int:
+        """The version a request runs on: its ``edit_version``, else the head, once the server knows
+        ``min_edit_version`` (waiting at most ``max_version_wait`` and the request's own time left).
+        NotFound for a version not in the history; FailedPrecondition when the wait ends first."""
+        for name, value in (("edit_version", pin.edit_version), ("min_edit_version", pin.min_edit_version)):
+            if value is not None and value < 0:
+                raise InvalidRequest(f"{name} must be >= 0, got {value}")
+        pinned, least = pin.edit_version, pin.min_edit_version
+        if pinned is not None and least is not None and pinned < least:
+            raise InvalidRequest(f"edit_version {pinned} is older than min_edit_version {least}: send one of them")
+        if pin.min_edit_version is not None and self.known_version < pin.min_edit_version:
+            await self._wait_for_history(pin.min_edit_version, pin.wait_seconds)
+        version = pin.edit_version
+        if version is None or version == self.edit_version:
+            return self.edit_version
+        if self.edits is None:
+            raise NotFound(f"version {version} does not exist: this server has no edit store (version 0 only)")
+        if version > self.known_version:
+            raise NotFound(f"version {version} does not exist (versions 0..{self.known_version} exist)")
+        await self.run(self.versions.diff, version)  # loads its layers (NotFound, FailedPrecondition), cached
+        return version
+
+    async def _wait_for_history(self, wanted: int, wait_seconds: float | None) -> None:
+        limit = self.limits.max_version_wait
+        timeout = limit if wait_seconds is None else max(0.0, min(limit, wait_seconds))
+        cond = self._history_changed()
+        self.waiting_for_version += 1
+        try:
+            async with cond:
+                await asyncio.wait_for(cond.wait_for(lambda: self.known_version >= wanted), timeout)
+        except TimeoutError:
+            raise FailedPrecondition(
+                f"min_edit_version {wanted} is newer than this server's history (version {self.known_version}, "
+                f"head {self.edit_version}) after waiting {timeout:.1f} s: retry, or send it to the server that "
+                "made the edit"
+            ) from None
+        finally:
+            self.waiting_for_version -= 1
+
+    def _using(self, version: int) -> contextlib.AbstractContextManager:
+        """Count a request on ``version`` while it runs."""
+        return self.versions.using(version) if self.versions is not None else contextlib.nullcontext()
+
+    def _pinned(self, version: int) -> contextlib.AbstractContextManager:
+        """This thread's forward passes serve ``version``."""
+        return self.versions.pinned(version) if self.versions is not None else contextlib.nullcontext()
 
     @property
     def active_layers(self) -> int:
@@ -232,6 +314,8 @@ class Engine(EngineEdits):
         if self.scheduler is not None:
             self.scheduler.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.versions is not None:
+            self.versions.close()
 
     # -- requests -----------------------------------------------------------
 
@@ -293,8 +377,11 @@ class Engine(EngineEdits):
             )
         return ids
 
-    async def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[GenerationChunk]:
-        """Stream the completion of ``prompt``; the last chunk has a finish_reason."""
+    async def generate(
+        self, prompt: str, params: SamplingParams, pin: VersionPin = UNPINNED
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream the completion of ``prompt`` on one version (the pin's, else the head at the start);
+        the last chunk has a finish_reason."""
         self.validate_sampling(params)
         prompt_ids = await self.encode_prompt_async(prompt)
         if len(prompt_ids) + params.max_new_tokens > self.context_length:
@@ -304,17 +391,19 @@ class Engine(EngineEdits):
             )
         estimate = generate_bytes(self.shape, prompt_tokens=len(prompt_ids), new_tokens=params.max_new_tokens)
         tokens = len(prompt_ids) + params.max_new_tokens
-        with self.admission.admit("stream", tokens=tokens, memory=estimate):
-            async with self.gate.read(self.limits.edit_drain_timeout + 5.0):
-                if self.scheduler is not None:
-                    stream = self._batched(prompt_ids, params)
-                else:
-                    stream = self._alone(prompt_ids, params)
-                async with contextlib.aclosing(stream):
-                    async for chunk in stream:
-                        yield chunk
+        version = await self.resolve_version(pin)
+        with self.admission.admit("stream", tokens=tokens, memory=estimate), self._using(version):
+            if self.scheduler is not None:
+                stream = self._batched(prompt_ids, params, version)
+            else:
+                stream = self._alone(prompt_ids, params, version)
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
+                    yield chunk
 
-    async def _batched(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+    async def _batched(
+        self, prompt_ids: list[int], params: SamplingParams, version: int
+    ) -> AsyncIterator[GenerationChunk]:
         """One row of the continuous batch."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
@@ -324,7 +413,7 @@ class Engine(EngineEdits):
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody listens any more
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        self.scheduler.submit(prompt_ids, params, emit=emit, cancelled=cancelled.is_set, edit_version=self.edit_version)
+        self.scheduler.submit(prompt_ids, params, emit=emit, cancelled=cancelled.is_set, edit_version=version)
         try:
             while True:
                 item = await queue.get()
@@ -336,15 +425,20 @@ class Engine(EngineEdits):
         finally:
             cancelled.set()  # the scheduler drops the row at its next step
 
-    async def _alone(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+    async def _alone(
+        self, prompt_ids: list[int], params: SamplingParams, version: int
+    ) -> AsyncIterator[GenerationChunk]:
         """The stream decoded on its own, one worker-thread step per token."""
         cancelled = threading.Event()
-        steps = generate_tokens(
-            self.loaded, prompt_ids, params, cancelled=cancelled.is_set, edit_version=self.edit_version
-        )
+        steps = generate_tokens(self.loaded, prompt_ids, params, cancelled=cancelled.is_set, edit_version=version)
+
+        def step() -> GenerationChunk | None:
+            with self._pinned(version):
+                return next(steps, None)
+
         try:
             while True:
-                chunk = await self.run(_next_or_none, steps)
+                chunk = await self.run(step)
                 if chunk is None:
                     return
                 yield chunk
@@ -356,7 +450,9 @@ class Engine(EngineEdits):
             with contextlib.suppress(ValueError):
                 steps.close()
 
-    async def score(self, prompt: str, continuations: list[str]) -> tuple[list[ContinuationScore], int]:
+    async def score(
+        self, prompt: str, continuations: list[str], pin: VersionPin = UNPINNED
+    ) -> tuple[list[ContinuationScore], int]:
         """Scores of the continuations, and the edit version they were computed on."""
         lim = self.limits
         if not continuations:
@@ -387,16 +483,18 @@ class Engine(EngineEdits):
             )
         width = n_prompt + max(n_conts)  # the batch is padded to its longest row
         estimate = score_bytes(self.shape, rows=len(continuations), tokens=width)
-        with self.admission.admit("score", tokens=len(continuations) * width, memory=estimate):
-            async with self.gate.read(lim.edit_drain_timeout + 5.0):
-                scores = await self.run_to_end(
-                    lambda _stop: score_continuations(self.loaded, prompt, list(continuations))
-                )
-                return scores, self.edit_version
+        version = await self.resolve_version(pin)
+        with self.admission.admit("score", tokens=len(continuations) * width, memory=estimate), self._using(version):
+
+            def compute(_stop: Callable[[], bool]) -> list[ContinuationScore]:
+                with self._pinned(version):
+                    return score_continuations(self.loaded, prompt, list(continuations))
+
+            return await self.run_to_end(compute), version
 
     # -- tracing --------------------------------------------------------------
 
-    async def trace(self, request: TraceRequest) -> AsyncIterator[TraceEvent]:
+    async def trace(self, request: TraceRequest, pin: VersionPin = UNPINNED) -> AsyncIterator[TraceEvent]:
         """Progress events while the grid is computed, then the result (on one version).
 
         The trace stops at its next batch when the caller goes away or ``close()`` runs; its
@@ -423,38 +521,38 @@ class Engine(EngineEdits):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TraceProgress] = asyncio.Queue()
         rows = min(TRACE_BATCH_ROWS, cells * request.samples)
-        with self.admission.admit("trace", tokens=rows * n_tokens, memory=estimate):
-            async with self.gate.read(lim.edit_drain_timeout + 5.0):
-                version = self.edit_version
+        version = await self.resolve_version(pin)
+        with self.admission.admit("trace", tokens=rows * n_tokens, memory=estimate), self._using(version):
 
-                def compute(should_stop: Callable[[], bool]) -> TraceResult:
-                    def progress(done: int, total: int) -> None:
-                        if should_stop():
-                            raise Unavailable("trace cancelled")
-                        loop.call_soon_threadsafe(events.put_nowait, TraceProgress(done, total))
+            def compute(should_stop: Callable[[], bool]) -> TraceResult:
+                def progress(done: int, total: int) -> None:
+                    if should_stop():
+                        raise Unavailable("trace cancelled")
+                    loop.call_soon_threadsafe(events.put_nowait, TraceProgress(done, total))
 
+                with self._pinned(version):
                     return trace_grid(
                         self.loaded, request, noise_cache=self.noise_cache, progress=progress,
                         max_batch_rows=TRACE_BATCH_ROWS,
                     )  # fmt: skip
 
-                job = asyncio.ensure_future(self.run_to_end(compute))
-                try:
-                    while not job.done():
-                        getter = asyncio.ensure_future(events.get())
-                        await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
-                        if getter.done():
-                            yield getter.result()
-                        else:
-                            getter.cancel()
-                    while not events.empty():
-                        yield events.get_nowait()
-                    yield TraceDone(job.result(), version)
-                finally:
-                    if not job.done():
-                        job.cancel()  # run_to_end sets the stop and waits for the thread
-                        with contextlib.suppress(asyncio.CancelledError, Exception):
-                            await job
+            job = asyncio.ensure_future(self.run_to_end(compute))
+            try:
+                while not job.done():
+                    getter = asyncio.ensure_future(events.get())
+                    await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield getter.result()
+                    else:
+                        getter.cancel()
+                while not events.empty():
+                    yield events.get_nowait()
+                yield TraceDone(job.result(), version)
+            finally:
+                if not job.done():
+                    job.cancel()  # run_to_end sets the stop and waits for the thread
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await job
 
     def info(self) -> EngineInfo:
         m = self.loaded
@@ -477,8 +575,6 @@ class Engine(EngineEdits):
             load_seconds=m.load_seconds,
             version=__version__,
             active_streams=self.active_streams,
+            known_version=self.known_version,
+            versions_in_use=self.versions_in_use(),
         )
-
-
-def _next_or_none(it: object) -> GenerationChunk | None:
-    return next(it, None)

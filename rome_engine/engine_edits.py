@@ -1,12 +1,14 @@
 """The edit half of the engine: ApplyEdit, RevertEdit, the listings, export and import.
 
 ``EngineEdits`` is a mixin of ``engine.Engine`` (which owns the threads, the
-admission table and the version gate it uses). Edits are serialized by one
+admission table and the live versions it uses). Edits are serialized by one
 lock; at most ``max_queued_edits`` wait behind the running one. Every change
 of the head takes the same path, ``_commit``: store it (one atomic manifest
-write), swap the live weights inside the version gate, then run the caller's
-audit line, all shielded from the caller's cancellation, so a caller that goes
-away never leaves an edit stored but not live, nor unaudited.
+write), make it live (``versions.LiveVersions.swap``: the new matrices are built
+aside, then copied in between two forward passes; running streams go on, on the
+version they started with, through the side path), then run the caller's audit
+line, all shielded from the caller's cancellation, so a caller that goes away
+never leaves an edit stored but not live, nor unaudited.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from .bounds import clip
 from .edit_store import EditLayer
 from .editing import EditManager
 from .errors import EngineError, FailedPrecondition, InvalidRequest, ResourceExhausted, Unavailable
-from .gate import VersionGate
 from .loading import LoadedModel
 from .methods import work_hparams
 from .records import METHODS, ApplyOptions, EditView, LayerHeader, ManifestEntry, RevertRequest
 from .rome.compute import target_is_answer
 from .rome.request import EditRequest
 from .scoring import encode_prompt
+from .versions import LiveVersions
 
 if TYPE_CHECKING:
     from .engine import EngineLimits
@@ -46,7 +48,9 @@ class EngineEdits:
     loaded: LoadedModel
     limits: EngineLimits
     edits: EditManager | None
-    gate: VersionGate
+    versions: LiveVersions | None
+    on_live: Callable[[float], None] | None  # called with each change of the head's stored -> live seconds
+    notify_history: Callable[[], Awaitable[None]]
     admission: Admission
     shape: ModelShape
     context_length: int
@@ -88,15 +92,19 @@ class EngineEdits:
 
     async def _commit(self, store: Callable[[], list[ManifestEntry]], after: Callable[[list[ManifestEntry]], R]) -> R:
         """Make a change of the head durable and live: ``store()`` (one manifest write, on a worker
-        thread) and the weight swap to its last entry's state run inside the version gate, then
-        ``after(entries)`` (the log and audit lines). Shielded: once it starts, it runs to its end
-        whatever happens to the caller (a deadline, a cancel)."""
+        thread), the swap to its last entry's state (between two forward passes; nothing waits for
+        a stream), then ``after(entries)`` (the log and audit lines). Shielded: once it starts, it
+        runs to its end whatever happens to the caller (a deadline, a cancel)."""
         manager = self._manager()
+        swap = self.versions.swap if self.versions is not None else None
 
         async def commit() -> R:
-            async with self.gate.write(self.limits.edit_drain_timeout):
-                entries = await self.run(store)
-                await self.run(manager.activate, entries[-1].active, entries[-1].version)
+            entries = await self.run(store)
+            t0 = time.perf_counter()
+            await self.run(manager.activate, entries[-1].active, entries[-1].version, swap)
+            if self.on_live is not None:
+                self.on_live(time.perf_counter() - t0)
+            await self.notify_history()
             return after(entries)
 
         return await asyncio.shield(asyncio.ensure_future(commit()))

@@ -1,88 +1,94 @@
-"""The version gate: streams run on one version; an edit swaps weights between them.
+"""The swap gate: forward passes read the live weights; an edit's swap writes them, between passes.
 
-A reader (a Generate stream, a Score, a Trace) holds a lease for its whole
-run. A writer (an edit being activated) first closes the gate to new readers,
-then waits for the running ones to finish, swaps the weights, and reopens.
-New readers queue meanwhile; a writer that cannot drain the running streams
-within its timeout gives up (UNAVAILABLE) and lets the queue through, so
-neither side waits without bound.
+Every top-level forward pass of the model (a decode step, a prefill, one batch
+of a trace, a Score) holds a *read* lease for its own duration only, never for
+a whole stream. Making a version live takes the *write* lease: new passes wait
+while it is wanted, the running ones finish (one pass, milliseconds on a decode
+step), the touched matrices are overwritten (a copy of tensors built before),
+and the passes go on. A stream therefore never waits for another stream, and an
+edit waits at most for the passes already in flight.
 
-    async with gate.read():          # a stream
-        ...
-    async with gate.write(timeout=30.0):
-        swap_weights()
+    gate = SwapGate()
+    with gate.reading():        # one forward pass (the model's hooks do this, see versions.py)
+        model(...)
+    with gate.writing():        # the weight copy of a version swap
+        weights.install(prepared)
+
+Leases are per thread and reentrant for readers (a pass inside a pass on the
+same thread holds one lease). Threading primitives, not asyncio: passes run on
+worker threads and the batch scheduler's thread.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import threading
 import time
-from collections.abc import AsyncIterator
-
-from .errors import Unavailable
+from collections.abc import Iterator
 
 
-class VersionGate:
+class SwapGate:
     def __init__(self) -> None:
+        self._cond = threading.Condition()
         self._readers = 0
-        self._waiting = 0
-        self._writer = False
-        self._cond: asyncio.Condition | None = None
-        self.last_pause_seconds = 0.0  # how long the gate was closed to new readers by the last writer
-
-    def _condition(self) -> asyncio.Condition:
-        if self._cond is None:  # created on the serving loop at first use
-            self._cond = asyncio.Condition()
-        return self._cond
+        self._writers_waiting = 0
+        self._writing = False
+        self._local = threading.local()
+        self.last_wait_seconds = 0.0  # how long the last writer waited for the passes in flight
+        self.last_hold_seconds = 0.0  # how long it held the weights
 
     @property
     def readers(self) -> int:
+        """Forward passes running now."""
         return self._readers
 
-    @property
-    def waiting(self) -> int:
-        """Readers queued behind a writer."""
-        return self._waiting
+    def acquire_read(self) -> None:
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            with self._cond:
+                while self._writing or self._writers_waiting:
+                    self._cond.wait()
+                self._readers += 1
+        self._local.depth = depth + 1
 
-    @contextlib.asynccontextmanager
-    async def read(self, timeout: float | None = None) -> AsyncIterator[None]:
-        cond = self._condition()
-        async with cond:
-            self._waiting += 1
-            try:
-                await asyncio.wait_for(cond.wait_for(lambda: not self._writer), timeout)
-            except TimeoutError:
-                raise Unavailable(f"an edit is being applied; still waiting after {timeout:.0f} s: retry") from None
-            finally:
-                self._waiting -= 1
-            self._readers += 1
-        try:
-            yield
-        finally:
-            async with cond:
+    def release_read(self) -> None:
+        depth = getattr(self._local, "depth", 0)
+        if depth <= 0:
+            return  # a pass that failed before its lease was taken
+        self._local.depth = depth - 1
+        if depth == 1:
+            with self._cond:
                 self._readers -= 1
-                cond.notify_all()
+                if self._readers == 0:
+                    self._cond.notify_all()
 
-    @contextlib.asynccontextmanager
-    async def write(self, timeout: float) -> AsyncIterator[None]:
-        cond = self._condition()
-        t0 = time.perf_counter()
-        async with cond:
-            self._writer = True  # new readers queue from here on
-            try:
-                await asyncio.wait_for(cond.wait_for(lambda: self._readers == 0), timeout)
-            except TimeoutError:
-                self._writer = False
-                cond.notify_all()
-                raise Unavailable(
-                    f"{self._readers} running streams did not finish within {timeout:.0f} s "
-                    "(the edit_drain_timeout limit); nothing was changed: retry the edit"
-                ) from None
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        self.acquire_read()
         try:
             yield
         finally:
-            async with cond:
-                self._writer = False
-                self.last_pause_seconds = time.perf_counter() - t0
-                cond.notify_all()
+            self.release_read()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Exclusive: no forward pass runs inside. Writers come first: new passes wait behind one."""
+        if getattr(self._local, "depth", 0):
+            raise RuntimeError("a forward pass cannot swap the weights it is reading")
+        t0 = time.perf_counter()
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writing or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writing = True
+        t1 = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+            self.last_wait_seconds, self.last_hold_seconds = t1 - t0, time.perf_counter() - t1

@@ -102,17 +102,33 @@ class LayerWeights:
         """Set every touched matrix to base + the deltas of ``layers`` (in order): a version's weights."""
         self.materialize_factors([f for layer in layers for f in layer.factors])
 
-    @torch.no_grad()
     def materialize_factors(self, factors: Sequence[LowRankFactor]) -> None:
         """Set every touched matrix to base + its ``factors`` (in order); no factors: the base, bit for bit."""
+        self.install(self.prepare_factors(factors))
+
+    def prepare(self, layers: Sequence[EditLayer], only: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """A version's touched matrices (or those named in ``only``), built aside, the live weights
+        unchanged: name -> weights. The same layers always give the same bits."""
+        return self.prepare_factors([f for layer in layers for f in layer.factors], only)
+
+    @torch.no_grad()
+    def prepare_factors(
+        self, factors: Sequence[LowRankFactor], only: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         deltas: dict[str, list[LowRankFactor]] = {}
         for f in factors:
             deltas.setdefault(f.param, []).append(f)
-        for name in deltas:
+        for name in (*deltas, *(only or ())):
             if name not in self._base:
                 self._base[name] = self.parameter(name).detach().clone()
-        for name, base in self._base.items():
-            self.parameter(name).copy_(rebuilt(self.loaded.spec, base, deltas.get(name, [])))
+        names = self._base if only is None else only
+        return {name: rebuilt(self.loaded.spec, self._base[name], deltas.get(name, [])) for name in names}
+
+    @torch.no_grad()
+    def install(self, prepared: dict[str, torch.Tensor]) -> None:
+        """Copy prepared matrices into the live weights (no forward pass may run meanwhile)."""
+        for name, weights in prepared.items():
+            self.parameter(name).copy_(weights)
 
     @property
     def touched(self) -> list[str]:

@@ -20,18 +20,20 @@ if TYPE_CHECKING:  # annotations only: importing this module loads no torch
     from .batching import BatchScheduler
     from .edit_store import ManifestEntry
     from .engine import EngineInfo, EngineLimits, TraceEvent
-    from .gate import VersionGate
     from .generation import GenerationChunk, SamplingParams
-    from .records import ApplyOptions, EditView, RevertRequest
+    from .records import ApplyOptions, EditView, RevertRequest, VersionPin
     from .rome.request import EditRequest
     from .scoring import ContinuationScore
     from .tracing import TraceRequest
+    from .versions import LiveVersions
 
 
 @runtime_checkable
 class EngineClient(Protocol):
     limits: EngineLimits
-    gate: VersionGate  # the metrics read ``gate.waiting`` (requests queued behind an edit)
+    versions: LiveVersions | None  # the metrics read its cache statistics and last swap
+    on_live: Callable[[float], None] | None  # the metrics observe each edit's stored -> live seconds
+    waiting_for_version: int  # requests waiting for their min_edit_version
     scheduler: BatchScheduler | None  # set: the metrics observe its batch sizes (``on_step``)
 
     @property
@@ -45,6 +47,10 @@ class EngineClient(Protocol):
     @property
     def active_streams(self) -> int: ...
 
+    def versions_in_use(self) -> dict[int, int]:
+        """version -> requests running on it."""
+        ...
+
     def info(self) -> EngineInfo: ...
 
     def close(self) -> None:
@@ -53,13 +59,17 @@ class EngineClient(Protocol):
 
     # -- generation and scoring
 
-    def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[GenerationChunk]: ...
+    def generate(self, prompt: str, params: SamplingParams, pin: VersionPin = ...) -> AsyncIterator[GenerationChunk]:
+        """Chunks on one version: the pin's, else the head when the stream starts."""
+        ...
 
-    async def score(self, prompt: str, continuations: list[str]) -> tuple[list[ContinuationScore], int]:
+    async def score(
+        self, prompt: str, continuations: list[str], pin: VersionPin = ...
+    ) -> tuple[list[ContinuationScore], int]:
         """The scores and the edit version they were computed on."""
         ...
 
-    def trace(self, request: TraceRequest) -> AsyncIterator[TraceEvent]: ...
+    def trace(self, request: TraceRequest, pin: VersionPin = ...) -> AsyncIterator[TraceEvent]: ...
 
     # -- edits
 

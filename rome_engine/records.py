@@ -512,3 +512,15 @@ class EditView:
         if self.entry is not None and self.entry.parent_version is not None:
             return self.entry.parent_version
         return self.header.parent_version
+
+
+@dataclass(frozen=True)
+class VersionPin:
+    """What version a request asks for: ``edit_version`` (None: the head when it starts), after the
+    server knows ``min_edit_version`` (waiting at most ``wait_seconds``, the request's time left)."""
+
+    edit_version: int | None = None
+    min_edit_version: int | None = None
+    wait_seconds: float | None = None
+
+UNPINNED = VersionPin()  # the head when the request starts, no min_edit_version

@@ -98,7 +98,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         default=env("insecure_allow_remote", "") in ("1", "true", "yes"),
         help="serve a non-loopback address without tokens",
     )
-    p.add_argument("--edit-drain-timeout", type=float, default=float(env("edit_drain_timeout", d.edit_drain_timeout)))
+    p.add_argument(
+        "--version-cache-mb", type=int, default=int_env("version_cache_mb", d.version_cache_mb),
+        help="memory for the side paths of pinned edit versions (requests on a version other than the head)",
+    )
+    p.add_argument(
+        "--max-version-wait", type=float, default=float(env("max_version_wait", d.max_version_wait)),
+        help="seconds a request's min_edit_version may wait for the server to know that version",
+    )
     p.add_argument(
         "--max-import-files", type=int, default=int_env("max_import_files", d.max_import_files),
         help="layer files one ImportEdits call may send",
@@ -187,7 +194,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         default_max_new_tokens=args.default_max_new_tokens,
         max_concurrent_streams=args.max_concurrent_streams,
-        edit_drain_timeout=args.edit_drain_timeout,
+        version_cache_mb=args.version_cache_mb,
+        max_version_wait=args.max_version_wait,
         max_import_files=args.max_import_files,
         max_import_bytes=args.max_import_bytes,
         max_update_norm_ratio=args.max_update_norm_ratio,

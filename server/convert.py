@@ -14,7 +14,15 @@ from rome_engine.generation import (
     GenerationChunk,
     SamplingParams,
 )
-from rome_engine.records import ApplyOptions, EditView, ManifestEntry, Probabilities, RevertRequest, StoredRequest
+from rome_engine.records import (
+    ApplyOptions,
+    EditView,
+    ManifestEntry,
+    Probabilities,
+    RevertRequest,
+    StoredRequest,
+    VersionPin,
+)
 from rome_engine.rome.request import EditRequest
 from rome_engine.scoring import ContinuationScore
 from rome_engine.tracing import KINDS, TraceRequest
@@ -97,6 +105,19 @@ def model_info(info: EngineInfo) -> pb.ModelInfo:
         load_seconds=info.load_seconds,
         server_version=info.version,
         active_streams=info.active_streams,
+        known_version=info.known_version,
+        versions_in_use=[
+            pb.VersionUse(version=v, requests=n) for v, n in sorted(info.versions_in_use.items(), reverse=True)
+        ],
+    )
+
+
+def version_pin(request: pb.GenerateRequest | pb.ScoreRequest | pb.TraceRequest, time_left: float | None) -> VersionPin:
+    """The request's edit_version / min_edit_version (unset: None), waiting at most its time left."""
+    return VersionPin(
+        edit_version=request.edit_version if request.HasField("edit_version") else None,
+        min_edit_version=request.min_edit_version if request.HasField("min_edit_version") else None,
+        wait_seconds=time_left,
     )
 
 

@@ -20,7 +20,7 @@ import time
 import psutil
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from rome_engine import __version__
 from rome_engine.protocol import EngineClient
@@ -54,6 +54,26 @@ class _ProcessCollector:
             yield reserved
 
 
+class _VersionCacheCollector:
+    """The side paths of pinned versions (``rome_engine.versions``): cache hits, misses, bytes."""
+
+    def __init__(self, engine: EngineClient) -> None:
+        self.engine = engine
+
+    def collect(self):
+        versions = self.engine.versions
+        if versions is None:
+            return
+        stats = versions.stats
+        hits = CounterMetricFamily("romegw_version_cache_hits", "Passes whose version's side path was cached.")
+        hits.add_metric([], float(stats.hits))
+        misses = CounterMetricFamily("romegw_version_cache_misses", "Side paths built (not cached).")
+        misses.add_metric([], float(stats.misses))
+        size = GaugeMetricFamily("romegw_version_cache_bytes", "Bytes of side paths cached (bounded).")
+        size.add_metric([], float(stats.bytes))
+        yield from (hits, misses, size)
+
+
 class Metrics:
     def __init__(self, *, model_id: str, dtype: str, device: str, load_seconds: float) -> None:
         r = self.registry = CollectorRegistry()
@@ -84,9 +104,20 @@ class Metrics:
             buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
             registry=r,
         )
-        self.queued_requests = Gauge(
-            "romegw_queued_requests", "Requests waiting (behind an edit being made live).", registry=r
+        self.waiting_for_version = Gauge(
+            "romegw_requests_waiting_for_version", "Requests waiting until the server knows their min_edit_version.",
+            registry=r,
+        )  # fmt: skip
+        self.streams_by_version = Gauge(
+            "romegw_streams_by_version",
+            "Requests running (streams, scores, traces), on the head or pinned to another version.",
+            ["version"],
+            registry=r,
         )
+        self.edit_live = Histogram(
+            "romegw_edit_live_seconds", "From an edit stored to live (new requests on it).", buckets=_LATENCY,
+            registry=r,
+        )  # fmt: skip
         self.edits_applied = Counter("romegw_edits_applied_total", "Edit layers applied (incl. imported).", registry=r)
         self.edits_reverted = Counter("romegw_edits_reverted_total", "Reverts made.", registry=r)
         self.edit_compute = Histogram(
@@ -110,7 +141,16 @@ class Metrics:
     def bind(self, engine: EngineClient) -> None:
         """Gauges read from the engine at scrape time (always current, nothing to keep in step)."""
         self.active_streams.set_function(lambda: engine.active_streams)
-        self.queued_requests.set_function(lambda: engine.gate.waiting)
+        self.waiting_for_version.set_function(lambda: engine.waiting_for_version)
+
+        def on(version_kind: str) -> float:
+            head = engine.edit_version
+            return sum(n for v, n in engine.versions_in_use().items() if (v == head) == (version_kind == "head"))
+
+        self.streams_by_version.labels("head").set_function(lambda: on("head"))
+        self.streams_by_version.labels("pinned").set_function(lambda: on("pinned"))
+        engine.on_live = self.edit_live.observe
+        self.registry.register(_VersionCacheCollector(engine))
         self.head_version.set_function(lambda: engine.edit_version)
         self.active_layers.set_function(lambda: engine.active_layers)
         if engine.scheduler is not None:

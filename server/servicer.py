@@ -92,14 +92,16 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         params = convert.sampling_params(request, self.engine.limits.default_max_new_tokens)
         timer = StreamTimer(self.metrics)
-        async for chunk in self.engine.generate(request.prompt, params):
+        pin = convert.version_pin(request, context.time_remaining())
+        async for chunk in self.engine.generate(request.prompt, params, pin):
             timer.token(len(chunk.token_ids))
             if chunk.finish_reason is not None:
                 timer.done(chunk.prompt_tokens)
             yield convert.generate_response(chunk)
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
-        scores, version = await self.engine.score(request.prompt, list(request.continuations))
+        pin = convert.version_pin(request, context.time_remaining())
+        scores, version = await self.engine.score(request.prompt, list(request.continuations), pin)
         return convert.score_response(scores, version)
 
     async def GetModelInfo(
@@ -222,7 +224,8 @@ class RomeGatewayServicer(pb_grpc.RomeGatewayServicer):
     async def Trace(
         self, request: pb.TraceRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TraceResponse]:
-        async for event in self.engine.trace(convert.trace_request(request)):
+        pin = convert.version_pin(request, context.time_remaining())
+        async for event in self.engine.trace(convert.trace_request(request), pin):
             if self.metrics is not None and isinstance(event, TraceDone):
                 self.metrics.trace_seconds.observe(event.result.seconds)
                 self.metrics.trace_forward_passes.inc(event.result.forward_passes)

@@ -119,11 +119,13 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
+    _add_pin(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("score", parents=[common], help="log-probabilities of continuations")
     p.add_argument("prompt")
     p.add_argument("continuations", nargs="+")
+    _add_pin(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("info", parents=[common], help="what the server serves")
@@ -142,6 +144,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--out", type=Path, default=Path("trace.png"), help="the heatmap (PNG)")
+    _add_pin(p)
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("edit", parents=[common], help="rewrite a fact, or a batch of facts, as a new version")
@@ -193,8 +196,18 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_import)
 
 
+def _add_pin(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--edit-version", type=int, help="run on this version of the edit history (0: the base model)")
+    p.add_argument("--min-edit-version", type=int, help="run once the server knows this version (read your writes)")
+
+
+def _pin(args: argparse.Namespace) -> dict[str, int | None]:
+    return {"edit_version": args.edit_version, "min_edit_version": args.min_edit_version}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     params = {
+        **_pin(args),
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
@@ -221,7 +234,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        result = c.score(args.prompt, args.continuations)
+        result = c.score(args.prompt, args.continuations, **_pin(args))
     width = max(len(repr(s.continuation)) for s in result.scores)
     for s in sorted(result.scores, key=lambda s: -s.total_logprob):
         out(f"{s.continuation!r:<{width}}  total {s.total_logprob:9.4f}  mean {s.mean_logprob:9.4f}\n")
@@ -252,7 +265,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     except ImportError as e:  # the plot extra is not installed
         raise SystemExit(f"the trace command draws a heatmap: pip install 'romegw-client[plot]' ({e})") from e
 
-    options = {k: getattr(args, k) for k in ("answer", "kind", "samples", "window", "noise", "seed")}
+    options = {k: getattr(args, k) for k in ("answer", "kind", "samples", "window", "noise", "seed")} | _pin(args)
     result = None
     with _client(args) as c, tqdm(total=None, unit="cell", desc=f"tracing ({args.kind})", file=sys.stderr) as bar:
         for event in c.trace(args.prompt, args.subject, **options):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -41,6 +41,7 @@ from .types import (
     TraceResult,
 )
 
+T = TypeVar("T", pb.GenerateRequest, pb.ScoreRequest, pb.TraceRequest)
 SERVICE_NAME = "romegw.v1.RomeGateway"
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -56,7 +57,11 @@ def generate_request(
     stop: Sequence[str] = (),
     logprobs: bool = False,
     top_logprobs: int = 0,
+    edit_version: int | None = None,
+    min_edit_version: int | None = None,
 ) -> pb.GenerateRequest:
+    """``edit_version``: run on that version of the edit history (0: the base model; None: the head).
+    ``min_edit_version``: run only once the server knows that version (read your writes)."""
     req = pb.GenerateRequest(prompt=prompt, stop=list(stop), logprobs=logprobs, top_logprobs=top_logprobs)
     for name, value in (
         ("max_new_tokens", max_new_tokens),
@@ -66,6 +71,22 @@ def generate_request(
         ("seed", seed),
     ):
         if value is not None:
+            setattr(req, name, value)
+    return _pinned(req, edit_version, min_edit_version)
+
+
+def score_request(
+    prompt: str, continuations: Sequence[str], *, edit_version: int | None = None, min_edit_version: int | None = None
+) -> pb.ScoreRequest:
+    req = pb.ScoreRequest(prompt=prompt, continuations=list(continuations))
+    return _pinned(req, edit_version, min_edit_version)
+
+
+def _pinned(req: T, edit_version: int | None, min_edit_version: int | None) -> T:
+    for name, value in (("edit_version", edit_version), ("min_edit_version", min_edit_version)):
+        if value is not None:
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
             setattr(req, name, value)
     return req
 
@@ -162,6 +183,8 @@ def trace_request(
     samples: int | None = None,
     window: int | None = None,
     seed: int | None = None,
+    edit_version: int | None = None,
+    min_edit_version: int | None = None,
 ) -> pb.TraceRequest:
     if kind not in TRACE_KINDS:
         raise ValueError(f"kind must be one of {', '.join(TRACE_KINDS)}, got {kind!r}")
@@ -169,7 +192,7 @@ def trace_request(
     for name, value in (("answer", answer), ("noise", noise), ("samples", samples), ("window", window), ("seed", seed)):
         if value is not None:
             setattr(req, name, value)
-    return req
+    return _pinned(req, edit_version, min_edit_version)
 
 
 def _trace_event(m: pb.TraceResponse) -> TraceProgress | TraceResult:
@@ -251,8 +274,11 @@ class Client(_Base):
     def generate_text(self, prompt: str, *, timeout: float | None = None, **params: Any) -> Completion:
         return Completion.join(list(self.generate(prompt, timeout=timeout, **params)))
 
-    def score(self, prompt: str, continuations: Sequence[str], *, timeout: float | None = None) -> ScoreResult:
-        req = pb.ScoreRequest(prompt=prompt, continuations=list(continuations))
+    def score(
+        self, prompt: str, continuations: Sequence[str], *, timeout: float | None = None, **pin: int | None
+    ) -> ScoreResult:
+        """Log-probabilities of the continuations. ``edit_version=`` / ``min_edit_version=`` as for generate."""
+        req = score_request(prompt, continuations, **pin)
         return ScoreResult.from_pb(self._unary(self.stub.Score, req, timeout))
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
@@ -316,7 +342,8 @@ class Client(_Base):
 
     def trace(self, prompt: str, subject: str, *, timeout: float | None = None,
               **options: Any) -> Iterator[TraceProgress | TraceResult]:
-        """Progress messages, then one TraceResult. Options: answer, kind, noise, samples, window, seed."""
+        """Progress messages, then one TraceResult. Options: answer, kind, noise, samples, window, seed,
+        edit_version, min_edit_version."""
         call = self.stub.Trace(trace_request(prompt, subject, **options), **self._kw(timeout))
         try:
             for m in call:
@@ -379,8 +406,10 @@ class AsyncClient(_Base):
     async def generate_text(self, prompt: str, *, timeout: float | None = None, **params: Any) -> Completion:
         return Completion.join([c async for c in self.generate(prompt, timeout=timeout, **params)])
 
-    async def score(self, prompt: str, continuations: Sequence[str], *, timeout: float | None = None) -> ScoreResult:
-        req = pb.ScoreRequest(prompt=prompt, continuations=list(continuations))
+    async def score(
+        self, prompt: str, continuations: Sequence[str], *, timeout: float | None = None, **pin: int | None
+    ) -> ScoreResult:
+        req = score_request(prompt, continuations, **pin)
         return ScoreResult.from_pb(await self._unary(self.stub.Score, req, timeout))
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:

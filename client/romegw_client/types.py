@@ -147,6 +147,8 @@ class ModelInfo:
     load_seconds: float
     server_version: str
     active_streams: int = 0
+    known_version: int = 0  # the newest version of the history the server knows
+    versions_in_use: dict[int, int] = field(default_factory=dict)  # version -> requests running on it
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -169,6 +171,8 @@ class ModelInfo:
             load_seconds=m.load_seconds,
             server_version=m.server_version,
             active_streams=m.active_streams,
+            known_version=m.known_version,
+            versions_in_use={u.version: u.requests for u in m.versions_in_use},
         )
 
 

@@ -18,9 +18,9 @@ import torch
 
 from rome_engine.engine import EngineInfo, EngineLimits, TraceDone, TraceEvent, TraceProgress
 from rome_engine.errors import InvalidRequest, NotFound
-from rome_engine.gate import VersionGate
 from rome_engine.generation import FINISH_LENGTH, GenerationChunk, SamplingParams
 from rome_engine.records import (
+    UNPINNED,
     ApplyOptions,
     BaseFingerprint,
     EditView,
@@ -30,6 +30,7 @@ from rome_engine.records import (
     Probabilities,
     RevertRequest,
     StoredRequest,
+    VersionPin,
 )
 from rome_engine.rome.request import EditRequest
 from rome_engine.scoring import ContinuationScore, TokenScore
@@ -89,10 +90,17 @@ class FakeEngine:
     errors: dict[str, Exception] = field(default_factory=dict)  # method name -> raised on its next call
     calls: list[tuple[str, object]] = field(default_factory=list)  # (method name, what it was given)
     closed: bool = False
+    known_version: int = 0
+    in_use: dict[int, int] = field(default_factory=dict)  # versions_in_use()
+    waiting_for_version: int = 0
 
     def __post_init__(self) -> None:
-        self.gate = VersionGate()
         self.scheduler = None
+        self.versions = None
+        self.on_live = None
+
+    def versions_in_use(self) -> dict[int, int]:
+        return dict(self.in_use)
 
     def _call(self, name: str, given: object = None) -> None:
         self.calls.append((name, given))
@@ -107,28 +115,36 @@ class FakeEngine:
             model_id="fake-model", family="llama", architecture="FakeForCausalLM", dtype="float32", device="cpu",
             num_parameters=1234, num_layers=2, hidden_size=64, vocab_size=100, head_version=self.edit_version,
             active_layers=self.active_layers, limits=self.limits, max_prompt_tokens=255, load_seconds=0.5,
-            version="0.0-fake", active_streams=self.active_streams,
+            version="0.0-fake", active_streams=self.active_streams, known_version=self.known_version,
+            versions_in_use=self.versions_in_use(),
         )  # fmt: skip
 
     def close(self) -> None:
         self.closed = True
 
-    async def generate(self, prompt: str, params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+    async def generate(
+        self, prompt: str, params: SamplingParams, pin: VersionPin = UNPINNED
+    ) -> AsyncIterator[GenerationChunk]:
         self._call("generate", (prompt, params))
+        self.calls.append(("pin", pin))
         chunks = self.chunks or [GenerationChunk("ok", [7], finish_reason=FINISH_LENGTH, completion_tokens=1)]
         for chunk in chunks:
             if isinstance(chunk, Exception):
                 raise chunk
             yield chunk
 
-    async def score(self, prompt: str, continuations: list[str]) -> tuple[list[ContinuationScore], int]:
+    async def score(
+        self, prompt: str, continuations: list[str], pin: VersionPin = UNPINNED
+    ) -> tuple[list[ContinuationScore], int]:
         self._call("score", (prompt, continuations))
+        self.calls.append(("pin", pin))
         return self.scores or [ContinuationScore(c, -1.0, -1.0, (TokenScore(1, c, -1.0),)) for c in continuations], (
             self.edit_version
         )
 
-    async def trace(self, request: TraceRequest) -> AsyncIterator[TraceEvent]:
+    async def trace(self, request: TraceRequest, pin: VersionPin = UNPINNED) -> AsyncIterator[TraceEvent]:
         self._call("trace", request)
+        self.calls.append(("pin", pin))
         events = self.trace_events or [
             TraceProgress(2, 8), TraceProgress(8, 8), TraceDone(trace_result(request.kind), self.edit_version)
         ]  # fmt: skip

@@ -28,46 +28,14 @@ from romegw_client import Client
 from romegw_client.errors import FailedPrecondition, GatewayError, InvalidArgument, ResourceExhausted
 from romegw_client.pb import gateway_pb2 as pb
 from romegw_client.pb import gateway_pb2_grpc as pb_grpc
-from romegw_client.types import LayerFile
 from tests.conftest import wait_until
+from tests.server.layer_files import encode, layer_file, layer_parts
 
 PROMPT = "The Eiffel Tower is located in"
 SOME_ID = uuid.UUID("abcdef01-2345-4678-9abc-def012345678")
-LAYER = 1  # the MLP output projection the test layers touch
 
 
 # ------------------------------------------------------------------ layer files
-
-
-def layer_parts(loaded, weights, *, seed: int = 0, scale: float = 0.05) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A valid layer for ``loaded``: its header and its factors (small: ||u v^T|| well under ||W||)."""
-    name = loaded.spec.mlp_out_weight_name(LAYER)
-    out_dim, in_dim = loaded.spec.as_out_in(weights.parameter(name)).shape
-    g = torch.Generator().manual_seed(seed)
-    u, v = torch.randn(out_dim, generator=g) * scale, torch.randn(in_dim, generator=g) * scale
-    header = {
-        "format_version": 1, "edit_id": str(uuid.uuid4()), "version": 1, "parent_version": 0,
-        "created_at": "2026-01-01T00:00:00Z", "author": "elsewhere", "comment": "",
-        "request": {"prompt": "{} is in", "subject": "X", "target": " Y", "layer": LAYER, "hparams": {"v_lr": 0.5}},
-        "layer": LAYER,
-        "matrices": [{"name": name, "shape": [out_dim, in_dim], "dtype": "float32",
-                      "update_norm": float(u.norm() * v.norm())}],
-        "base_fingerprint": weights.fingerprint([name]).to_json(),
-        "probabilities": {"target_before": 0.1, "target_after": 0.9, "old_before": 0.5, "old_after": 0.1,
-                          "old_object": " Z"},
-        "compute_seconds": 1.0,
-    }
-    return header, {f"{name}.u": u, f"{name}.v": v}
-
-
-def encode(header: object, tensors: dict[str, torch.Tensor]) -> bytes:
-    """A safetensors file with any header (not only a valid one)."""
-    return safetensors_save(tensors, metadata={"romegw": json.dumps(header)})
-
-
-def layer_file(content: bytes, edit_id: str = "x") -> LayerFile:
-    return LayerFile(filename="x.safetensors", content=content, version=1, edit_id=edit_id,
-                     sha256=hashlib.sha256(content).hexdigest())
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -492,20 +460,21 @@ def test_a_bulky_header_is_refused(live) -> None:
 
 
 def test_an_import_whose_caller_leaves_during_the_commit_is_whole_live_and_audited(live, caplog) -> None:
-    """The caller's deadline passes while the import waits for a running stream: afterwards all of its
-    layers are stored AND live (never some of them, never stored but not served), and audited."""
-    import asyncio
-
-    engine, loop = live.srv.engine, live.srv._loop
-    release = asyncio.Event()
+    """The caller's deadline passes while the import's swap waits for a forward pass in flight:
+    afterwards all of its layers are stored AND live (never some of them, never stored but not
+    served), and audited."""
+    engine = live.srv.engine
+    gate = engine.versions.gate
+    release = threading.Event()
     held = threading.Event()
 
-    async def running_stream() -> None:  # what a Generate stream holds while it runs
-        async with engine.gate.read():
+    def long_forward_pass() -> None:  # what a forward pass holds while it runs
+        with gate.reading():
             held.set()
-            await release.wait()
+            release.wait(60)
 
-    holder = asyncio.run_coroutine_threadsafe(running_stream(), loop)
+    holder = threading.Thread(target=long_forward_pass)
+    holder.start()
     assert held.wait(10)
     before = engine.edit_version
     assert engine.active_layers == 0
@@ -513,9 +482,9 @@ def test_an_import_whose_caller_leaves_during_the_commit_is_whole_live_and_audit
     with caplog.at_level(logging.INFO, logger="romegw.audit"), pytest.raises(GatewayError) as e:
         live.client.import_edits(files, timeout=5.0)  # checking 3 small files takes milliseconds
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert engine.gate._writer, "the import never reached its commit (it waits there for the stream)"
-    loop.call_soon_threadsafe(release.set)
-    holder.result(timeout=10)
+    assert gate._writers_waiting, "the import never reached its swap (it waits there for the pass)"
+    release.set()
+    holder.join(timeout=10)
     assert wait_until(lambda: engine.active_layers == 3, timeout=30)  # all three, live (after any earlier test)
     assert engine.edit_version > before
     manifest = json.loads((live.root / "data" / "edits" / "manifest.json").read_text())
