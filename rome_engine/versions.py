@@ -149,14 +149,18 @@ class LiveVersions:
         self.layers_at = layers_at  # version -> its active layers, loaded (the caller checked it exists)
         self.cache_bytes = cache_bytes
         self.gate = gate or SwapGate()
-        self._head: tuple[int, tuple[EditLayer, ...]] = (0, ())  # (version, its layers), replaced whole
+        # (version, its layers), each replaced whole: the head unpinned requests get, and the version
+        # whose matrices are in the model (the same but between a swap's two steps)
+        self._head: tuple[int, tuple[EditLayer, ...]] = (0, ())
+        self._placed: tuple[int, tuple[EditLayer, ...]] = (0, ())
         self._cache: collections.OrderedDict[tuple[int, int], VersionDiff] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
         self.stats = CacheStats()
         self._local = _Pin()
         self._in_use: collections.Counter[int] = collections.Counter()
         self._use_lock = threading.Lock()
-        self.last_swap_seconds = 0.0  # prepare + wait for passes in flight + copy, of the last swap
+        self.last_swap_seconds = 0.0  # the last swap's stored -> live: build the matrices, publish
+        self.last_install_seconds = 0.0  # ... and until they were in place (passes in flight waited for)
         self._handles = []
         # a pass enters through the model, or through its base model alone (``generation.last_logits``)
         for entry in dict.fromkeys((loaded.model, loaded.model.base_model)):
@@ -217,19 +221,20 @@ class LiveVersions:
         return output
 
     def _groups(self, pin: int | tuple[int, ...] | None) -> list[tuple[torch.Tensor | None, VersionDiff]]:
-        """The side paths of one pass (the head is stable while it holds the read lease)."""
-        head = self.head
-        if pin is None or pin == head:
-            return []
+        """The side paths of one pass: every row whose version is not the one in place (stable while
+        the pass holds the read lease; unpinned rows serve the head, which may be published already)."""
+        placed = self._placed[0]
+        if pin is None:
+            pin = self.head
         if isinstance(pin, int):
-            return [(None, self.diff(pin))]
-        if all(v == head for v in pin):
+            return [] if pin == placed else [(None, self.diff(pin))]
+        if all(v == placed for v in pin):
             return []
         if len(set(pin)) == 1:
             return [(None, self.diff(pin[0]))]
         by_version: dict[int, list[int]] = {}
         for row, v in enumerate(pin):
-            if v != head:
+            if v != placed:
                 by_version.setdefault(v, []).append(row)
         device = self.loaded.device
         return [(torch.tensor(rows, device=device), self.diff(v)) for v, rows in by_version.items()]
@@ -261,8 +266,8 @@ class LiveVersions:
     # -- the differences ---------------------------------------------------------
 
     def diff(self, version: int) -> VersionDiff:
-        """The side paths of ``version`` against the current head (cached)."""
-        head, head_layers = self._head  # one read: a swap may land meanwhile (outside a pass)
+        """The terms of ``version`` against the weights in place (cached)."""
+        head, head_layers = self._placed  # one read: a swap may land meanwhile (outside a pass)
         key = (version, head)
         with self._cache_lock:
             found = self._cache.get(key)
@@ -303,30 +308,41 @@ class LiveVersions:
     # -- the head ----------------------------------------------------------------
 
     def swap(self, version: int, layers: Sequence[EditLayer]) -> float:
-        """Make ``version`` (its active ``layers``) the head. The new matrices are built first, then
-        copied in while no pass runs. Returns the seconds from the call until the head is live."""
+        """Make ``version`` (its active ``layers``) the head, in two steps:
+
+        1. *live*: its matrices are built aside and published as the head; every pass that starts
+           from here on serves it (through the exact term of the new head against the weights still
+           in place). Nothing waits for a running pass. Returns the seconds of this step.
+        2. *in place*: the matrices are copied into the model once the passes in flight end (new
+           passes wait for the copy, a millisecond), and the terms against the old weights go.
+        """
         t0 = time.perf_counter()
         prepared = self.weights.prepare(layers)
-        old, old_layers = self._head
-        # the requests still on the old head keep its matrices: the live ones, copied (no rebuild)
-        changed = _touched_between(old_layers, layers) if old in self.in_use() and old != version else []
-        kept = {p: self.weights.parameter(p).detach().clone() for p in changed}
+        placed, placed_layers = self._placed
+        params = _touched_between(placed_layers, layers)
+        if version != placed:  # the new head against the weights in place: exactly the prepared matrices
+            terms = {p.removesuffix(".weight"): SideTerm(weight=prepared[p]) for p in params}
+            self._keep((version, placed), VersionDiff(version, placed, terms))
+        # the requests still on the old weights keep them: the live ones, copied (no rebuild)
+        kept = {p: self.weights.parameter(p).detach().clone() for p in params} if placed in self.in_use() else {}
+        self._head = (version, tuple(layers))
+        self.last_swap_seconds = live = time.perf_counter() - t0
         with self.gate.writing():
             self.weights.install(prepared)
-            self._head = (version, tuple(layers))
+            self._placed = self._head
         with self._cache_lock:
             for key in [k for k in self._cache if k[1] != version]:
                 self.stats.bytes -= self._cache.pop(key).nbytes
             self.stats.entries = len(self._cache)
-        if kept:
+        if kept and placed != version:
             terms = {p.removesuffix(".weight"): SideTerm(weight=w) for p, w in kept.items()}
-            self._keep((old, version), VersionDiff(old, version, terms))
-        self.last_swap_seconds = time.perf_counter() - t0
-        return self.last_swap_seconds
+            self._keep((placed, version), VersionDiff(placed, version, terms))
+        self.last_install_seconds = time.perf_counter() - t0
+        return live
 
     def set_head(self, version: int, layers: Sequence[EditLayer]) -> None:
         """Record the head the weights already hold (at start, before any pass)."""
-        self._head = (version, tuple(layers))
+        self._head = self._placed = (version, tuple(layers))
 
     @property
     def head(self) -> int:

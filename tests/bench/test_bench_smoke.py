@@ -19,7 +19,10 @@ def test_bench_smoke(tmp_path) -> None:
                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert {"machine", "load", "generate_single", "trace", "rome", "edits", "memory"} <= set(results)
+    assert {"machine", "load", "generate_single", "trace", "rome", "edits", "versions", "memory"} <= set(results)
+    versions = results["versions"]
+    assert versions["mixed"]["mixed_tps"] > 0 and versions["edit"]["stored_to_live_s"] > 0
+    assert versions["version_cache_bytes"] <= versions["version_cache_bytes_max"]
     assert results["generate_single"]["gateway_tps"] > 0
     assert results["trace"]["mlp"]["max_abs_diff"] < 1e-4
     variants = results["rome"]["edit"]["variants"]
