@@ -150,6 +150,12 @@ class Engine(EngineEdits):
     ) -> None:
         self.loaded = loaded
         self.limits = limits or EngineLimits()
+        if self.limits.max_concurrent_streams < 1:
+            raise ValueError(f"max_concurrent_streams must be >= 1, got {self.limits.max_concurrent_streams}")
+        if self.limits.version_cache_mb < 0:
+            raise ValueError(f"version_cache_mb must be >= 0, got {self.limits.version_cache_mb}")
+        if not 0.0 <= self.limits.max_version_wait < math.inf:  # NaN too
+            raise ValueError(f"max_version_wait must be a number of seconds >= 0, got {self.limits.max_version_wait}")
         context = config_sizes(loaded.model.config).context_length
         self.context_length = context
         self.max_prompt_tokens = min(self.limits.max_prompt_tokens, context - 1)
@@ -178,8 +184,6 @@ class Engine(EngineEdits):
         self._queued_edits = 0
         self.noise_cache = NoiseCache()
         self.shape = ModelShape.of(loaded)
-        if self.limits.max_concurrent_streams < 1:
-            raise ValueError(f"max_concurrent_streams must be >= 1, got {self.limits.max_concurrent_streams}")
         lim = self.limits
         self.admission = Admission(
             max_concurrent={

@@ -23,9 +23,11 @@ computed once per sample and shared through the KV cache, and cells before the
 subject (which the noise never reaches) score ``corrupted_prob`` without a pass.
 
 Concurrency: the hooks act only on forward passes of the thread that installed
-them (``hooks``), so other threads' passes on the same model run untouched. The
-weights must not change during a trace: the engine runs it under a read lease of
-its version gate (``gate.VersionGate``), which an edit waits for.
+them (``hooks``), so other threads' passes on the same model run untouched. A
+trace runs many passes and reuses states across them, so all must serve one
+version: the engine pins its thread to the version the trace started on
+(``versions.LiveVersions.pinned``); an edit that goes live meanwhile lands between
+two passes and changes nothing the trace sees.
 
     req = TraceRequest("The Eiffel Tower is in", "The Eiffel Tower", kind="mlp")
     result = trace(loaded, req, noise_cache=NoiseCache())

@@ -136,9 +136,8 @@ def test_a_pass_cannot_swap_and_leases_are_reentrant() -> None:
     gate = SwapGate()
     with gate.reading(), gate.reading():
         assert gate.readers == 1
-        with pytest.raises(RuntimeError, match="cannot swap"):
-            with gate.writing():
-                pass
+        with pytest.raises(RuntimeError, match="cannot swap"), gate.writing():
+            pass
     assert gate.readers == 0
     with gate.writing():
         pass

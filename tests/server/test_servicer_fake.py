@@ -170,6 +170,21 @@ def test_score_and_model_info(serve: Serve) -> None:
     assert info.server_version == "0.0-fake" and info.load_seconds == 0.5
 
 
+def test_version_pins_reach_the_engine_and_model_info_lists_versions_in_use(serve: Serve) -> None:
+    c, fake = serve()
+    c.generate_text("Hi", edit_version=3, min_edit_version=2, timeout=30)
+    c.score("Hi", [" there"])
+    list(c.trace("The Eiffel Tower is", "Eiffel Tower", edit_version=0))
+    generate_pin, score_pin, trace_pin = fake.given("pin")
+    assert (generate_pin.edit_version, generate_pin.min_edit_version) == (3, 2)
+    assert 0 < generate_pin.wait_seconds <= 30  # the caller's time left bounds a wait
+    assert (score_pin.edit_version, score_pin.min_edit_version) == (None, None)  # unset: the head
+    assert (trace_pin.edit_version, trace_pin.min_edit_version) == (0, None)  # 0 is a version (the base)
+    fake.known_version, fake.in_use = 7, {5: 2, 7: 1}
+    info = c.model_info()
+    assert (info.known_version, info.versions_in_use) == (7, {7: 1, 5: 2})
+
+
 def test_trace_progress_then_result(serve: Serve) -> None:
     c, fake = serve()
     events = list(c.trace("The Eiffel Tower is", "Eiffel Tower", kind="mlp", window=4))
