@@ -304,17 +304,20 @@ class EditManager:
             raise Unavailable(f"cannot write the edit store {self.store.root}: {e}; nothing was changed") from e
 
     def activate(
-        self, active: Sequence[str], version: int, swap: Callable[[int, list[EditLayer]], object] | None = None
-    ) -> None:
+        self, active: Sequence[str], version: int, swap: Callable[[int, list[EditLayer]], float] | None = None
+    ) -> float:
         """Make a version the head: ``swap(version, layers)`` puts its weights live (the server's
         ``versions.LiveVersions.swap``, between forward passes); without it, the weights are set
-        directly (no forward pass may run meanwhile)."""
+        directly (no forward pass may run meanwhile). Returns the seconds until it was live."""
+        t0 = time.perf_counter()
         layers = [self._layers[i] for i in active]
         if swap is None:
             self.weights.materialize(layers)
+            live = time.perf_counter() - t0
         else:
-            swap(version, layers)
+            live = swap(version, layers)
         self.active, self.head_version = list(active), version
+        return live
 
     def version_layers(self, version: int) -> list[EditLayer]:
         """The active layers of any version of the history, loaded (blocking: may read layer files).
@@ -323,8 +326,10 @@ class EditManager:
             return [self._layers[i] for i in self.active]
         ids = self.store.manifest.active_at(version)
         problem = self._load_all(ids)
-        if problem:
-            raise FailedPrecondition(f"version {version} cannot be served: {problem}")
+        if problem:  # the detail (paths of the store) is for the operators' log, not for any reader
+            log.error("edit store: version %d cannot be served: %s", version, problem)
+            raise FailedPrecondition(f"version {version} cannot be served: a layer of it does not verify "
+                                     "(the server log says which and why)")  # fmt: skip
         return [self._layers[i] for i in ids]
 
     # -- revert -------------------------------------------------------------

@@ -231,20 +231,25 @@ class Engine(EngineEdits):
         for name, value in (("edit_version", pin.edit_version), ("min_edit_version", pin.min_edit_version)):
             if value is not None and value < 0:
                 raise InvalidRequest(f"{name} must be >= 0, got {value}")
-        pinned, least = pin.edit_version, pin.min_edit_version
-        if pinned is not None and least is not None and pinned < least:
-            raise InvalidRequest(f"edit_version {pinned} is older than min_edit_version {least}: send one of them")
-        if pin.min_edit_version is not None and self.known_version < pin.min_edit_version:
-            await self._wait_for_history(pin.min_edit_version, pin.wait_seconds)
-        version = pin.edit_version
+        version, least = pin.edit_version, pin.min_edit_version
+        if version is not None and least is not None and version < least:
+            raise InvalidRequest(f"edit_version {version} is older than min_edit_version {least}: send one of them")
+        if least is not None and self.known_version < least:
+            await self._wait_for_history(least, pin.wait_seconds)
         if version is None or version == self.edit_version:
             return self.edit_version
         if self.edits is None:
             raise NotFound(f"version {version} does not exist: this server has no edit store (version 0 only)")
         if version > self.known_version:
             raise NotFound(f"version {version} does not exist (versions 0..{self.known_version} exist)")
-        await self.run(self.versions.diff, version)  # loads its layers (NotFound, FailedPrecondition), cached
+        await self.run(self.edits.version_layers, version)  # loads and verifies (FailedPrecondition), once
         return version
+
+    async def _prepare_version(self, version: int) -> None:
+        """Build a pinned version's matrices (cached) on a worker thread, once the request is admitted:
+        not in the decode loop's first pass, and not for a request that admission refuses."""
+        if self.versions is not None and version != self.edit_version:
+            await self.run(self.versions.diff, version)
 
     async def _wait_for_history(self, wanted: int, wait_seconds: float | None) -> None:
         limit = self.limits.max_version_wait
@@ -397,6 +402,7 @@ class Engine(EngineEdits):
         tokens = len(prompt_ids) + params.max_new_tokens
         version = await self.resolve_version(pin)
         with self.admission.admit("stream", tokens=tokens, memory=estimate), self._using(version):
+            await self._prepare_version(version)
             if self.scheduler is not None:
                 stream = self._batched(prompt_ids, params, version)
             else:
@@ -489,6 +495,7 @@ class Engine(EngineEdits):
         estimate = score_bytes(self.shape, rows=len(continuations), tokens=width)
         version = await self.resolve_version(pin)
         with self.admission.admit("score", tokens=len(continuations) * width, memory=estimate), self._using(version):
+            await self._prepare_version(version)
 
             def compute(_stop: Callable[[], bool]) -> list[ContinuationScore]:
                 with self._pinned(version):
@@ -527,6 +534,7 @@ class Engine(EngineEdits):
         rows = min(TRACE_BATCH_ROWS, cells * request.samples)
         version = await self.resolve_version(pin)
         with self.admission.admit("trace", tokens=rows * n_tokens, memory=estimate), self._using(version):
+            await self._prepare_version(version)
 
             def compute(should_stop: Callable[[], bool]) -> TraceResult:
                 def progress(done: int, total: int) -> None:

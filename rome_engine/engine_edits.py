@@ -100,10 +100,9 @@ class EngineEdits:
 
         async def commit() -> R:
             entries = await self.run(store)
-            t0 = time.perf_counter()
-            await self.run(manager.activate, entries[-1].active, entries[-1].version, swap)
+            live = await self.run(manager.activate, entries[-1].active, entries[-1].version, swap)
             if self.on_live is not None:
-                self.on_live(time.perf_counter() - t0)
+                self.on_live(live)
             await self.notify_history()
             return after(entries)
 

@@ -35,7 +35,6 @@ class SwapGate:
         self._writing = False
         self._local = threading.local()
         self.last_wait_seconds = 0.0  # how long the last writer waited for the passes in flight
-        self.last_hold_seconds = 0.0  # how long it held the weights
 
     @property
     def readers(self) -> int:
@@ -84,11 +83,10 @@ class SwapGate:
             finally:
                 self._writers_waiting -= 1
             self._writing = True
-        t1 = time.perf_counter()
+        self.last_wait_seconds = time.perf_counter() - t0
         try:
             yield
         finally:
             with self._cond:
                 self._writing = False
                 self._cond.notify_all()
-            self.last_wait_seconds, self.last_hold_seconds = t1 - t0, time.perf_counter() - t1

@@ -160,7 +160,6 @@ class LiveVersions:
         self._in_use: collections.Counter[int] = collections.Counter()
         self._use_lock = threading.Lock()
         self.last_swap_seconds = 0.0  # the last swap's stored -> live: build the matrices, publish
-        self.last_install_seconds = 0.0  # ... and until they were in place (passes in flight waited for)
         self._handles = []
         # a pass enters through the model, or through its base model alone (``generation.last_logits``)
         for entry in dict.fromkeys((loaded.model, loaded.model.base_model)):
@@ -179,19 +178,17 @@ class LiveVersions:
 
     # -- which version this thread's passes serve ------------------------------
 
-    @contextlib.contextmanager
-    def pinned(self, version: int) -> Iterator[None]:
+    def pinned(self, version: int) -> contextlib.AbstractContextManager[None]:
         """Every pass of this thread inside serves ``version``."""
-        before, self._local.pin = self._local.pin, version
-        try:
-            yield
-        finally:
-            self._local.pin = before
+        return self._serving(version)
+
+    def rows(self, versions: Sequence[int]) -> contextlib.AbstractContextManager[None]:
+        """The next passes of this thread serve ``versions[i]`` on batch row i."""
+        return self._serving(tuple(versions))
 
     @contextlib.contextmanager
-    def rows(self, versions: Sequence[int]) -> Iterator[None]:
-        """The next passes of this thread serve ``versions[i]`` on batch row i."""
-        before, self._local.pin = self._local.pin, tuple(versions)
+    def _serving(self, pin: int | tuple[int, ...]) -> Iterator[None]:
+        before, self._local.pin = self._local.pin, pin
         try:
             yield
         finally:
@@ -283,16 +280,15 @@ class LiveVersions:
     def _build(
         self, version: int, layers: Sequence[EditLayer], head: int, head_layers: Sequence[EditLayer]
     ) -> VersionDiff:
-        plus, minus = _only_in(layers, head_layers), _only_in(head_layers, layers)
         params = _touched_between(layers, head_layers)
-        exact_bytes = sum(self.weights.parameter(p).numel() * self.weights.parameter(p).element_size() for p in params)
-        if exact_bytes <= self.cache_bytes:
+        matrices = [self.weights.parameter(p) for p in params]
+        if sum(w.numel() * w.element_size() for w in matrices) <= self.cache_bytes:
             built = self.weights.prepare(layers, only=params)
             self.exact_terms += 1
             terms = {p.removesuffix(".weight"): SideTerm(weight=built[p]) for p in params}
         else:
             self.low_rank_terms += 1
-            terms = side_terms(plus, minus, self.loaded.device)
+            terms = side_terms(_only_in(layers, head_layers), _only_in(head_layers, layers), self.loaded.device)
         return VersionDiff(version, head, terms)
 
     def _keep(self, key: tuple[int, int], made: VersionDiff) -> None:
@@ -317,16 +313,16 @@ class LiveVersions:
            passes wait for the copy, a millisecond), and the terms against the old weights go.
         """
         t0 = time.perf_counter()
-        prepared = self.weights.prepare(layers)
         placed, placed_layers = self._placed
-        params = _touched_between(placed_layers, layers)
+        params = _touched_between(placed_layers, layers)  # every other matrix in place has its bits already
+        prepared = self.weights.prepare(layers, only=params)
         if version != placed:  # the new head against the weights in place: exactly the prepared matrices
             terms = {p.removesuffix(".weight"): SideTerm(weight=prepared[p]) for p in params}
             self._keep((version, placed), VersionDiff(version, placed, terms))
         # the requests still on the old weights keep them: the live ones, copied (no rebuild)
         kept = {p: self.weights.parameter(p).detach().clone() for p in params} if placed in self.in_use() else {}
         self._head = (version, tuple(layers))
-        self.last_swap_seconds = live = time.perf_counter() - t0
+        self.last_swap_seconds = time.perf_counter() - t0
         with self.gate.writing():
             self.weights.install(prepared)
             self._placed = self._head
@@ -337,8 +333,7 @@ class LiveVersions:
         if kept and placed != version:
             terms = {p.removesuffix(".weight"): SideTerm(weight=w) for p, w in kept.items()}
             self._keep((placed, version), VersionDiff(placed, version, terms))
-        self.last_install_seconds = time.perf_counter() - t0
-        return live
+        return self.last_swap_seconds
 
     def set_head(self, version: int, layers: Sequence[EditLayer]) -> None:
         """Record the head the weights already hold (at start, before any pass)."""
@@ -346,7 +341,7 @@ class LiveVersions:
 
     @property
     def head(self) -> int:
-        """The version unpinned passes serve (the weights in place)."""
+        """The version unpinned passes serve (published; in place once the swap's copy is done)."""
         return self._head[0]
 
     # -- what runs on which version ---------------------------------------------

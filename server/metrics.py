@@ -55,7 +55,7 @@ class _ProcessCollector:
 
 
 class _VersionCacheCollector:
-    """The side paths of pinned versions (``rome_engine.versions``): cache hits, misses, bytes."""
+    """The cached matrices of pinned versions (``rome_engine.versions``): hits, misses, bytes."""
 
     def __init__(self, engine: EngineClient) -> None:
         self.engine = engine
@@ -65,11 +65,11 @@ class _VersionCacheCollector:
         if versions is None:
             return
         stats = versions.stats
-        hits = CounterMetricFamily("romegw_version_cache_hits", "Passes whose version's side path was cached.")
+        hits = CounterMetricFamily("romegw_version_cache_hits", "Passes whose pinned version was cached.")
         hits.add_metric([], float(stats.hits))
-        misses = CounterMetricFamily("romegw_version_cache_misses", "Side paths built (not cached).")
+        misses = CounterMetricFamily("romegw_version_cache_misses", "Pinned versions' matrices built (not cached).")
         misses.add_metric([], float(stats.misses))
-        size = GaugeMetricFamily("romegw_version_cache_bytes", "Bytes of side paths cached (bounded).")
+        size = GaugeMetricFamily("romegw_version_cache_bytes", "Bytes of pinned versions' matrices cached (bounded).")
         size.add_metric([], float(stats.bytes))
         yield from (hits, misses, size)
 

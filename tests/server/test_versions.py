@@ -97,6 +97,8 @@ def test_pins_that_cannot_be_served(tokenizer, serve) -> None:
             c.generate_text(PROMPTS[0], max_new_tokens=2, edit_version=3)
         with pytest.raises(NotFound, match="version 9"):
             c.score(PROMPTS[0], CONTINUATIONS, edit_version=9)
+        with pytest.raises(NotFound, match=f"version {2**64 - 1} does not exist"):  # the largest uint64
+            c.generate_text(PROMPTS[0], max_new_tokens=2, edit_version=2**64 - 1)
         with pytest.raises(NotFound, match="version 9"):
             c.trace_result(PROMPTS[0], "The Eiffel Tower", edit_version=9, samples=1)
         with pytest.raises(InvalidArgument, match="older than min_edit_version"):
@@ -138,3 +140,30 @@ def test_min_edit_version_waits_for_the_edit(tokenizer, serve) -> None:
     assert metrics[("romegw_version_cache_misses_total", ())] >= 1
     assert metrics[("romegw_version_cache_bytes", ())] > 0
     assert ("romegw_streams_by_version", (("version", "pinned"),)) in metrics
+
+
+def test_a_pinned_version_that_does_not_verify_fails_alone(tokenizer, serve, tmp_path) -> None:
+    """A damaged layer of an old version: its pin is FAILED_PRECONDITION (no store path in the message),
+    and a stream running beside it is untouched."""
+    loaded = make_tiny("llama", tokenizer)
+    store = tmp_path / "store"
+    srv = serve(loaded, LIMITS, edits=True, edit_store=store)
+    with Client(srv.target, timeout=60) as c:
+        import_layer(c, srv, seed=4)
+        c.revert_edit(to_version=0)
+    srv.stop(grace=0.5)
+    srv.engine.close()
+    srv.engine.edits.activate([], 0)
+    (layer,) = (store / "layers").glob("*.safetensors")
+    damaged = bytearray(layer.read_bytes())
+    damaged[-5] ^= 0xFF
+    layer.write_bytes(bytes(damaged))
+    srv = serve(loaded, LIMITS, edits=True, edit_store=store)  # serves version 0; version 1's layer is not loaded
+    with Client(srv.target, timeout=120) as c:
+        alone = c.generate_text(PROMPTS[0], max_new_tokens=200).text
+        with ThreadPoolExecutor(1) as pool:
+            beside = pool.submit(c.generate_text, PROMPTS[0], max_new_tokens=200)
+            with pytest.raises(FailedPrecondition, match="version 1 cannot be served") as e:
+                c.generate_text(PROMPTS[1], max_new_tokens=2, edit_version=1)
+            assert str(store) not in str(e.value)
+            assert beside.result().text == alone
