@@ -103,8 +103,10 @@ class EngineEdits:
             live = await self.run(manager.activate, entries[-1].active, entries[-1].version, swap)
             if self.on_live is not None:
                 self.on_live(live)
-            await self.notify_history()
-            return after(entries)
+            try:
+                return after(entries)  # audited as soon as it is live, before anything else awaits
+            finally:
+                await self.notify_history()
 
         return await asyncio.shield(asyncio.ensure_future(commit()))
 
