@@ -49,8 +49,10 @@ def _neighbour_true(loaded: LoadedModel, rec: CounterFactRecord) -> float:
     return statistics.mean(probs) if probs else float("nan")
 
 
-def edit_record(loaded: LoadedModel, cache: RomeCache, method: str, rec: CounterFactRecord) -> dict:
-    req = EditRequest(rec.prompt, rec.subject, rec.target_new)
+def edit_record(
+    loaded: LoadedModel, cache: RomeCache, method: str, rec: CounterFactRecord, hparams: dict[str, float]
+) -> dict:
+    req = EditRequest(rec.prompt, rec.subject, rec.target_new, hparams=hparams)
     before, neigh_before = _prob(loaded, req.filled(), req.target), _neighbour_true(loaded, rec)
     stages: dict[str, float] = {}  # CPU seconds at which each stage first reported
 
@@ -89,7 +91,7 @@ def nullspace_report(loaded: LoadedModel, cache: RomeCache, example: EditRequest
     for layer in hp.layer_range():
         eig, _ = layer_eigenbasis(loaded, layer, hp.z_hparams(layer), cache)
         keep = preserved_basis(eig, hp.nullspace_threshold, bool(hp.nullspace_relative))
-        _, free = projector(keep)
+        free = projector(keep).free
         cut = hp.nullspace_threshold * (eig.mean if hp.nullspace_relative else 1.0)
         kept = float(eig.values[eig.values >= cut].sum() / eig.values.sum())
         out.append({
@@ -101,16 +103,21 @@ def nullspace_report(loaded: LoadedModel, cache: RomeCache, example: EditRequest
 
 
 def run(
-    loaded: LoadedModel, records: list[CounterFactRecord], warmup: CounterFactRecord, methods: tuple[str, ...]
+    loaded: LoadedModel,
+    records: list[CounterFactRecord],
+    warmup: CounterFactRecord,
+    methods: tuple[str, ...],
+    hparams: dict[str, float],
 ) -> dict:
     cache = RomeCache(default_cache_dir())
-    out: dict = {"model_id": loaded.model_id, "threads": torch.get_num_threads(), "methods": {}}
+    out: dict = {"model_id": loaded.model_id, "threads": torch.get_num_threads(), "hparams": hparams, "methods": {}}
     for method in methods:
-        edit_record(loaded, cache, method, warmup)  # C, eigenbasis, prefixes, layer: cached from here on
-        rows = [edit_record(loaded, cache, method, rec) for rec in records]
+        edit_record(loaded, cache, method, warmup, hparams)  # C, eigenbasis, prefixes, layer: cached from here on
+        rows = [edit_record(loaded, cache, method, rec, hparams) for rec in records]
         out["methods"][method] = {
             "median_seconds": statistics.median(r["seconds"] for r in rows),
             "median_cpu_seconds": statistics.median(r["cpu_seconds"] for r in rows),
+            "median_steps": statistics.median(r["steps"] for r in rows),
             "mean_target_after": statistics.mean(r["target_after"] for r in rows),
             "records": rows,
         }
@@ -126,6 +133,8 @@ def main() -> int:
     ap.add_argument("--records", default="0:5", help="start:count of the CounterFact records to edit")
     ap.add_argument("--warmup", type=int, default=5, help="the record edited first by each method (not reported)")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE",
+                    help="override sent with every edit (repeatable), e.g. v_lr=1.0")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is the compute time)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -135,7 +144,8 @@ def main() -> int:
     records = load_counterfact(args.data, start=start, n=count)
     (warmup,) = load_counterfact(args.data, start=args.warmup, n=1)
     loaded = load_model(None, device="cpu", dtype="float32")
-    r = run(loaded, records, warmup, tuple(args.methods.split(",")))
+    hparams = {name: float(value) for name, value in (h.split("=", 1) for h in args.hparam)}
+    r = run(loaded, records, warmup, tuple(args.methods.split(",")), hparams)
     head = f"{'method':<10} {'case':>5} {'s/edit':>7} {'cpu s':>6} {'P before':>9} {'P after':>8}"
     print(f"{head} {'P(true) neighbours':>19}  edit")
     for method, m in r["methods"].items():
@@ -144,7 +154,7 @@ def main() -> int:
             print(f"{method:<10} {row['case_id']:>5} {row['seconds']:7.1f} {row['cpu_seconds']:6.1f} "
                   f"{row['target_before']:9.3f} {row['target_after']:8.3f} {neigh:>19}  {row['edit']}")  # fmt: skip
         print(f"{method:<10} {'median':>5} {m['median_seconds']:7.1f} {m['median_cpu_seconds']:6.1f} {'':>9} "
-              f"{m['mean_target_after']:8.3f} (mean)")
+              f"{m['mean_target_after']:8.3f} (mean), {m['median_steps']:.0f} z steps (median)")
     for n in r.get("nullspace", []):
         print(f"layer {n['layer']}: {n['free_dims']} of {n['d_in']} input dims free, the preserved "
               f"{n['preserved']} eigenvectors hold {100 * n['preserved_share_of_trace']:.0f}% of tr(C)")  # fmt: skip

@@ -229,7 +229,8 @@ def _projected_solver(
     eig: Eigenbasis, hp: MemitHParams, prior: torch.Tensor | None, param: str
 ) -> tuple[Solver, int]:
     keep = preserved_basis(eig, hp.nullspace_threshold, bool(hp.nullspace_relative))
-    proj, free = projector(keep, prior, hard=bool(hp.hard_prior))
+    proj = projector(keep, prior, hard=bool(hp.hard_prior))
+    free = proj.free
     alpha = hp.l2 * float(eig.values.sum())  # l2 * tr(C) = l2 * E||k||^2
     prior_gram = None
     if not hp.hard_prior and prior is not None and prior.numel():
@@ -237,7 +238,7 @@ def _projected_solver(
 
     if free <= 0:  # refused before any optimisation runs
         raise FailedPrecondition(
-            f"{param} has no free direction left: its {proj.shape[0]} input dimensions are all preserved "
+            f"{param} has no free direction left: its {proj.dim} input dimensions are all preserved "
             f"({keep.shape[1]} eigenvectors of C and {0 if prior is None else prior.shape[1]} earlier edit keys)"
         )
 

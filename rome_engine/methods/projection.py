@@ -12,6 +12,7 @@ have different scales (``nullspace_relative=0``: absolute, as AlphaEdit).
     eig, cached = layer_eigenbasis(loaded, layer, hp, cache)    # C's eigh, cached beside C
     keep = preserved_basis(eig, threshold=2e-2, relative=True)  # (d, m) the directions to leave alone
     proj = projector(keep, prior_keys, hard=True)               # P = I - Q Q^T, Q spans keep + K_p
+    proj.free                                                   # input dimensions left to write from
 
 With ``hard=True`` the earlier edits' keys K_p join the preserved span: P
 k_p = 0, so the new update leaves W k_p exactly as it was (see ``solve.py``),
@@ -94,21 +95,48 @@ def preserved_basis(eig: Eigenbasis, threshold: float, relative: bool = True) ->
     return eig.vectors[:, eig.values >= cut]
 
 
+@dataclass(frozen=True, eq=False)
+class Projector:
+    """P = I - Q Q^T, kept as Q: (d, q) float64 with orthonormal columns, the directions the update
+    may not write from. Applying it costs O(d q r) for r vectors; the dense (d, d) P is never needed
+    by the hard mode's solve (see ``solve.projected_factor``)."""
+
+    basis: torch.Tensor  # Q (d, q)
+
+    @property
+    def dim(self) -> int:
+        return int(self.basis.shape[0])
+
+    @property
+    def free(self) -> int:
+        """Input dimensions left to write from: d - q."""
+        return self.dim - int(self.basis.shape[1])
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """P x = x - Q (Q^T x), float64, for x (d, r)."""
+        q = self.basis
+        x = x.double().to(q.device)
+        return x - q @ (q.T @ x)
+
+    def dense(self) -> torch.Tensor:
+        """P (d, d) float64."""
+        q = self.basis
+        return torch.eye(self.dim, dtype=q.dtype, device=q.device) - q @ q.T
+
+
 def projector(
     preserved: torch.Tensor, prior_keys: torch.Tensor | None = None, *, hard: bool = True, tol: float = 1e-9
-) -> tuple[torch.Tensor, int]:
-    """(P (d, d) float64, free dimensions): P = I - Q Q^T with Q an orthonormal basis of the
-    preserved span, and with ``hard`` also of the earlier edits' keys ``prior_keys`` (d, n).
+) -> Projector:
+    """P = I - Q Q^T with Q an orthonormal basis of the preserved span, and with ``hard`` also of
+    the earlier edits' keys ``prior_keys`` (d, n).
 
     Key directions within ``tol`` (relative to the longest key) of the span already preserved add nothing.
     """
     q = preserved.double()
-    d = q.shape[0]
     if hard and prior_keys is not None and prior_keys.numel():
         k = prior_keys.double().to(q.device)
         rest = k - q @ (q.T @ k)  # (d, n): what the preserved span leaves of each key
         left, s, _ = torch.linalg.svd(rest, full_matrices=False)
         scale = float(k.norm(dim=0).max())
         q = torch.cat([q, left[:, s > tol * max(scale, 1e-30)]], dim=1)
-    proj = torch.eye(d, dtype=q.dtype, device=q.device) - q @ q.T
-    return proj, d - q.shape[1]
+    return Projector(q)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .projection import Projector
+
 
 def memit_factor(
     resid: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, lam: float, shrinkage: float = 0.0
@@ -39,16 +41,33 @@ def memit_factor(
 
 
 def projected_factor(
-    resid: torch.Tensor, keys: torch.Tensor, proj: torch.Tensor, alpha: float, prior_gram: torch.Tensor | None = None
+    resid: torch.Tensor,
+    keys: torch.Tensor,
+    proj: Projector,
+    alpha: float,
+    prior_gram: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u (out, r), v (in, r)) float32 of Delta^T = (P M + alpha I)^-1 P K R^T, M = K K^T (+ ``prior_gram``)."""
-    p = proj.double()
-    k = keys.double().to(p.device)  # (in, r)
-    m = k @ k.T  # (in, in)
-    if prior_gram is not None:
-        m = m + prior_gram.double().to(p.device)
+    """(u (out, r), v (in, r)) float32 of Delta^T = (P M + alpha I)^-1 P K R^T, M = K K^T (+ ``prior_gram``).
+
+    Without ``prior_gram`` (the hard mode) M = K K^T has rank r, and the push-through identity
+    (alpha I + A B)^-1 A = A (alpha I + B A)^-1 with A = P K, B = K^T gives
+
+        v = P K (alpha I_r + K^T P K)^-1,
+
+    an r x r solve instead of a d x d one (and no dense P). With ``prior_gram`` (the soft mode)
+    the d x d system is solved as written.
+    """
+    pk = proj.apply(keys)  # (in, r) P K
+    k = keys.double().to(pk.device)
+    if prior_gram is None:
+        r = k.shape[1]
+        small = alpha * torch.eye(r, dtype=pk.dtype, device=pk.device) + k.T @ pk  # (r, r), symmetric
+        v = torch.linalg.solve(small, pk.T).T  # (in, r)
+        return resid.float().cpu(), v.float().cpu()
+    p = proj.dense()
+    m = k @ k.T + prior_gram.double().to(p.device)  # (in, in)
     eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
-    v = torch.linalg.solve(p @ m + alpha * eye, p @ k)  # (in, r)
+    v = torch.linalg.solve(p @ m + alpha * eye, pk)  # (in, r)
     return resid.float().cpu(), v.float().cpu()
 
 

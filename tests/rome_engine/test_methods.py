@@ -159,9 +159,10 @@ def test_projected_solve_spares_every_key_the_projector_removes() -> None:
     d = 16
     keep = torch.linalg.qr(torch.randn(d, 5, dtype=torch.float64)).Q  # preserved span
     prior = torch.randn(d, 3, dtype=torch.float64)
-    proj, free = projector(keep, prior, hard=True)
-    assert free == d - 5 - 3
-    torch.testing.assert_close(proj @ proj, proj)  # a projector
+    proj = projector(keep, prior, hard=True)
+    assert proj.free == d - 5 - 3
+    dense = proj.dense()
+    torch.testing.assert_close(dense @ dense, dense)  # a projector
     keys, resid = torch.randn(d, 2, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
     u, v = projected_factor(resid, keys, proj, alpha=0.1)
     spared = torch.cat([keep @ torch.randn(5, 4, dtype=torch.float64), prior], dim=1)  # P k = 0
@@ -169,13 +170,26 @@ def test_projected_solve_spares_every_key_the_projector_removes() -> None:
     assert float((u.double() @ (v.double().T @ keys)).abs().max()) > 0.1  # and it writes at its own keys
 
 
+def test_projected_solve_equals_the_d_by_d_system() -> None:
+    """The hard mode's r x r solve (push-through identity) is AlphaEdit's (P K K^T + alpha I)^-1 P K."""
+    torch.manual_seed(1)
+    d = 24
+    keep = torch.linalg.qr(torch.randn(d, 6, dtype=torch.float64)).Q
+    proj = projector(keep, torch.randn(d, 4, dtype=torch.float64), hard=True)
+    keys, resid = torch.randn(d, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    _, v = projected_factor(resid, keys, proj, alpha=0.3)
+    p = proj.dense()
+    expected = torch.linalg.solve(p @ keys @ keys.T + 0.3 * torch.eye(d, dtype=torch.float64), p @ keys)
+    torch.testing.assert_close(v.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_soft_prior_is_a_penalty_not_a_constraint() -> None:
     torch.manual_seed(0)
     d = 16
     keep = torch.linalg.qr(torch.randn(d, 5, dtype=torch.float64)).Q
     prior = torch.randn(d, 3, dtype=torch.float64)
-    proj, free = projector(keep, prior, hard=False)
-    assert free == d - 5
+    proj = projector(keep, prior, hard=False)
+    assert proj.free == d - 5
     keys, resid = prior[:, :1] + 0.5 * torch.randn(d, 1, dtype=torch.float64), torch.randn(7, 1, dtype=torch.float64)
     u, v = projected_factor(resid, keys, proj, alpha=0.1, prior_gram=prior @ prior.T)
     u0, v0 = projected_factor(resid, keys, proj, alpha=0.1)
