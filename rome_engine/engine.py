@@ -50,7 +50,8 @@ from .engine_edits import EngineEdits
 from .errors import FailedPrecondition, InvalidRequest, NotFound, Unavailable
 from .generation import GenerationChunk, SamplingParams, generate_tokens
 from .loading import LoadedModel
-from .records import UNPINNED, VersionPin
+from .methods import default_method
+from .records import AUTO_METHOD, METHODS, UNPINNED, VersionPin
 from .scoring import ContinuationScore, encode_prompt, score_continuations
 from .tracing import NoiseCache, TraceRequest, TraceResult
 from .tracing import trace as trace_grid
@@ -83,7 +84,9 @@ class EngineLimits:
     max_update_norm_ratio: float = DEFAULT_MAX_UPDATE_NORM_RATIO
     # an edit whose P(target) on its prompt stays below this is refused (a request may set its own)
     min_target_prob: float = 0.0
-    edit_method: str = "rome"  # how an edit is computed unless its request names a method (records.METHODS)
+    # how an edit is computed unless its request names a method (records.METHODS), or "auto": the
+    # projected mode on a model with an evaluated range (the embedded one), else rome (methods.default_method)
+    edit_method: str = AUTO_METHOD
     max_batch_facts: int = 64  # facts of one ApplyEdits call (one layer, one version)
     # -- admission control: refused at once with RESOURCE_EXHAUSTED (0: no limit)
     max_concurrent_traces: int = 2
@@ -141,6 +144,7 @@ class EngineInfo:
     version: str
     active_streams: int
     known_version: int  # the newest version of the history this server knows
+    default_edit_method: str  # the method of an edit that names none ("auto" resolved)
     versions_in_use: dict[int, int]  # version -> requests running on it
 
 
@@ -156,6 +160,13 @@ class Engine(EngineEdits):
             raise ValueError(f"version_cache_mb must be >= 0, got {self.limits.version_cache_mb}")
         if not 0.0 <= self.limits.max_version_wait < math.inf:  # NaN too
             raise ValueError(f"max_version_wait must be a number of seconds >= 0, got {self.limits.max_version_wait}")
+        if self.limits.edit_method not in (AUTO_METHOD, *METHODS):
+            raise ValueError(f"edit_method must be {AUTO_METHOD} or one of {', '.join(METHODS)}, "
+                             f"got {self.limits.edit_method!r}")  # fmt: skip
+        # the method of an edit that names none
+        self.default_edit_method = (
+            default_method(loaded) if self.limits.edit_method == AUTO_METHOD else self.limits.edit_method
+        )
         context = config_sizes(loaded.model.config).context_length
         self.context_length = context
         self.max_prompt_tokens = min(self.limits.max_prompt_tokens, context - 1)
@@ -588,5 +599,6 @@ class Engine(EngineEdits):
             version=__version__,
             active_streams=self.active_streams,
             known_version=self.known_version,
+            default_edit_method=self.default_edit_method,
             versions_in_use=self.versions_in_use(),
         )

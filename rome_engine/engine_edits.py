@@ -58,6 +58,7 @@ class EngineEdits:
     _queued_edits: int
     _stopping: threading.Event
     edit_version: int
+    default_edit_method: str  # limits.edit_method, "auto" resolved for this model
     run: Callable[..., Awaitable[Any]]  # run(fn, *args): fn on a worker thread
     run_to_end: Callable[[Callable[[Callable[[], bool]], Any]], Awaitable[Any]]  # run_to_end(fn(should_stop))
 
@@ -155,7 +156,7 @@ class EngineEdits:
 
     def edit_method(self, options: ApplyOptions) -> str:
         """The method an edit is computed by: the request's, else the server's (InvalidRequest if unknown)."""
-        method = options.method or self.limits.edit_method
+        method = options.method or self.default_edit_method
         if method not in METHODS:
             raise InvalidRequest(f"unknown edit method {clip(method)!r}: use one of {', '.join(METHODS)}")
         return method

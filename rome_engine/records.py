@@ -34,6 +34,7 @@ LAYER_FORMAT = 2  # the layer header this code writes: facts, method, rank-r fac
 LAYER_FORMATS = (1, 2)  # the ones it reads (format 1: one fact, rank one; see edit_store)
 MANIFEST_FORMAT = 1
 METHODS = ("rome", "memit", "projected", "ft")  # the editing methods a header may name
+AUTO_METHOD = "auto"  # a server default: the model's own choice (methods.default_method)
 MAX_FACTS = 256  # facts of one batch edit (one layer)
 MAX_RANK = 1024  # columns of one matrix's factors (a batch's facts, an FT change's SVD rank)
 HEADER_KEY = "romegw"  # the layer file's metadata key holding the header

@@ -120,8 +120,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="refuse an imported or stored layer whose update norm exceeds this times its matrix's norm",
     )
     p.add_argument(
-        "--edit-method", default=env("edit_method", d.edit_method), choices=list(EDIT_METHODS),
-        help="how an edit is computed unless its request names a method",
+        "--edit-method", default=env("edit_method", d.edit_method), choices=["auto", *EDIT_METHODS],
+        help="how an edit is computed unless its request names a method (auto: the null-space projected mode "
+        "on a model with an evaluated layer range, such as the embedded one; rome otherwise)",
     )
     p.add_argument(
         "--max-batch-facts", type=int, default=int_env("max_batch_facts", d.max_batch_facts),

@@ -106,6 +106,7 @@ def model_info(info: EngineInfo) -> pb.ModelInfo:
         server_version=info.version,
         active_streams=info.active_streams,
         known_version=info.known_version,
+        default_edit_method=info.default_edit_method,
         versions_in_use=[
             pb.VersionUse(version=v, requests=n) for v, n in sorted(info.versions_in_use.items(), reverse=True)
         ],

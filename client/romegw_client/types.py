@@ -149,6 +149,7 @@ class ModelInfo:
     active_streams: int = 0
     known_version: int = 0  # the newest version of the history the server knows
     versions_in_use: dict[int, int] = field(default_factory=dict)  # version -> requests running on it
+    default_edit_method: str = ""  # how an edit that names no method is computed
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -173,6 +174,7 @@ class ModelInfo:
             active_streams=m.active_streams,
             known_version=m.known_version,
             versions_in_use={u.version: u.requests for u in m.versions_in_use},
+            default_edit_method=m.default_edit_method,
         )
 
 

@@ -13,6 +13,7 @@ Public names:
     rome_result(edit) -> MethodResult        - a ROME ``EditResult`` as a rank-one MethodResult
     LowRankFactor, MethodResult, RequestInfo, LayerInfo - the result types
     MemitHParams, FtHParams, memit_hparams_for, ft_hparams_for - typed hyperparameters
+    default_method(loaded)                   - "projected" where the model's range was evaluated, else "rome"
     layer_eigenbasis, preserved_basis, projector - the projected mode's P
 
     result = compute_method("memit", loaded, [req1, req2, req3], cache)
@@ -34,7 +35,7 @@ from ..rome.cache import ProgressFn, RomeCache
 from ..rome.hparams import RomeHParams, hparams_for
 from ..rome.request import EditRequest
 from .ft import compute_ft
-from .hparams import FtHParams, MemitHParams, ft_hparams_for, memit_hparams_for
+from .hparams import FtHParams, MemitHParams, default_method, ft_hparams_for, memit_hparams_for
 from .memit import compute_memit, compute_projected
 from .projection import layer_eigenbasis, preserved_basis, projector
 from .result import LayerInfo, MethodResult, RequestInfo
@@ -90,6 +91,7 @@ __all__ = [
     "compute_method",
     "compute_projected",
     "compute_rome",
+    "default_method",
     "ft_hparams_for",
     "layer_eigenbasis",
     "memit_hparams_for",

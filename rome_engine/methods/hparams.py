@@ -238,6 +238,16 @@ def memit_hparams_for(loaded: LoadedModel) -> MemitHParams:
     )
 
 
+def default_method(loaded: LoadedModel) -> str:
+    """The method of an edit that names none when the server's default is "auto": the null-space
+    projected mode on a model with an evaluated layer range (SmolLM2, where the sequential evaluation
+    of issue #12 chose it over rome, memit and ft; the MEMIT paper's GPT-2 XL and GPT-J ranges),
+    else ROME, whose single layer comes from the model's tuning or its depth."""
+    key = (loaded.spec.family, loaded.num_layers)
+    evaluated = key in _PAPER_BY_SHAPE or loaded.model_id in _MEMIT_BY_MODEL or key in _MEMIT_BY_SHAPE
+    return "projected" if evaluated else "rome"
+
+
 def ft_hparams_for(loaded: LoadedModel) -> FtHParams:
     """FT-L at the model's ROME layer (``layer`` None unless the ROME defaults name one): tuned values
     for the model, else the paper's."""

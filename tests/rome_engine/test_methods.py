@@ -16,6 +16,7 @@ from rome_engine.methods import (
     compute_memit,
     compute_method,
     compute_projected,
+    default_method,
     layer_eigenbasis,
     preserved_basis,
     projector,
@@ -337,3 +338,21 @@ def test_rome_as_a_method_is_its_rank_one_update(tiny_llama: LoadedModel, cache:
     k = result.keys[f.param]
     assert k.shape == (128, 1)
     assert float(f.v[:, 0] @ k[:, 0]) == pytest.approx(1.0, rel=1e-4)  # ROME writes its whole delta at k*
+
+
+def test_the_auto_default_is_rome_on_a_model_without_an_evaluated_range(tiny_llama: LoadedModel) -> None:
+    """"auto" picks the projected mode only where a layer range was evaluated (the embedded model:
+    tests/server/test_edits.py); a tiny model of unknown depth keeps ROME."""
+    assert default_method(tiny_llama) == "rome"
+
+
+def test_an_unknown_server_default_method_is_refused_at_start(tiny_llama: LoadedModel) -> None:
+    from rome_engine.engine import Engine, EngineLimits
+
+    with pytest.raises(ValueError, match="edit_method must be auto or one of rome, memit, projected, ft"):
+        Engine(tiny_llama, EngineLimits(edit_method="alphaedit"))
+    engine = Engine(tiny_llama, EngineLimits())
+    try:
+        assert engine.info().default_edit_method == "rome"
+    finally:
+        engine.close()

@@ -116,7 +116,7 @@ class FakeEngine:
             num_parameters=1234, num_layers=2, hidden_size=64, vocab_size=100, head_version=self.edit_version,
             active_layers=self.active_layers, limits=self.limits, max_prompt_tokens=255, load_seconds=0.5,
             version="0.0-fake", active_streams=self.active_streams, known_version=self.known_version,
-            versions_in_use=self.versions_in_use(),
+            default_edit_method="rome", versions_in_use=self.versions_in_use(),
         )  # fmt: skip
 
     def close(self) -> None:
