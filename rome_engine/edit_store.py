@@ -75,6 +75,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -271,6 +272,49 @@ class Manifest:
         return cls(model_id=model_id, entries=entries)
 
 
+class HistoryStore(Protocol):
+    """What holds the edit history: this folder (``EditStore``) or a PostgreSQL database shared by
+    replicas (``pg_store.PostgresEditStore``). The manager reads ``manifest`` (the history as last
+    read) and writes only through ``add_layers`` / ``add_state``, which append to it or raise,
+    changing nothing."""
+
+    manifest: Manifest
+
+    @property
+    def location(self) -> str: ...
+
+    def read_layer(self, edit_id: str) -> tuple[EditLayer, bytes]: ...
+
+    def add_layers(
+        self,
+        layers: list[EditLayer],
+        *,
+        base_active: list[str],
+        op: str,
+        author: str = "",
+        origin_versions: list[int] | None = None,
+    ) -> list[ManifestEntry]: ...
+
+    def add_state(
+        self,
+        op: str,
+        *,
+        version: int,
+        active: list[str],
+        author: str = "",
+        comment: str = "",
+        to_version: int | None = None,
+        edit_id: str | None = None,
+        reason: str | None = None,
+    ) -> ManifestEntry: ...
+
+    def remove_orphans(self) -> None: ...
+
+    def refresh(self) -> list[ManifestEntry]: ...
+
+    def close(self) -> None: ...
+
+
 class EditStore:
     """A store folder: layer files and the manifest (see the module docstring)."""
 
@@ -373,35 +417,21 @@ class EditStore:
 
         ``author`` (an importer) replaces each header's author in its entry; an import records
         each layer's version in its origin store in ``origin_versions``."""
-        ids = [layer.edit_id for layer in layers]
-        known = self.manifest.apply_entries()
-        for edit_id in ids:
-            if edit_id in known or ids.count(edit_id) > 1:
-                raise FailedPrecondition(f"edit {edit_id} is already in the store")
-        origins = origin_versions or [None] * len(layers)
+        planned = plan_layers(self.manifest, layers, base_active=base_active, op=op, author=author,
+                              origin_versions=origin_versions)  # fmt: skip
         written: list[Path] = []
-        entries: list[ManifestEntry] = []
-        active, version, parent = list(base_active), self.manifest.max_version, self.manifest.head_version
         try:
-            for layer, origin in zip(layers, origins, strict=True):
+            for layer, data, _ in planned:
                 path = self.layer_path(layer.edit_id)  # a UUID inside layers/, checked before anything is written
-                data = encode_layer(layer)
                 atomic_write(path, data)
                 written.append(path)
-                active, version = [*active, layer.edit_id], version + 1
-                entries.append(ManifestEntry(
-                    op=op, version=version, active=tuple(active), at=utc_now(), author=author or layer.header.author,
-                    comment=layer.header.comment, parent_version=parent, edit_id=layer.edit_id,
-                    file=f"{LAYERS}/{path.name}", sha256=sha256_bytes(data), origin_version=origin,
-                ))  # fmt: skip
-                parent = version
-            self._commit(*entries)
+            self._commit(*(entry for _, _, entry in planned))
         except BaseException:
             for path in written:
                 with contextlib.suppress(OSError):
                     path.unlink()
             raise
-        return entries
+        return [entry for _, _, entry in planned]
 
     def add_state(
         self,
@@ -416,9 +446,74 @@ class EditStore:
         reason: str | None = None,
     ) -> ManifestEntry:
         """Record a change of state without a new layer: a revert, or a recovery at start."""
-        entry = ManifestEntry(
-            op=op, version=version, active=tuple(active), at=utc_now(), author=author, comment=comment,
-            from_version=self.manifest.head_version, to_version=to_version, edit_id=edit_id, reason=reason,
-        )  # fmt: skip
+        entry = state_entry(self.manifest, op, version=version, active=active, author=author, comment=comment,
+                            to_version=to_version, edit_id=edit_id, reason=reason)  # fmt: skip
         self._commit(entry)
         return entry
+
+    @property
+    def location(self) -> str:
+        """Where the history lives, for log lines and messages to operators."""
+        return str(self.root)
+
+    def refresh(self) -> list[ManifestEntry]:
+        """Entries other writers appended since the last read: none, a folder has one writer."""
+        return []
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+# -- what every store writes, whatever holds it ----------------------------------------
+
+
+def plan_layers(
+    manifest: Manifest,
+    layers: list[EditLayer],
+    *,
+    base_active: list[str],
+    op: str,
+    author: str = "",
+    origin_versions: list[int] | None = None,
+) -> list[tuple[EditLayer, bytes, ManifestEntry]]:
+    """(layer, its file bytes, its manifest entry) for each of ``layers``, each a new version on
+    top of the previous one; FailedPrecondition for an id the history already holds."""
+    ids = [layer.edit_id for layer in layers]
+    known = manifest.apply_entries()
+    for edit_id in ids:
+        check_edit_id(edit_id)
+        if edit_id in known or ids.count(edit_id) > 1:
+            raise FailedPrecondition(f"edit {edit_id} is already in the store")
+    origins = origin_versions or [None] * len(layers)
+    out = []
+    active, version, parent = list(base_active), manifest.max_version, manifest.head_version
+    for layer, origin in zip(layers, origins, strict=True):
+        data = encode_layer(layer)
+        active, version = [*active, layer.edit_id], version + 1
+        entry = ManifestEntry(
+            op=op, version=version, active=tuple(active), at=utc_now(), author=author or layer.header.author,
+            comment=layer.header.comment, parent_version=parent, edit_id=layer.edit_id,
+            file=f"{LAYERS}/{layer.edit_id}.safetensors", sha256=sha256_bytes(data), origin_version=origin,
+        )  # fmt: skip
+        out.append((layer, data, entry))
+        parent = version
+    return out
+
+
+def state_entry(
+    manifest: Manifest,
+    op: str,
+    *,
+    version: int,
+    active: list[str],
+    author: str = "",
+    comment: str = "",
+    to_version: int | None = None,
+    edit_id: str | None = None,
+    reason: str | None = None,
+) -> ManifestEntry:
+    """The entry of a change of state without a new layer (a revert, a recovery)."""
+    return ManifestEntry(
+        op=op, version=version, active=tuple(active), at=utc_now(), author=author, comment=comment,
+        from_version=manifest.head_version, to_version=to_version, edit_id=edit_id, reason=reason,
+    )  # fmt: skip

@@ -28,7 +28,7 @@ import torch
 
 from .bounds import clip
 from .delta import LowRankFactor, as_if_applied
-from .edit_store import EditLayer, EditStore, decode_layer, sha256_bytes, utc_now
+from .edit_store import EditLayer, HistoryStore, decode_layer, sha256_bytes, utc_now
 from .errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, Unavailable
 from .layers import LayerWeights
 from .loading import LoadedModel
@@ -100,7 +100,7 @@ class EditManager:
     def __init__(
         self,
         loaded: LoadedModel,
-        store: EditStore,
+        store: HistoryStore,
         compute: ComputeFn,
         *,
         max_update_norm_ratio: float = DEFAULT_MAX_UPDATE_NORM_RATIO,
@@ -160,9 +160,9 @@ class EditManager:
             try:
                 self.store.add_state("recover", version=version, active=ids, reason=reason)
             except OSError as e:  # a read-only store: serve anyway, the next writable start records it
-                log.warning("edit store %s: cannot record the recovery (%s); serving version %d", self.store.root,
+                log.warning("edit store %s: cannot record the recovery (%s); serving version %d", self.store.location,
                             e, version)
-        log.info("edit store %s: head version %d, %d active layers", self.store.root, version, len(ids))
+        log.info("edit store %s: head version %d, %d active layers", self.store.location, version, len(ids))
         return version
 
     def _load_all(self, ids: list[str]) -> str | None:
@@ -299,9 +299,10 @@ class EditManager:
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise ResourceExhausted(
-                    f"the edit store's disk is full ({self.store.root}): free space, then retry; nothing was changed"
+                    f"the edit store's disk is full ({self.store.location}): free space, then retry; "
+                    "nothing was changed"
                 ) from e
-            raise Unavailable(f"cannot write the edit store {self.store.root}: {e}; nothing was changed") from e
+            raise Unavailable(f"cannot write the edit store {self.store.location}: {e}; nothing was changed") from e
 
     def activate(
         self, active: Sequence[str], version: int, swap: Callable[[int, list[EditLayer]], float] | None = None

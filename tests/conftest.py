@@ -87,6 +87,15 @@ def embedded() -> LoadedModel:
 
 
 @pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL URL whose ``schema=`` is new, dropped after the test (skipped without a server)."""
+    from tests.pg import fresh_schema_url
+
+    with fresh_schema_url() as url:
+        yield url
+
+
+@pytest.fixture
 def serve(tmp_path_factory) -> Iterator[Callable[..., object]]:
     """Start a real gRPC server on a free loopback port: ``srv = serve(loaded, limits=...)``.
 

@@ -1,0 +1,117 @@
+"""The PostgreSQL edit store against a real server: schema steps, one linear history
+(compare-and-swap), byte-exact layers read by a second replica, and what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rome_engine.edit_store import encode_layer
+from rome_engine.editing import EditManager
+from rome_engine.errors import FailedPrecondition, Unavailable
+from rome_engine.layers import LayerWeights
+from rome_engine.pg_store import MIGRATIONS, HistoryMoved, PostgresEditStore, redacted, split_url
+from rome_engine.records import RevertRequest
+from tests.pg import sql
+from tests.rome_engine.test_edit_store import param_hashes, random_layer
+
+
+def test_schema_steps_run_once_and_the_schema_belongs_to_one_model(pg_url: str) -> None:
+    a = PostgresEditStore(pg_url, "model-a")
+    b = PostgresEditStore(pg_url, "model-a")  # a second replica: nothing to migrate
+    assert [s for (s,) in sql(pg_url, "SELECT step FROM romegw_migrations ORDER BY step")] == [1]
+    assert len(MIGRATIONS) == 1
+    with pytest.raises(FailedPrecondition, match="belongs to model 'model-a', not 'model-b'"):
+        PostgresEditStore(pg_url, "model-b")
+    sql(pg_url, "INSERT INTO romegw_migrations (step) VALUES (99)")
+    with pytest.raises(FailedPrecondition, match="schema step 99, newer than this server knows"):
+        PostgresEditStore(pg_url, "model-a")
+    a.close()
+    b.close()
+
+
+def test_url_schema_is_checked_and_passwords_stay_out_of_messages() -> None:
+    assert split_url("postgresql://u@h/db?schema=s1&sslmode=disable") == ("postgresql://u@h/db?sslmode=disable", "s1")
+    assert split_url("postgresql://u@h/db")[1] == "romegw"
+    for bad in ("Public", "a;drop", "x" * 64, "1abc", ""):
+        with pytest.raises(ValueError, match="schema must be a lowercase identifier"):
+            split_url(f"postgresql://u@h/db?schema={bad}")
+    assert redacted("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
+
+
+def test_a_dead_database_is_unavailable_and_says_so() -> None:
+    with pytest.raises(Unavailable, match=r"unreachable .*nothing was changed") as e:
+        PostgresEditStore("postgresql://u:secret@127.0.0.1:1/db?schema=x", "m", connect_timeout=1)
+    assert "secret" not in str(e.value)
+
+
+def test_replicas_share_one_linear_history(tiny_llama, pg_url: str) -> None:
+    loaded = tiny_llama
+    weights = LayerWeights(loaded)
+    a, b = PostgresEditStore(pg_url, loaded.model_id), PostgresEditStore(pg_url, loaded.model_id)
+    first = random_layer(loaded, weights, 0, seed=1)
+    (e1,) = a.add_layers([first], base_active=[], op="apply")
+    assert (e1.version, e1.active) == (1, (first.edit_id,))
+
+    # b computed on version 0: its commit is refused and writes nothing
+    late = random_layer(loaded, weights, 1, seed=2)
+    with pytest.raises(HistoryMoved, match="holds 1 entries, this server had read 0"):
+        b.add_layers([late], base_active=[], op="apply")
+    assert sql(pg_url, "SELECT count(*) FROM romegw_layers") == [(1,)]
+    assert b.manifest.entries == []
+
+    # after reading the history, b commits on top of it; a sees it on refresh
+    assert [e.version for e in b.refresh()] == [1]
+    layer, data = b.read_layer(first.edit_id)
+    assert data == encode_layer(first) and torch.equal(layer.factors[0].u, first.factors[0].u)
+    (e2,) = b.add_layers([late], base_active=[first.edit_id], op="apply")
+    assert e2.version == 2 and e2.parent_version == 1
+    assert [(e.version, e.active) for e in a.refresh()] == [(2, (first.edit_id, late.edit_id))]
+    r = a.add_state("revert", version=1, active=[first.edit_id], author="ops", to_version=1)
+    assert [e.op for e in b.refresh()] == ["revert"] and b.manifest.head_version == 1 and r.from_version == 2
+    assert [s for (s,) in sql(pg_url, "SELECT seq FROM romegw_manifest ORDER BY seq")] == [1, 2, 3]
+    a.close()
+    b.close()
+
+
+def test_an_altered_layer_row_is_refused(tiny_llama, pg_url: str) -> None:
+    weights = LayerWeights(tiny_llama)
+    store = PostgresEditStore(pg_url, tiny_llama.model_id)
+    layer = random_layer(tiny_llama, weights, 0, seed=4)
+    store.add_layers([layer], base_active=[], op="apply")
+    sql(pg_url, "UPDATE romegw_layers SET data = overlay(data placing '\\x00'::bytea from 200 for 1)")
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        store.read_layer(layer.edit_id)
+    store.close()
+
+
+def test_the_edit_manager_over_postgres_reverts_bit_exact_and_restarts(tokenizer, pg_url: str) -> None:
+    """The manager's whole cycle (store, activate, revert, restart) on the database, as on a folder."""
+    from tests.conftest import make_tiny
+
+    loaded = make_tiny("llama", tokenizer)  # a private copy: its weights change
+    before = param_hashes(loaded.model)
+    m = EditManager(loaded, PostgresEditStore(pg_url, loaded.model_id), compute=lambda *_: None)
+    m.restore()
+    for i in range(3):
+        e = m.store_layer(random_layer(loaded, m.weights, i % 2, seed=10 + i, version=i + 1))
+        m.activate(e.active, e.version)
+    at3 = param_hashes(loaded.model)
+    version, active, _ = m.plan_revert(RevertRequest(to_version=1))
+    m.store.add_state("revert", version=version, active=active, to_version=1)
+    m.activate(active, version)
+    at1 = param_hashes(loaded.model)
+    assert at1 not in (at3, before)
+    m.store.close()
+
+    # a replica starting later serves the recorded head, bit for bit the same weights
+    m.weights.materialize([])
+    assert param_hashes(loaded.model) == before
+    replica = EditManager(loaded, PostgresEditStore(pg_url, loaded.model_id), compute=lambda *_: None)
+    assert replica.restore() == 1
+    assert param_hashes(loaded.model) == at1
+    replica.version_layers(3)  # read from the database and verified
+    replica.activate(replica.store.manifest.active_at(3), 3)
+    assert param_hashes(loaded.model) == at3
+    replica.weights.materialize([])
+    replica.store.close()
