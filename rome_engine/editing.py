@@ -134,14 +134,7 @@ class EditManager:
         # verify once (a transient read error, a stricter limit) is served again once it verifies
         decided = [e for e in manifest.entries if e.op != "recover"]
         intended = decided[-1].version if decided else 0
-        for entry in reversed(decided):
-            version, ids = entry.version, list(entry.active)
-            problem = self._load_all(ids)
-            if problem is None:
-                break
-            log.error("edit store: version %d cannot be served: %s", version, problem)
-        else:
-            version, ids = 0, []
+        version, ids = self._newest_servable(decided)
         for edit_id in ids:
             layer = self._layers[edit_id]
             log.info(
@@ -164,6 +157,26 @@ class EditManager:
                             e, version)
         log.info("edit store %s: head version %d, %d active layers", self.store.location, version, len(ids))
         return version
+
+    def _newest_servable(self, decided: list[ManifestEntry]) -> tuple[int, list[str]]:
+        """(version, active) of the newest of ``decided`` whose layers all load and verify (each one
+        that does not gets an ERROR line saying why); (0, []) when none does."""
+        for entry in reversed(decided):
+            version, ids = entry.version, list(entry.active)
+            problem = self._load_all(ids)
+            if problem is None:
+                return version, ids
+            log.error("edit store: version %d cannot be served: %s", version, problem)
+        return 0, []
+
+    def follow(self) -> tuple[int, list[str]] | None:
+        """What other writers of a shared history (replicas) appended since the last read: the state
+        to serve now, (version, active), or None when nothing is new. The history's head when its
+        layers verify, else the newest version whose layers do (nothing is recorded: the history is
+        not this replica's to amend). The weights do not change here (``activate`` does that)."""
+        if not self.store.refresh():
+            return None
+        return self._newest_servable([e for e in self.store.manifest.entries if e.op != "recover"])
 
     def _load_all(self, ids: list[str]) -> str | None:
         """None when every layer of ``ids`` is loaded and fits the model, else why not (never raises)."""

@@ -25,7 +25,7 @@ from .admission import Admission, ModelShape, check_memory, edit_bytes
 from .bounds import clip
 from .edit_store import EditLayer
 from .editing import EditManager
-from .errors import EngineError, FailedPrecondition, InvalidRequest, ResourceExhausted, Unavailable
+from .errors import EngineError, FailedPrecondition, HistoryMoved, InvalidRequest, ResourceExhausted, Unavailable
 from .loading import LoadedModel
 from .methods import work_hparams
 from .records import METHODS, ApplyOptions, EditView, LayerHeader, ManifestEntry, RevertRequest
@@ -100,7 +100,11 @@ class EngineEdits:
         swap = self.versions.swap if self.versions is not None else None
 
         async def commit() -> R:
-            entries = await self.run(store)
+            try:
+                entries = await self.run(store)
+            except HistoryMoved as e:  # another replica committed first: serve its history, refuse this one
+                await self._catch_up()
+                raise HistoryMoved(f"{e}; this server now serves version {self.edit_version}: retry") from None
             live = await self.run(manager.activate, entries[-1].active, entries[-1].version, swap)
             if self.on_live is not None:
                 self.on_live(live)
@@ -110,6 +114,63 @@ class EngineEdits:
                 await self.notify_history()
 
         return await asyncio.shield(asyncio.ensure_future(commit()))
+
+    async def follow(self) -> None:
+        """Keep this server on the newest state of a shared history for as long as it serves (a task
+        the server runs; cancel it to stop). A store that others write (``listen``: the database
+        store) wakes it on every commit and every few seconds; a folder store has one writer, so
+        this returns at once."""
+        listen = getattr(self.edits.store, "listen", None) if self.edits is not None else None
+        if listen is None:
+            return
+        loop = asyncio.get_running_loop()
+        wake, stop = asyncio.Event(), threading.Event()
+
+        def woken() -> None:  # on the listening thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the server has stopped
+                loop.call_soon_threadsafe(wake.set)
+
+        threading.Thread(target=listen, args=(woken, stop), name="romegw-history", daemon=True).start()
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                try:
+                    await self.follow_history()
+                except EngineError as e:  # the database is down: keep serving what is live
+                    log.warning("shared history: not followed now (%s); serving version %d", e, self.edit_version)
+        finally:
+            stop.set()
+
+    async def follow_history(self) -> None:
+        """Serve the newest state of a shared history (a database store that other replicas write):
+        read what they appended, verify its layers, make it live without a drain (as an edit of
+        this server would be) and wake the requests waiting for a min_edit_version. Runs in the
+        edit lock's turn (never beside an edit of this server), without counting as a queued edit."""
+        if self.edits is None:
+            return
+        if self._edit_lock is None:
+            self._edit_lock = asyncio.Lock()
+        async with self._edit_lock:
+            await self._catch_up()
+
+    async def _catch_up(self) -> None:
+        """``follow_history`` with the edit lock held."""
+        manager = self._manager()
+        state = await self.run(manager.follow)
+        if state is None:
+            return
+        version, active = state
+        try:
+            if (version, active) != (self.edit_version, manager.active):
+                swap = self.versions.swap if self.versions is not None else None
+                live = await self.run(manager.activate, active, version, swap)
+                log.info("shared history: version %d live here (%d active layers, %.1f ms)", version, len(active),
+                         live * 1e3)  # fmt: skip
+                if self.on_live is not None:
+                    self.on_live(live)
+        finally:
+            await self.notify_history()
 
     def min_target_prob(self, options: ApplyOptions) -> float:
         """The threshold an edit's P(target) must reach: the request's, else the server's (InvalidRequest

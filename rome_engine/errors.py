@@ -17,6 +17,10 @@ class FailedPrecondition(EngineError):
     """The request is valid but the state does not allow it (FAILED_PRECONDITION)."""
 
 
+class HistoryMoved(FailedPrecondition):
+    """Another replica changed a shared edit history since this one last read it: nothing was written."""
+
+
 class ResourceExhausted(EngineError):
     """A configured limit is reached (RESOURCE_EXHAUSTED)."""
 

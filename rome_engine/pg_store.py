@@ -36,12 +36,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .edit_store import EditLayer, Manifest, decode_layer, plan_layers, sha256_bytes, state_entry
-from .errors import FailedPrecondition, NotFound, Unavailable
+from .errors import FailedPrecondition, HistoryMoved, NotFound, Unavailable
 from .records import ManifestEntry, check_edit_id
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,6 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
 )
-
-
-class HistoryMoved(FailedPrecondition):
-    """Another writer appended to the history since this store last read it: nothing was written."""
 
 
 def is_database_url(value: str) -> bool:
@@ -111,6 +108,8 @@ class PostgresEditStore:
         import psycopg_pool  # only a server with a database URL needs it
 
         conninfo, self.schema = split_url(url)
+        self._url = url
+        self.up = True  # the database answered the last time it was asked
         self._where = f"{redacted(conninfo)} (schema {self.schema})"
         self.pool = psycopg_pool.ConnectionPool(
             conninfo, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
@@ -263,6 +262,36 @@ class PostgresEditStore:
             conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, self.schema))
         self.manifest.entries.extend(entries)
 
+    # -- following the others ---------------------------------------------------------------
+
+    def listen(self, wake: Callable[[], None], stop: threading.Event, *, poll_seconds: float = 5.0) -> None:
+        """Call ``wake()`` whenever the history may have changed, until ``stop`` is set (blocking: a
+        thread of its own). A dedicated connection LISTENs for the commits' NOTIFY; ``wake()`` also runs
+        once per (re)connection and every ``poll_seconds`` (a notification missed while disconnected
+        is caught up then). The connection is re-opened after a failure, 1 s later and then less and
+        less often (at most every 30 s); ``up`` says whether the database answers."""
+        import psycopg
+
+        conninfo, _ = split_url(self._url)
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.up, backoff = True, 1.0
+                    wake()
+                    while not stop.is_set():
+                        for _ in conn.notifies(timeout=poll_seconds, stop_after=1):
+                            pass  # a commit (of any schema on this database: a refresh is one cheap query)
+                        wake()
+            except psycopg.Error as e:
+                if self.up:
+                    log.warning("edit store %s: lost the database (%s); serving the version in place, "
+                                "retrying", self._where, str(e).strip()[:200])  # fmt: skip
+                self.up = False
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
     # -- errors and the end ---------------------------------------------------------------
 
     @contextmanager
@@ -274,6 +303,7 @@ class PostgresEditStore:
         try:
             yield
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as e:
+            self.up = False
             raise Unavailable(
                 f"the edit store database {self._where} is unreachable ({doing}: {str(e).strip()[:200]}); "
                 "nothing was changed: retry once it is back"

@@ -57,6 +57,11 @@ class EngineClient(Protocol):
         """No new work; running edit computations and traces stop at their next step."""
         ...
 
+    async def follow(self) -> None:
+        """Follow a shared edit history (other replicas' commits) while serving; returns at once when
+        the history has one writer. The server runs it as a task and cancels it at shutdown."""
+        ...
+
     # -- generation and scoring
 
     def generate(self, prompt: str, params: SamplingParams, pin: VersionPin = ...) -> AsyncIterator[GenerationChunk]:

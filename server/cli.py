@@ -74,7 +74,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         default=float(env("prestop_seconds", "0")),
         help="after SIGTERM, answer health NOT_SERVING but keep serving this long before the grace period",
     )
-    p.add_argument("--edit-store", type=Path, default=env("edit_store"), help="folder of the edit layers")
+    p.add_argument(
+        "--edit-store", type=edit_store_arg, default=env("edit_store"),
+        help="folder of the edit layers, or postgresql://user@host/db?schema=NAME: a history replicas share",
+    )
     p.add_argument("--cache-dir", type=Path, default=env("cache_dir"), help="converted models, statistics")
     p.add_argument("--corpus", type=Path, default=env("corpus"), help="text (.txt/.jsonl) for ROME's statistics")
     p.add_argument("--metrics-port", type=int, default=_opt_int("metrics_port"), help="Prometheus /metrics port")
@@ -159,6 +162,11 @@ def _add_admission_flags(p: argparse.ArgumentParser, d: object) -> None:
             "--" + name.replace("_", "-"), type=int, default=int_env(name, default),
             help=f"{what} (default {default}; $ROMEGW_{name.upper()})",
         )  # fmt: skip
+
+
+def edit_store_arg(value: str) -> Path | str:
+    """A folder, or a PostgreSQL URL kept as given (as a Path its "//" would fold)."""
+    return value if value.startswith(("postgresql://", "postgres://")) else Path(value)
 
 
 def _opt_int(name: str) -> int | None:

@@ -38,10 +38,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from rome_engine.edit_store import EditStore
+from rome_engine.edit_store import EditStore, HistoryStore
 from rome_engine.editing import EditManager, method_compute
 from rome_engine.engine import Engine, EngineLimits
 from rome_engine.loading import LoadedModel, load_model
+from rome_engine.pg_store import PostgresEditStore, is_database_url
 from rome_engine.protocol import EngineClient
 from romegw_client import SERVICE_NAME
 from romegw_client.pb import gateway_pb2 as pb
@@ -81,7 +82,9 @@ class ServerConfig:
     grace_seconds: float = 10.0
     prestop_seconds: float = 0.0  # after SIGTERM: health NOT_SERVING while still serving, before the grace period
     max_page_bytes: int = DEFAULT_PAGE_BYTES  # byte budget of a ListEdits page (also <= max_message_bytes / 4)
-    edit_store: Path | None = None  # None: a temporary folder, edits do not survive a restart
+    # a folder, or a PostgreSQL URL (postgresql://...?schema=NAME) whose history replicas share;
+    # None: a temporary folder, edits do not survive a restart
+    edit_store: Path | str | None = None
     cache_dir: Path | None = None  # None: $ROMEGW_CACHE_DIR or ~/.cache/rome-gateway
     corpus: Path | None = None  # text for the covariance statistics; None: text sampled from the model
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
@@ -130,7 +133,11 @@ def build_engine(loaded: LoadedModel, config: ServerConfig) -> Engine:
     if store_dir is None:
         store_dir = Path(tempfile.mkdtemp(prefix="romegw-edits-"))
         log.warning("no --edit-store given: edits go to %s and will not survive a restart", store_dir)
-    store = EditStore(store_dir, loaded.model_id)
+    store: HistoryStore
+    if isinstance(store_dir, str) and is_database_url(store_dir):
+        store = PostgresEditStore(store_dir, loaded.model_id)  # schema steps run here; Unavailable if down
+    else:
+        store = EditStore(store_dir, loaded.model_id)
     manager = EditManager(
         loaded, store, method_compute(config.cache_dir, config.corpus),
         max_update_norm_ratio=config.limits.max_update_norm_ratio,
@@ -180,6 +187,7 @@ class Running:
     metrics: Metrics | None
     metrics_port: int | None
     metrics_httpd: object | None
+    follower: asyncio.Future | None = None  # engine.follow(): a shared history's other writers
 
 
 def make_metrics(engine: EngineClient) -> Metrics:
@@ -209,7 +217,8 @@ async def start(engine: EngineClient, config: ServerConfig) -> Running:
         metrics_port = httpd.server_port
     await server.start()
     await set_serving(health_servicer, True)
-    return Running(server, health_servicer, port, metrics, metrics_port, httpd)
+    follower = asyncio.ensure_future(engine.follow())
+    return Running(server, health_servicer, port, metrics, metrics_port, httpd, follower)
 
 
 async def prestop(running: Running, seconds: float, hurry: asyncio.Event) -> None:
@@ -225,6 +234,8 @@ async def prestop(running: Running, seconds: float, hurry: asyncio.Event) -> Non
 async def shutdown(running: Running, grace: float) -> None:
     """Health goes NOT_SERVING, then in-flight calls get ``grace`` seconds to finish."""
     await set_serving(running.health, False)
+    if running.follower is not None:
+        running.follower.cancel()
     await running.server.stop(grace)
     if running.metrics_httpd is not None:
         running.metrics_httpd.shutdown()

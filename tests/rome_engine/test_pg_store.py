@@ -8,9 +8,9 @@ import torch
 
 from rome_engine.edit_store import encode_layer
 from rome_engine.editing import EditManager
-from rome_engine.errors import FailedPrecondition, Unavailable
+from rome_engine.errors import FailedPrecondition, HistoryMoved, Unavailable
 from rome_engine.layers import LayerWeights
-from rome_engine.pg_store import MIGRATIONS, HistoryMoved, PostgresEditStore, redacted, split_url
+from rome_engine.pg_store import MIGRATIONS, PostgresEditStore, redacted, split_url
 from rome_engine.records import RevertRequest
 from tests.pg import sql
 from tests.rome_engine.test_edit_store import param_hashes, random_layer

@@ -122,6 +122,9 @@ class FakeEngine:
     def close(self) -> None:
         self.closed = True
 
+    async def follow(self) -> None:
+        return None  # one writer: nothing to follow
+
     async def generate(
         self, prompt: str, params: SamplingParams, pin: VersionPin = UNPINNED
     ) -> AsyncIterator[GenerationChunk]:
