@@ -100,12 +100,18 @@ def rebuilt(spec: ArchSpec, base: torch.Tensor, factors: Sequence[LowRankFactor]
     """
     if not factors:
         return base
-    acc = base.float()
-    if acc.data_ptr() == base.data_ptr():  # a float32 base: never add into it
-        acc = acc.clone()
+    return accumulated(spec, base.float(), factors).to(base.dtype)
+
+
+@torch.no_grad()
+def accumulated(spec: ArchSpec, start: torch.Tensor, factors: Sequence[LowRankFactor]) -> torch.Tensor:
+    """start + sum_i u_i @ v_i.T in float32, added one factor after the other in order (``start``, a
+    float32 sum of earlier factors or the base, is never written). Continuing the sum of a prefix
+    of ``factors`` gives the same bits as summing them all from the base."""
+    acc = start.clone()
     for f in factors:
         acc += storage_delta(spec, f).to(acc.device)
-    return acc.to(base.dtype)
+    return acc
 
 
 class as_if_applied:  # used like a function in a with statement

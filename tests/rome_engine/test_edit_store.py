@@ -355,3 +355,23 @@ def test_a_computed_layer_that_a_restart_would_refuse_is_never_stored(tiny_llama
     back = decode_layer(encode_layer(layer))
     assert back.edit_id == layer.edit_id and back.header == layer.header
     assert torch.equal(back.keys[name], torch.ones(128, 1)) and back.header.matrices[0].keys == 1
+
+
+@pytest.mark.parametrize("model_copy", ["llama"], indirect=True)
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30])
+def test_kept_sums_give_the_bits_of_a_sum_from_the_base(model_copy, cache_bytes: int) -> None:
+    """A version built on the kept sum of its parent equals the same layers summed from the base,
+    bit for bit, whichever way the history went (forward, back, a branch); 0 bytes keeps nothing."""
+    from rome_engine.delta import rebuilt
+
+    loaded = model_copy
+    w = LayerWeights(loaded, sum_cache_bytes=cache_bytes)
+    layers = [random_layer(loaded, w, 0, seed=40 + i) for i in range(5)]
+    name = layers[0].factors[0].param
+    for active in ([0], [0, 1], [0, 1, 2], [0, 1], [0, 1, 3, 4], [0, 2], [0, 1, 3, 4]):
+        chosen = [layers[i] for i in active]
+        w.materialize(chosen)
+        expected = rebuilt(loaded.spec, w.base(name), [layer.factors[0] for layer in chosen])
+        assert torch.equal(w.parameter(name).detach(), expected), active
+    w.materialize([])
+    assert torch.equal(w.parameter(name).detach(), w.base(name))
