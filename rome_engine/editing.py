@@ -169,6 +169,17 @@ class EditManager:
             log.error("edit store: version %d cannot be served: %s", version, problem)
         return 0, []
 
+    @property
+    def history_lag(self) -> int:
+        """Entries of the history (as the store last saw it: another replica's commits included) after
+        the newest one this manager serves: 0 when it is caught up."""
+        entries = self.store.manifest.entries
+        remote = max(getattr(self.store, "remote_entries", 0), len(entries))
+        for i in range(len(entries) - 1, -1, -1):
+            if entries[i].version == self.head_version and list(entries[i].active) == self.active:
+                return remote - (i + 1)
+        return remote  # none is: every entry is ahead of what is served (the base)
+
     def follow(self) -> tuple[int, list[str]] | None:
         """What other writers of a shared history (replicas) appended since the last read: the state
         to serve now, (version, active), or None when nothing is new. The history's head when its

@@ -291,6 +291,16 @@ class Engine(EngineEdits):
     def active_layers(self) -> int:
         return len(self.edits.active) if self.edits else 0
 
+    @property
+    def edit_store_up(self) -> bool:
+        """Whether the edit store answered the last time it was asked (a folder: always)."""
+        return bool(getattr(self.edits.store, "up", True)) if self.edits else True
+
+    @property
+    def history_lag(self) -> int:
+        """Entries of a shared history (versions other replicas made) this server does not serve yet."""
+        return self.edits.history_lag if self.edits else 0
+
     # -- plumbing -----------------------------------------------------------
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:

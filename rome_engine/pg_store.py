@@ -110,6 +110,7 @@ class PostgresEditStore:
         conninfo, self.schema = split_url(url)
         self._url = url
         self.up = True  # the database answered the last time it was asked
+        self.remote_entries = 0  # entries the database held at the last look (refresh, or the listener's poll)
         self._where = f"{redacted(conninfo)} (schema {self.schema})"
         self.pool = psycopg_pool.ConnectionPool(
             conninfo, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
@@ -183,6 +184,8 @@ class PostgresEditStore:
             except ValueError as e:
                 raise FailedPrecondition(f"the edit store {self._where}: manifest entry {seq} is damaged ({e})") from e
         self.manifest.entries.extend(new)
+        self.remote_entries = max(self.remote_entries, len(self.manifest.entries))
+        self.up = True
         return new
 
     def read_layer(self, edit_id: str) -> tuple[EditLayer, bytes]:
@@ -283,6 +286,8 @@ class PostgresEditStore:
                     while not stop.is_set():
                         for _ in conn.notifies(timeout=poll_seconds, stop_after=1):
                             pass  # a commit (of any schema on this database: a refresh is one cheap query)
+                        head = conn.execute(f"SELECT head_seq FROM {self.schema}.romegw_meta WHERE id = 1").fetchone()
+                        self.remote_entries = max(self.remote_entries, int(head[0]) if head else 0)
                         wake()
             except psycopg.Error as e:
                 if self.up:

@@ -125,6 +125,15 @@ class Metrics:
         )
         self.head_version = Gauge("romegw_edit_head_version", "The edit version being served.", registry=r)
         self.active_layers = Gauge("romegw_edit_active_layers", "Active edit layers.", registry=r)
+        self.store_up = Gauge(
+            "romegw_edit_store_up", "1 while the edit store answers (a shared database may be down), else 0.",
+            registry=r,
+        )  # fmt: skip
+        self.replication_lag = Gauge(
+            "romegw_edit_replication_lag_versions",
+            "Versions of the shared edit history (other replicas' commits) this server does not serve yet.",
+            registry=r,
+        )
         self.covariance = Counter(
             "romegw_covariance_stats_total", "Covariance statistics used by edits, by source.", ["source"], registry=r
         )
@@ -153,6 +162,8 @@ class Metrics:
         self.registry.register(_VersionCacheCollector(engine))
         self.head_version.set_function(lambda: engine.edit_version)
         self.active_layers.set_function(lambda: engine.active_layers)
+        self.store_up.set_function(lambda: float(engine.edit_store_up))
+        self.replication_lag.set_function(lambda: engine.history_lag)
         if engine.scheduler is not None:
             engine.scheduler.on_step = self.batch_size.observe
 

@@ -122,6 +122,9 @@ class FakeEngine:
     def close(self) -> None:
         self.closed = True
 
+    edit_store_up = True
+    history_lag = 0
+
     async def follow(self) -> None:
         return None  # one writer: nothing to follow
 

@@ -34,7 +34,8 @@ def replicas(tokenizer, serve, pg_url):
     """``replicas(n)``: n servers on one history (each its own model copy, the same weights)."""
 
     def start(n: int) -> list:
-        return [serve(make_tiny("llama", tokenizer), LIMITS, edits=True, edit_store=pg_url) for _ in range(n)]
+        return [serve(make_tiny("llama", tokenizer), LIMITS, edits=True, edit_store=pg_url, metrics_port=0)
+                for _ in range(n)]  # fmt: skip
 
     return start
 
@@ -117,3 +118,16 @@ def test_read_your_writes_through_another_replica(replicas) -> None:
     with Client(b.target) as cb:  # waits (up to max_version_wait) until b has followed version 1
         out = cb.generate_text("The Eiffel Tower is in", max_new_tokens=2, min_edit_version=info.version)
     assert out.edit_version == 1
+
+
+def test_metrics_show_the_store_up_and_no_lag_once_followed(replicas) -> None:
+    from tests.server.test_metrics import scrape, value
+
+    a, b = replicas(2)
+    with Client(a.target) as ca:
+        ca.import_edits([layer_file(layer_bytes(a, seed=40))])
+    assert wait_until(lambda: head(b) == 1, timeout=10)
+    values = scrape(b.metrics_url)
+    assert value(values, "romegw_edit_store_up") == 1.0
+    assert value(values, "romegw_edit_replication_lag_versions") == 0.0
+    assert b.engine.edits.store.remote_entries == 1
