@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .edit_store import EditLayer, Manifest, decode_layer, plan_layers, sha256_bytes, state_entry
+from .edit_store import EditLayer, HistoryStore, Manifest, decode_layer, plan_layers, sha256_bytes, state_entry
 from .errors import FailedPrecondition, HistoryMoved, NotFound, Unavailable
 from .records import ManifestEntry, check_edit_id
 
@@ -264,6 +264,30 @@ class PostgresEditStore:
             conn.execute("UPDATE romegw_meta SET head_seq = %s WHERE id = 1", (seen + len(entries),))
             conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, self.schema))
         self.manifest.entries.extend(entries)
+
+    def copy_from(self, folder: HistoryStore, progress: Callable[[int, int], None] | None = None) -> int:
+        """Copy another store's whole history (every entry, every layer byte for byte, each verified
+        as it is read) into this one, which must be empty, in one transaction: all of it or nothing.
+        Returns the number of entries copied (``rome-gateway store migrate``)."""
+        if folder.manifest.model_id != self.manifest.model_id:
+            raise FailedPrecondition(
+                f"the store {folder.location} belongs to {folder.manifest.model_id!r}, this one to "
+                f"{self.manifest.model_id!r}"
+            )
+        ids = list(folder.manifest.apply_entries())
+        rows = []
+        for i, edit_id in enumerate(ids):
+            layer, data = folder.read_layer(edit_id)  # ValueError when damaged: nothing is written
+            rows.append((layer.edit_id, data, sha256_bytes(data)))
+            if progress is not None:
+                progress(i + 1, len(ids))
+        with self._errors("write"), self.pool.connection() as conn, conn.transaction():
+            (head,) = conn.execute("SELECT head_seq FROM romegw_meta WHERE id = 1 FOR UPDATE").fetchone()
+            if head or self.manifest.entries:
+                raise FailedPrecondition(f"the edit store {self._where} already holds {head} entries: migrate "
+                                         "into a new schema")  # fmt: skip
+        self._commit(list(folder.manifest.entries), rows)
+        return len(folder.manifest.entries)
 
     # -- following the others ---------------------------------------------------------------
 

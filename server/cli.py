@@ -257,6 +257,13 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, help="also write the numbers as JSON")
     p.set_defaults(func=cmd_trace_summary)
 
+    p = sub.add_parser("store", help="edit store maintenance (no model is loaded)")
+    ssub = p.add_subparsers(dest="store_command", required=True)
+    m = ssub.add_parser("migrate", help="copy a folder store's whole history into a new PostgreSQL schema")
+    m.add_argument("--from", dest="source", type=Path, required=True, help="the folder store (--edit-store DIR)")
+    m.add_argument("--to", dest="target", required=True, help="postgresql://user@host/db?schema=NAME (empty)")
+    m.set_defaults(func=cmd_store_migrate)
+
     p = sub.add_parser("eval", parents=[local], help="CounterFact evaluation of ROME edits (edit, measure, undo)")
     p.add_argument("--data", type=Path, required=True, help="CounterFact records (EasyEdit or ROME format)")
     p.add_argument("--n", type=int, default=100, help="records to evaluate")
@@ -276,6 +283,37 @@ def add_local_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--store", type=Path, help="folder of the methods' edit stores (default: a temporary one)")
     s.add_argument("--plot", type=Path, default=Path("sequential_eval.png"), help="metric vs edits, per method")
     p.set_defaults(func=cmd_eval)
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from rome_engine.edit_store import MANIFEST, EditStore, Manifest
+    from rome_engine.errors import EngineError
+    from rome_engine.pg_store import PostgresEditStore, is_database_url, redacted
+
+    if not is_database_url(args.target):
+        log.error("--to must be a postgresql:// URL, got %r", args.target[:200])
+        return 2
+    try:
+        model_id = Manifest.from_json((args.source / MANIFEST).read_bytes()).model_id
+    except (OSError, ValueError) as e:
+        log.error("%s is not a readable edit store (%s)", args.source, e)
+        return 2
+    try:
+        folder = EditStore(args.source, model_id)
+        target = PostgresEditStore(args.target, model_id)
+        try:
+            with tqdm(total=None, unit="layer", desc="copying layers", file=sys.stderr) as bar:
+                n = target.copy_from(folder, progress=lambda done, total: _advance(bar, done, total))
+        finally:
+            target.close()
+    except (EngineError, ValueError) as e:
+        log.error("nothing was migrated: %s", e)
+        return 2
+    out(f"{n} history entries and {len(folder.manifest.apply_entries())} layers of {model_id} copied to "
+        f"{target.location}; serve it with --edit-store {redacted(args.target)}\n")  # fmt: skip
+    return 0
 
 
 def cmd_trace_summary(args: argparse.Namespace) -> int:

@@ -131,3 +131,22 @@ def test_metrics_show_the_store_up_and_no_lag_once_followed(replicas) -> None:
     assert value(values, "romegw_edit_store_up") == 1.0
     assert value(values, "romegw_edit_replication_lag_versions") == 0.0
     assert b.engine.edits.store.remote_entries == 1
+
+
+def test_a_folder_store_migrates_into_postgres_and_serves_the_same_weights(tokenizer, serve, pg_url, tmp_path,
+                                                                           capsys) -> None:  # fmt: skip
+    from romegw_server.cli import main
+
+    folder = serve(make_tiny("llama", tokenizer), LIMITS, edits=True, edit_store=tmp_path / "store")
+    with Client(folder.target) as c:
+        for i in range(3):
+            c.import_edits([layer_file(layer_bytes(folder, seed=50 + i))])
+        c.revert_edit(to_version=2)
+    served = touched_sha(folder)
+    assert main(["store", "migrate", "--from", str(tmp_path / "store"), "--to", pg_url]) == 0
+    assert "4 history entries and 3 layers" in capsys.readouterr().out
+    assert main(["store", "migrate", "--from", str(tmp_path / "store"), "--to", pg_url]) == 2  # not empty: refused
+    replica = serve(make_tiny("llama", tokenizer), LIMITS, edits=True, edit_store=pg_url)
+    assert head(replica) == 2 and touched_sha(replica) == served
+    with Client(replica.target) as c:
+        assert len(c.list_edits(include_inactive=True).edits) == 3
