@@ -150,3 +150,29 @@ def test_a_folder_store_migrates_into_postgres_and_serves_the_same_weights(token
     assert head(replica) == 2 and touched_sha(replica) == served
     with Client(replica.target) as c:
         assert len(c.list_edits(include_inactive=True).edits) == 3
+
+
+def test_a_replica_that_loses_the_database_keeps_serving_then_catches_up(tokenizer, serve, pg_url) -> None:
+    from romegw_client import Unavailable
+    from tests.pg import TcpProxy
+    from tests.server.test_metrics import scrape, value
+
+    a = serve(make_tiny("llama", tokenizer), LIMITS, edits=True, edit_store=pg_url)
+    proxy = TcpProxy("127.0.0.1", 5432)
+    b = serve(make_tiny("llama", tokenizer), LIMITS, edits=True, edit_store=proxy.url(pg_url), metrics_port=0)
+    try:
+        proxy.cut()
+        with Client(b.target) as cb:
+            assert cb.generate_text("The Eiffel Tower is in", max_new_tokens=8).text  # serving goes on
+            with pytest.raises(Unavailable, match="unreachable"):
+                cb.import_edits([layer_file(layer_bytes(b, seed=60))])
+        assert wait_until(lambda: value(scrape(b.metrics_url), "romegw_edit_store_up") == 0.0, timeout=15)
+        with Client(a.target) as ca:  # the history moves on without b
+            ca.import_edits([layer_file(layer_bytes(a, seed=61))])
+        assert head(b) == 0
+        proxy.restore()
+        assert wait_until(lambda: head(b) == 1, timeout=30), "b did not catch up after the database came back"
+        assert touched_sha(a) == touched_sha(b)
+        assert wait_until(lambda: value(scrape(b.metrics_url), "romegw_edit_store_up") == 1.0, timeout=10)
+    finally:
+        proxy.cut()
