@@ -115,3 +115,53 @@ def test_the_edit_manager_over_postgres_reverts_bit_exact_and_restarts(tokenizer
     assert param_hashes(loaded.model) == at3
     replica.weights.materialize([])
     replica.store.close()
+
+
+KILLED_WRITER = """
+import sys
+from pathlib import Path
+from rome_engine.edit_store import decode_layer
+from rome_engine.pg_store import PostgresEditStore
+
+url, model_id, folder = sys.argv[1:4]
+store = PostgresEditStore(url, model_id)
+active = []
+for path in sorted(Path(folder).glob("*.bin")):
+    layer = decode_layer(path.read_bytes())
+    store.add_layers([layer], base_active=active, op="apply")
+    active.append(layer.edit_id)
+    print(len(active), flush=True)
+"""
+
+
+def test_a_writer_killed_mid_commit_leaves_a_consistent_history(tiny_llama, pg_url: str, tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    weights = LayerWeights(tiny_llama)
+    for i in range(200):
+        layer = random_layer(tiny_llama, weights, i % 2, seed=100 + i)
+        (tmp_path / f"{i:04d}.bin").write_bytes(encode_layer(layer))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, pg_url, tiny_llama.model_id, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    assert writer.stdout is not None
+    for line in writer.stdout:
+        if int(line) >= 20:  # well into its commits: kill it wherever it is
+            writer.send_signal(signal.SIGKILL)
+            break
+    writer.wait(30)
+    (head,) = sql(pg_url, "SELECT head_seq FROM romegw_meta")[0]
+    seqs = [s for (s,) in sql(pg_url, "SELECT seq FROM romegw_manifest ORDER BY seq")]
+    assert head >= 20 and seqs == list(range(1, head + 1))  # no gap, nothing past the head
+    layers = dict(sql(pg_url, "SELECT edit_id::text, sha256 FROM romegw_layers"))
+    store = PostgresEditStore(pg_url, tiny_llama.model_id)  # a replica reads the history whole
+    named = {e.edit_id: e.sha256 for e in store.manifest.entries}
+    assert named == layers  # every entry's layer is there, and no layer without its entry
+    assert store.manifest.entries[-1].active == tuple(store.manifest.apply_entries())
+    extra = random_layer(tiny_llama, weights, 0, seed=999)
+    (entry,) = store.add_layers([extra], base_active=list(store.manifest.entries[-1].active), op="apply")
+    assert entry.version == head + 1
+    store.close()
