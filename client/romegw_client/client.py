@@ -220,11 +220,20 @@ class _Base:
         timeout: float | None = 300.0,
         options: Sequence[tuple[str, Any]] = (),
         tls_server_name: str | None = None,
+        read_your_writes: bool = False,
     ) -> None:
         """``tls_server_name``: the name to verify the server's certificate for, when it differs from
-        the target's host (e.g. connecting to 127.0.0.1 to a certificate for gateway.example.com)."""
+        the target's host (e.g. connecting to 127.0.0.1 to a certificate for gateway.example.com).
+
+        ``read_your_writes``: every generate, score and trace that pins no version carries the
+        newest version this client's own edits made (ApplyEdit, ApplyEdits, ImportEdits) as
+        ``min_edit_version``, so that a replica behind a load balancer that has not followed that
+        edit yet waits for it (up to the call's deadline and the server's max_version_wait) instead
+        of answering from before it. ``written_version`` holds it (0: no edit yet)."""
         self.target = target
         self.timeout = timeout
+        self.read_your_writes = read_your_writes
+        self.written_version = 0
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         name = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
         self._channel_args = (credentials, [
@@ -236,6 +245,27 @@ class _Base:
 
     def _kw(self, timeout: float | None) -> dict[str, Any]:
         return {"timeout": self.timeout if timeout is None else timeout, "metadata": self._metadata}
+
+    def _reads(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` with this client's written version as min_edit_version, when it reads its writes
+        and the call pins no version of its own."""
+        unpinned = params.get("edit_version") is None and params.get("min_edit_version") is None
+        if self.read_your_writes and self.written_version and unpinned:
+            return {**params, "min_edit_version": self.written_version}
+        return params
+
+    def _wrote(self, version: int) -> None:
+        self.written_version = max(self.written_version, version)
+
+    def _applied(self, result: ApplyResult) -> ApplyResult:
+        if not result.dry_run:
+            self._wrote(result.head_version)
+        return result
+
+    def _imported(self, infos: list[EditInfo]) -> list[EditInfo]:
+        for info in infos:
+            self._wrote(info.version)
+        return infos
 
 
 class Client(_Base):
@@ -262,7 +292,7 @@ class Client(_Base):
 
     def generate(self, prompt: str, *, timeout: float | None = None, **params: Any) -> Iterator[GenerateChunk]:
         """Stream the completion; stop iterating (or ``close()`` the iterator) to cancel it."""
-        call = self.stub.Generate(generate_request(prompt, **params), **self._kw(timeout))
+        call = self.stub.Generate(generate_request(prompt, **self._reads(params)), **self._kw(timeout))
         try:
             for message in call:
                 yield GenerateChunk.from_pb(message)
@@ -278,7 +308,7 @@ class Client(_Base):
         self, prompt: str, continuations: Sequence[str], *, timeout: float | None = None, **pin: int | None
     ) -> ScoreResult:
         """Log-probabilities of the continuations. ``edit_version=`` / ``min_edit_version=`` as for generate."""
-        req = score_request(prompt, continuations, **pin)
+        req = score_request(prompt, continuations, **self._reads(pin))
         return ScoreResult.from_pb(self._unary(self.stub.Score, req, timeout))
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
@@ -298,15 +328,14 @@ class Client(_Base):
         min_target_prob (refuse an edit that did not take; default: the server's), method ("rome",
         "memit", "projected", "ft"; default: the server's)."""
         req = apply_edit_request(prompt, subject, target, **options)
-        reply = self._unary(self.stub.ApplyEdit, req, timeout)
-        return ApplyResult.from_pb(reply)
+        return self._applied(ApplyResult.from_pb(self._unary(self.stub.ApplyEdit, req, timeout)))
 
     def apply_edits(self, facts: Sequence[Sequence[str]], *, timeout: float | None = None,
                     **options: Any) -> ApplyResult:
         """Rewrite several facts, (prompt, subject, target) each, as ONE layer and one version
         (method "memit" or "projected"). Options as apply_edit's."""
         reply = self._unary(self.stub.ApplyEdits, apply_edits_request(facts, **options), timeout)
-        return ApplyResult.from_pb(reply)
+        return self._applied(ApplyResult.from_pb(reply))
 
     def revert_edit(self, *, to_version: int | None = None, edit_id: str | None = None, author: str = "",
                     comment: str = "", timeout: float | None = None) -> RevertResult:
@@ -336,7 +365,7 @@ class Client(_Base):
     def import_edits(self, files: Sequence[LayerFile], *, timeout: float | None = None) -> list[EditInfo]:
         messages = iter([_layer_file_pb(f) for f in files])
         reply = self._unary(self.stub.ImportEdits, messages, timeout)
-        return [EditInfo.from_pb(e) for e in reply.imported]
+        return self._imported([EditInfo.from_pb(e) for e in reply.imported])
 
     # -- tracing --------------------------------------------------------------
 
@@ -344,7 +373,7 @@ class Client(_Base):
               **options: Any) -> Iterator[TraceProgress | TraceResult]:
         """Progress messages, then one TraceResult. Options: answer, kind, noise, samples, window, seed,
         edit_version, min_edit_version."""
-        call = self.stub.Trace(trace_request(prompt, subject, **options), **self._kw(timeout))
+        call = self.stub.Trace(trace_request(prompt, subject, **self._reads(options)), **self._kw(timeout))
         try:
             for m in call:
                 yield _trace_event(m)
@@ -394,7 +423,7 @@ class AsyncClient(_Base):
     async def generate(
         self, prompt: str, *, timeout: float | None = None, **params: Any
     ) -> AsyncIterator[GenerateChunk]:
-        call = self.stub.Generate(generate_request(prompt, **params), **self._kw(timeout))
+        call = self.stub.Generate(generate_request(prompt, **self._reads(params)), **self._kw(timeout))
         try:
             async for message in call:
                 yield GenerateChunk.from_pb(message)
@@ -409,7 +438,7 @@ class AsyncClient(_Base):
     async def score(
         self, prompt: str, continuations: Sequence[str], *, timeout: float | None = None, **pin: int | None
     ) -> ScoreResult:
-        req = score_request(prompt, continuations, **pin)
+        req = score_request(prompt, continuations, **self._reads(pin))
         return ScoreResult.from_pb(await self._unary(self.stub.Score, req, timeout))
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
@@ -424,13 +453,12 @@ class AsyncClient(_Base):
     async def apply_edit(self, prompt: str, subject: str, target: str, *, timeout: float | None = None,
                          **options: Any) -> ApplyResult:
         req = apply_edit_request(prompt, subject, target, **options)
-        reply = await self._unary(self.stub.ApplyEdit, req, timeout)
-        return ApplyResult.from_pb(reply)
+        return self._applied(ApplyResult.from_pb(await self._unary(self.stub.ApplyEdit, req, timeout)))
 
     async def apply_edits(self, facts: Sequence[Sequence[str]], *, timeout: float | None = None,
                           **options: Any) -> ApplyResult:
         reply = await self._unary(self.stub.ApplyEdits, apply_edits_request(facts, **options), timeout)
-        return ApplyResult.from_pb(reply)
+        return self._applied(ApplyResult.from_pb(reply))
 
     async def revert_edit(self, *, to_version: int | None = None, edit_id: str | None = None, author: str = "",
                           comment: str = "", timeout: float | None = None) -> RevertResult:
@@ -449,7 +477,7 @@ class AsyncClient(_Base):
 
     async def trace_result(self, prompt: str, subject: str, *, timeout: float | None = None,
                            **options: Any) -> TraceResult:
-        call = self.stub.Trace(trace_request(prompt, subject, **options), **self._kw(timeout))
+        call = self.stub.Trace(trace_request(prompt, subject, **self._reads(options)), **self._kw(timeout))
         result = None
         try:
             async for m in call:

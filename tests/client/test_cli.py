@@ -46,6 +46,6 @@ def test_server_parser_has_serve_the_client_commands_and_the_jobs() -> None:
     assert set(client) == {
         "generate", "score", "info", "health", "trace", "edit", "edits", "show-edit", "revert", "export", "import"
     }  # fmt: skip
-    assert set(server) == set(client) | {"serve", "trace-summary", "eval"}
+    assert set(server) == set(client) | {"serve", "trace-summary", "eval", "store"}
     for name in client:  # the same flags under both
         assert [a.option_strings for a in client[name]._actions] == [a.option_strings for a in server[name]._actions]

@@ -362,3 +362,20 @@ def test_metrics_come_from_the_engine_interface() -> None:
     assert "romegw_model_load_seconds 0.5" in text
     assert "romegw_edit_head_version 3.0" in text and "romegw_edit_active_layers 2.0" in text
     assert 'romegw_rpc_requests_total{code="OK",method="Score"} 1.0' in text
+
+
+def test_a_client_that_reads_its_writes_sends_its_newest_version(serve: Serve) -> None:
+    first, fake = serve()
+    with Client(first.target, read_your_writes=True) as c, Client(first.target) as plain:
+        c.generate_text("Hi")  # nothing written yet: no floor
+        c.apply_edit("{} lives in", "Person 1", " City1", dry_run=True)  # a dry run writes nothing
+        c.score("Hi", [" there"])
+        r = c.apply_edit("{} lives in", "Person 1", " City1")
+        assert c.written_version == r.head_version == 1
+        c.generate_text("Hi")
+        c.score("Hi", [" there"])
+        list(c.trace("The Eiffel Tower is", "Eiffel Tower"))
+        c.generate_text("Hi", edit_version=0)  # an explicit pin wins
+        plain.generate_text("Hi")  # opt-in per client
+    pins = [(p.edit_version, p.min_edit_version) for p in fake.given("pin")]
+    assert pins == [(None, None), (None, None), (None, 1), (None, 1), (None, 1), (0, None), (None, None)]
