@@ -176,3 +176,18 @@ def test_a_replica_that_loses_the_database_keeps_serving_then_catches_up(tokeniz
         assert wait_until(lambda: value(scrape(b.metrics_url), "romegw_edit_store_up") == 1.0, timeout=10)
     finally:
         proxy.cut()
+
+
+def test_a_replica_that_cannot_verify_a_layer_serves_the_newest_version_it_can(tokenizer, serve, pg_url,
+                                                                               caplog) -> None:  # fmt: skip
+    from tests.server.test_metrics import scrape, value
+
+    a = serve(make_tiny("llama", tokenizer), LIMITS, edits=True, edit_store=pg_url)
+    # the same model id on other weights: a's layers do not fit its base (fingerprint)
+    other = serve(make_tiny("llama", tokenizer, seed=1), LIMITS, edits=True, edit_store=pg_url, metrics_port=0)
+    with Client(a.target) as ca:
+        ca.import_edits([layer_file(layer_bytes(a, seed=70))])
+    assert wait_until(lambda: other.engine.edits.store.remote_entries == 1, timeout=10)
+    assert wait_until(lambda: any("version 1 cannot be served" in r.getMessage() for r in caplog.records), timeout=10)
+    assert head(other) == 0
+    assert value(scrape(other.metrics_url), "romegw_edit_replication_lag_versions") == 1.0
