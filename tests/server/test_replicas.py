@@ -191,3 +191,67 @@ def test_a_replica_that_cannot_verify_a_layer_serves_the_newest_version_it_can(t
     assert wait_until(lambda: any("version 1 cannot be served" in r.getMessage() for r in caplog.records), timeout=10)
     assert head(other) == 0
     assert value(scrape(other.metrics_url), "romegw_edit_replication_lag_versions") == 1.0
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama-replicas")
+    make_tiny("llama", tokenizer).model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_sigkill_a_replica_process_during_its_commits(saved_tiny, pg_url, tmp_path) -> None:
+    """Gateway processes on one history: the one taking edits is killed at random moments (in its
+    computation or its commit) and restarted; the other serves throughout, the history stays
+    linear and whole, and both end on the same version with the same outputs."""
+    import random
+    import time
+
+    from romegw_client import GatewayError
+    from tests.server.test_edit_crash import FAST, Server
+
+    cache = tmp_path / "cache"
+    start = lambda name: Server(saved_tiny, pg_url, cache, tmp_path / f"{name}.log")  # noqa: E731
+    writer, reader = start("a"), start("b")
+    writer.wait_serving()
+    reader.wait_serving()
+    rng, seconds = random.Random(7), 2.0
+    try:
+        for i in range(4):
+            def apply(target: str = writer.target, i: int = i) -> None:
+                try:
+                    with Client(target, timeout=600) as c:
+                        c.apply_edit("{} lives in", f"Person {i}", f" City{i}", hparams=FAST)
+                except GatewayError:
+                    pass  # killed under it
+
+            worker = threading.Thread(target=apply)
+            t0 = time.monotonic()
+            worker.start()
+            time.sleep(rng.uniform(0.2, 1.2) * seconds)
+            if writer.proc.poll() is None and worker.is_alive():
+                writer.kill()
+            else:
+                seconds = max(seconds, time.monotonic() - t0)
+            worker.join(600)
+            writer.kill()
+            with Client(reader.target, timeout=30) as c:  # the other replica serves throughout
+                assert c.generate_text("Hello", max_new_tokens=2).completion_tokens >= 1
+            writer = start(f"a{i}")
+            writer.wait_serving()
+        (db_head,) = sql(pg_url, "SELECT head_seq FROM romegw_meta")[0]
+        seqs = [s for (s,) in sql(pg_url, "SELECT seq FROM romegw_manifest ORDER BY seq")]
+        assert seqs == list(range(1, db_head + 1))
+        named = {str(r[0]) for r in sql(pg_url, "SELECT entry->>'edit_id' FROM romegw_manifest")}
+        assert named == {str(r[0]) for r in sql(pg_url, "SELECT edit_id::text FROM romegw_layers")}
+        versions = [v for (v,) in sql(pg_url, "SELECT version FROM romegw_manifest ORDER BY seq")]
+        last = versions[-1] if versions else 0
+        for srv in (writer, reader):
+            assert wait_until(lambda srv=srv: head(srv) == last, timeout=15)
+        with Client(writer.target) as ca, Client(reader.target) as cb:
+            prompt, conts = "Person 0 lives in", [" City0", " Paris"]
+            assert ca.score(prompt, conts).scores == cb.score(prompt, conts).scores  # the same weights
+    finally:
+        writer.kill()
+        reader.kill()
