@@ -104,10 +104,10 @@ def test_two_replicas_committing_at_once_never_fork(replicas, pg_url) -> None:
 def test_a_replica_started_later_catches_up_before_serving(replicas, tokenizer, serve, pg_url) -> None:
     (a,) = replicas(1)
     with Client(a.target) as ca:
-        for i in range(5):
-            ca.import_edits([layer_file(layer_bytes(a, seed=20 + i))])
+        for i in range(20):
+            ca.import_edits([layer_file(layer_bytes(a, seed=100 + i))])
     late = serve(make_tiny("llama", tokenizer), LIMITS, edits=True, edit_store=pg_url)
-    assert head(late) == 5  # the history was read and re-applied before the server started
+    assert head(late) == 20  # the history was read and re-applied before the server started
     assert touched_sha(late) == touched_sha(a)
 
 
