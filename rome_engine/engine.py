@@ -346,6 +346,8 @@ class Engine(EngineEdits):
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.versions is not None:
             self.versions.close()
+        if self.edits is not None:
+            self.edits.store.close()  # a database store's connections; a folder has nothing to release
 
     # -- requests -----------------------------------------------------------
 
