@@ -295,18 +295,7 @@ class HistoryStore(Protocol):
         origin_versions: list[int] | None = None,
     ) -> list[ManifestEntry]: ...
 
-    def add_state(
-        self,
-        op: str,
-        *,
-        version: int,
-        active: list[str],
-        author: str = "",
-        comment: str = "",
-        to_version: int | None = None,
-        edit_id: str | None = None,
-        reason: str | None = None,
-    ) -> ManifestEntry: ...
+    def add_state(self, change: StateChange) -> ManifestEntry: ...
 
     def remove_orphans(self) -> None: ...
 
@@ -433,21 +422,9 @@ class EditStore:
             raise
         return [entry for _, _, entry in planned]
 
-    def add_state(
-        self,
-        op: str,
-        *,
-        version: int,
-        active: list[str],
-        author: str = "",
-        comment: str = "",
-        to_version: int | None = None,
-        edit_id: str | None = None,
-        reason: str | None = None,
-    ) -> ManifestEntry:
+    def add_state(self, change: StateChange) -> ManifestEntry:
         """Record a change of state without a new layer: a revert, or a recovery at start."""
-        entry = state_entry(self.manifest, op, version=version, active=active, author=author, comment=comment,
-                            to_version=to_version, edit_id=edit_id, reason=reason)  # fmt: skip
+        entry = change.entry(self.manifest)
         self._commit(entry)
         return entry
 
@@ -500,20 +477,23 @@ def plan_layers(
     return out
 
 
-def state_entry(
-    manifest: Manifest,
-    op: str,
-    *,
-    version: int,
-    active: list[str],
-    author: str = "",
-    comment: str = "",
-    to_version: int | None = None,
-    edit_id: str | None = None,
-    reason: str | None = None,
-) -> ManifestEntry:
-    """The entry of a change of state without a new layer (a revert, a recovery)."""
-    return ManifestEntry(
-        op=op, version=version, active=tuple(active), at=utc_now(), author=author, comment=comment,
-        from_version=manifest.head_version, to_version=to_version, edit_id=edit_id, reason=reason,
-    )  # fmt: skip
+@dataclass(frozen=True)
+class StateChange:
+    """A change of state without a new layer: a revert (to a version, or of one layer) or a recovery."""
+
+    op: str  # "revert" or "recover"
+    version: int  # the state it leads to
+    active: tuple[str, ...]  # that state's layers, oldest first
+    author: str = ""
+    comment: str = ""
+    to_version: int | None = None  # a revert to a version
+    edit_id: str | None = None  # a revert of one layer
+    reason: str | None = None  # a recovery's
+
+    def entry(self, manifest: Manifest) -> ManifestEntry:
+        """Its manifest entry, appended after ``manifest``'s head."""
+        return ManifestEntry(
+            op=self.op, version=self.version, active=tuple(self.active), at=utc_now(), author=self.author,
+            comment=self.comment, from_version=manifest.head_version, to_version=self.to_version,
+            edit_id=self.edit_id, reason=self.reason,
+        )  # fmt: skip

@@ -28,7 +28,7 @@ import torch
 
 from .bounds import clip
 from .delta import LowRankFactor, as_if_applied
-from .edit_store import EditLayer, HistoryStore, decode_layer, sha256_bytes, utc_now
+from .edit_store import EditLayer, HistoryStore, StateChange, decode_layer, sha256_bytes, utc_now
 from .errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, Unavailable
 from .layers import LayerWeights
 from .loading import LoadedModel
@@ -151,7 +151,7 @@ class EditManager:
                 reason = f"layers of version {intended} failed verification"
                 log.error("edit store: serving version %d instead of the recorded head %d", version, intended)
             try:
-                self.store.add_state("recover", version=version, active=ids, reason=reason)
+                self.store.add_state(StateChange("recover", version, tuple(ids), reason=reason))
             except OSError as e:  # a read-only store: serve anyway, the next writable start records it
                 log.warning("edit store %s: cannot record the recovery (%s); serving version %d", self.store.location,
                             e, version)
@@ -381,10 +381,10 @@ class EditManager:
 
     def record_revert(self, version: int, active: list[str], revert: RevertRequest) -> ManifestEntry:
         with self._storage_errors():
-            return self.store.add_state(
-                "revert", version=version, active=active, to_version=revert.to_version, edit_id=revert.edit_id,
-                author=revert.author, comment=revert.comment,
-            )  # fmt: skip
+            return self.store.add_state(StateChange(
+                "revert", version, tuple(active), author=revert.author, comment=revert.comment,
+                to_version=revert.to_version, edit_id=revert.edit_id,
+            ))  # fmt: skip
 
     # -- reading ------------------------------------------------------------
 

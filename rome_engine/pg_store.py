@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .edit_store import EditLayer, HistoryStore, Manifest, decode_layer, plan_layers, sha256_bytes, state_entry
+from .edit_store import EditLayer, HistoryStore, Manifest, StateChange, decode_layer, plan_layers, sha256_bytes
 from .errors import FailedPrecondition, HistoryMoved, NotFound, Unavailable
 from .records import ManifestEntry, check_edit_id
 
@@ -228,20 +228,9 @@ class PostgresEditStore:
         self._commit(entries, rows)
         return entries
 
-    def add_state(
-        self,
-        op: str,
-        *,
-        version: int,
-        active: list[str],
-        author: str = "",
-        comment: str = "",
-        to_version: int | None = None,
-        edit_id: str | None = None,
-        reason: str | None = None,
-    ) -> ManifestEntry:
-        entry = state_entry(self.manifest, op, version=version, active=active, author=author, comment=comment,
-                            to_version=to_version, edit_id=edit_id, reason=reason)  # fmt: skip
+    def add_state(self, change: StateChange) -> ManifestEntry:
+        """A revert or a recovery, if the history has not moved (HistoryMoved)."""
+        entry = change.entry(self.manifest)
         self._commit([entry], [])
         return entry
 

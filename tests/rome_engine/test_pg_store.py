@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rome_engine.edit_store import encode_layer
+from rome_engine.edit_store import StateChange, encode_layer
 from rome_engine.editing import EditManager
 from rome_engine.errors import FailedPrecondition, HistoryMoved, Unavailable
 from rome_engine.layers import LayerWeights
@@ -67,7 +67,7 @@ def test_replicas_share_one_linear_history(tiny_llama, pg_url: str) -> None:
     (e2,) = b.add_layers([late], base_active=[first.edit_id], op="apply")
     assert e2.version == 2 and e2.parent_version == 1
     assert [(e.version, e.active) for e in a.refresh()] == [(2, (first.edit_id, late.edit_id))]
-    r = a.add_state("revert", version=1, active=[first.edit_id], author="ops", to_version=1)
+    r = a.add_state(StateChange("revert", 1, (first.edit_id,), author="ops", to_version=1))
     assert [e.op for e in b.refresh()] == ["revert"] and b.manifest.head_version == 1 and r.from_version == 2
     assert [s for (s,) in sql(pg_url, "SELECT seq FROM romegw_manifest ORDER BY seq")] == [1, 2, 3]
     a.close()
@@ -98,7 +98,7 @@ def test_the_edit_manager_over_postgres_reverts_bit_exact_and_restarts(tokenizer
         m.activate(e.active, e.version)
     at3 = param_hashes(loaded.model)
     version, active, _ = m.plan_revert(RevertRequest(to_version=1))
-    m.store.add_state("revert", version=version, active=active, to_version=1)
+    m.store.add_state(StateChange("revert", version, tuple(active), to_version=1))
     m.activate(active, version)
     at1 = param_hashes(loaded.model)
     assert at1 not in (at3, before)
