@@ -255,3 +255,55 @@ def test_sigkill_a_replica_process_during_its_commits(saved_tiny, pg_url, tmp_pa
     finally:
         writer.kill()
         reader.kill()
+
+
+def test_three_gateway_processes_share_edits_and_never_fork(saved_tiny, pg_url, tmp_path) -> None:
+    """Three ``rome-gateway serve`` processes on one history: ApplyEdit sent to two of them at the
+    same moment gives one linear history (one lands, the other is refused and lands on retry);
+    every replica then serves the same version with the same outputs; a revert on the third
+    reaches the other two."""
+    from tests.server.test_edit_crash import FAST, Server
+
+    cache = tmp_path / "cache"
+    servers = [Server(saved_tiny, pg_url, cache, tmp_path / f"{n}.log") for n in "abc"]
+    try:
+        for s in servers:
+            s.wait_serving()
+        a, b, c = servers
+        go, outcome = threading.Barrier(2), {}
+
+        def apply(srv, i: int) -> None:
+            with Client(srv.target, timeout=600) as client:
+                go.wait()
+                try:
+                    outcome[i] = client.apply_edit("{} lives in", f"Person {i}", f" City{i}", hparams=FAST).head_version
+                except FailedPrecondition as e:
+                    outcome[i] = e
+
+        threads = [threading.Thread(target=apply, args=(srv, i)) for i, srv in enumerate((a, b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        refused = [i for i, r in outcome.items() if isinstance(r, FailedPrecondition)]
+        for i in refused:  # computed on version 0 while the other landed: retried on the new head
+            assert "history moved" in str(outcome[i])
+            with Client((a, b)[i].target, timeout=600) as client:
+                outcome[i] = client.apply_edit("{} lives in", f"Person {i}", f" City{i}", hparams=FAST).head_version
+        assert sorted(outcome.values()) == [1, 2]
+        assert [v for (v,) in sql(pg_url, "SELECT version FROM romegw_manifest ORDER BY seq")] == [1, 2]
+        for srv in servers:
+            assert wait_until(lambda srv=srv: head(srv) == 2, timeout=15)
+        prompt, conts = "Person 1 lives in", [" City1", " City0", " Paris"]
+        scores = []
+        for srv in servers:
+            with Client(srv.target) as client:
+                scores.append(client.score(prompt, conts).scores)
+        assert scores[0] == scores[1] == scores[2]  # bit-identical weights give identical scores
+        with Client(c.target) as client:
+            assert client.revert_edit(to_version=0).head_version == 0
+        for srv in (a, b):
+            assert wait_until(lambda srv=srv: head(srv) == 0, timeout=15)
+    finally:
+        for s in servers:
+            s.kill()
