@@ -279,6 +279,7 @@ class HistoryStore(Protocol):
     changing nothing."""
 
     manifest: Manifest
+    shared: bool  # other replicas write it too (a database): no recovery entries, follow it
 
     @property
     def location(self) -> str: ...
@@ -307,6 +308,7 @@ class HistoryStore(Protocol):
 class EditStore:
     """A store folder: layer files and the manifest (see the module docstring)."""
 
+    shared = False  # one writer: this server
     def __init__(self, root: Path | str, model_id: str) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)

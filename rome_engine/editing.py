@@ -29,7 +29,15 @@ import torch
 from .bounds import clip
 from .delta import LowRankFactor, as_if_applied
 from .edit_store import EditLayer, HistoryStore, StateChange, decode_layer, sha256_bytes, utc_now
-from .errors import FailedPrecondition, InvalidRequest, NotFound, ResourceExhausted, Unavailable
+from .errors import (
+    EngineError,
+    FailedPrecondition,
+    HistoryMoved,
+    InvalidRequest,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from .layers import LayerWeights
 from .loading import LoadedModel
 from .methods import MethodResult
@@ -112,6 +120,7 @@ class EditManager:
         self.editable = loaded.spec.editable_weight_names(loaded.num_layers)
         self.weights = LayerWeights(loaded)
         self._layers: dict[str, EditLayer] = {}
+        self._reported: set[tuple[int, str]] = set()  # (version, problem) already logged as an ERROR
         self.head_version = 0
         self.active: list[str] = []
 
@@ -143,7 +152,10 @@ class EditManager:
             )
         self.weights.materialize([self._layers[i] for i in ids])
         self.head_version, self.active = version, ids
-        if version != recorded:
+        if version != recorded and getattr(self.store, "shared", False):
+            # a history other replicas write: their state is theirs; this one serves its fallback alone
+            log.error("edit store: serving version %d here; the history's head is %d", version, recorded)
+        elif version != recorded:
             if version == intended:
                 reason = f"the layers of version {version} verify again"
                 log.warning("edit store: serving version %d again (an earlier start served %d)", version, recorded)
@@ -152,7 +164,7 @@ class EditManager:
                 log.error("edit store: serving version %d instead of the recorded head %d", version, intended)
             try:
                 self.store.add_state(StateChange("recover", version, tuple(ids), reason=reason))
-            except OSError as e:  # a read-only store: serve anyway, the next writable start records it
+            except (OSError, EngineError) as e:  # a read-only store: serve anyway, the next writable start records it
                 log.warning("edit store %s: cannot record the recovery (%s); serving version %d", self.store.location,
                             e, version)
         log.info("edit store %s: head version %d, %d active layers", self.store.location, version, len(ids))
@@ -166,28 +178,57 @@ class EditManager:
             problem = self._load_all(ids)
             if problem is None:
                 return version, ids
-            log.error("edit store: version %d cannot be served: %s", version, problem)
+            if (version, problem) not in self._reported:  # once: a follower retries every few seconds
+                self._reported.add((version, problem))
+                log.error("edit store: version %d cannot be served: %s", version, problem)
         return 0, []
+
+    def _served_position(self) -> int:
+        """How many entries of the history lead up to the state served: 1 + the index of the newest
+        entry whose state (version and layers) it is; 0 when none is (the base before any entry)."""
+        entries = self.store.manifest.entries
+        for i in range(len(entries) - 1, -1, -1):
+            if entries[i].version == self.head_version and list(entries[i].active) == self.active:
+                return i + 1
+        return 0
 
     @property
     def history_lag(self) -> int:
         """Entries of the history (as the store last saw it: another replica's commits included) after
         the newest one this manager serves: 0 when it is caught up."""
-        entries = self.store.manifest.entries
-        remote = max(getattr(self.store, "remote_entries", 0), len(entries))
-        for i in range(len(entries) - 1, -1, -1):
-            if entries[i].version == self.head_version and list(entries[i].active) == self.active:
-                return remote - (i + 1)
-        return remote  # none is: every entry is ahead of what is served (the base)
+        remote = max(getattr(self.store, "remote_entries", 0), len(self.store.manifest.entries))
+        return remote - self._served_position()
+
+    @property
+    def served_history_version(self) -> int:
+        """The newest version the history held when it reached the state served (``min_edit_version``
+        waits for it: a version this server has read but not made live does not count)."""
+        return max((e.version for e in self.store.manifest.entries[: self._served_position()]), default=0)
+
+    def _check_on_head(self) -> None:
+        """HistoryMoved unless the state served is the history's head: a change computed on another
+        state would be committed on top of layers it never saw (or drop them)."""
+        head = self.store.manifest.head
+        state = (head.version, list(head.active)) if head is not None else (0, [])
+        if state != (self.head_version, self.active):
+            raise HistoryMoved(
+                f"this server serves version {self.head_version}, but the edit history's head is version "
+                f"{state[0]} (not followed yet, or its layers do not verify here; the log says which): nothing "
+                "was written; retry, or edit through a replica that serves the head"
+            )
 
     def follow(self) -> tuple[int, list[str]] | None:
         """What other writers of a shared history (replicas) appended since the last read: the state
         to serve now, (version, active), or None when nothing is new. The history's head when its
         layers verify, else the newest version whose layers do (nothing is recorded: the history is
         not this replica's to amend). The weights do not change here (``activate`` does that)."""
-        if not self.store.refresh():
+        new = self.store.refresh()
+        decided = [e for e in self.store.manifest.entries if e.op != "recover"]
+        newest = (decided[-1].version, list(decided[-1].active)) if decided else (0, [])
+        if not new and newest == (self.head_version, self.active):
             return None
-        return self._newest_servable([e for e in self.store.manifest.entries if e.op != "recover"])
+        # something new, or an earlier version that did not verify here: (re)try, newest first
+        return self._newest_servable(decided)
 
     def _load_all(self, ids: list[str]) -> str | None:
         """None when every layer of ``ids`` is loaded and fits the model, else why not (never raises)."""
@@ -307,6 +348,7 @@ class EditManager:
     ) -> list[ManifestEntry]:
         """Make several layers durable at once, each a version on top of the last (all or none);
         the weights do not change yet (see ``EditStore.add_layers`` for ``author`` and ``origin_versions``)."""
+        self._check_on_head()
         with self._storage_errors():
             entries = self.store.add_layers(
                 layers, base_active=self.active, op=op, author=author, origin_versions=origin_versions
@@ -380,6 +422,7 @@ class EditManager:
         return manifest.max_version + 1, [i for i in self.active if i != edit_id], [edit_id]
 
     def record_revert(self, version: int, active: list[str], revert: RevertRequest) -> ManifestEntry:
+        self._check_on_head()
         with self._storage_errors():
             return self.store.add_state(StateChange(
                 "revert", version, tuple(active), author=revert.author, comment=revert.comment,

@@ -216,6 +216,12 @@ class Engine(EngineEdits):
         return self.versions.head if self.versions is not None else 0
 
     @property
+    def live_history_version(self) -> int:
+        """The newest version of the history as far as it is live here (min_edit_version waits for it):
+        a version read from a shared history is counted once it is served, not when it is read."""
+        return self.edits.served_history_version if self.edits is not None else 0
+
+    @property
     def known_version(self) -> int:
         """The newest version of the history this server knows (min_edit_version compares with it)."""
         return self.edits.store.manifest.max_version if self.edits is not None else 0
@@ -245,7 +251,7 @@ class Engine(EngineEdits):
         version, least = pin.edit_version, pin.min_edit_version
         if version is not None and least is not None and version < least:
             raise InvalidRequest(f"edit_version {version} is older than min_edit_version {least}: send one of them")
-        if least is not None and self.known_version < least:
+        if least is not None and self.live_history_version < least:
             await self._wait_for_history(least, pin.wait_seconds)
         if version is None or version == self.edit_version:
             return self.edit_version
@@ -269,10 +275,11 @@ class Engine(EngineEdits):
         self.waiting_for_version += 1
         try:
             async with cond:
-                await asyncio.wait_for(cond.wait_for(lambda: self.known_version >= wanted), timeout)
+                await asyncio.wait_for(cond.wait_for(lambda: self.live_history_version >= wanted), timeout)
         except TimeoutError:
             raise FailedPrecondition(
-                f"min_edit_version {wanted} is newer than this server's history (version {self.known_version}, "
+                f"min_edit_version {wanted} is newer than what this server serves (its history up to version "
+                f"{self.live_history_version} is live, {self.known_version} is known; "
                 f"head {self.edit_version}) after waiting {timeout:.1f} s: retry, or send it to the server that "
                 "made the edit"
             ) from None

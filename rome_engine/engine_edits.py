@@ -139,6 +139,8 @@ class EngineEdits:
                     await self.follow_history()
                 except EngineError as e:  # the database is down: keep serving what is live
                     log.warning("shared history: not followed now (%s); serving version %d", e, self.edit_version)
+                except Exception:  # never let the follower die silently: log it and try again at the next wake
+                    log.exception("shared history: following failed; serving version %d", self.edit_version)
         finally:
             stop.set()
 

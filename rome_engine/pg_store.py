@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from psycopg import sql
+
 from .edit_store import EditLayer, HistoryStore, Manifest, StateChange, decode_layer, plan_layers, sha256_bytes
 from .errors import FailedPrecondition, HistoryMoved, NotFound, Unavailable
 from .records import ManifestEntry, check_edit_id
@@ -48,6 +50,7 @@ from .records import ManifestEntry, check_edit_id
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "romegw_history"
+MAX_LAYER_BYTES = 256 * 1024 * 1024  # a row larger than this is refused unread (a real layer: kilobytes to megabytes)
 DEFAULT_SCHEMA = "romegw"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -92,18 +95,21 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for logs and messages."""
+    """The URL without its password (``user:password@`` or ``?password=``), for logs and messages."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k == "password" for k, _ in query):
+        parts = parts._replace(query=urlencode([(k, "***" if k == "password" else v) for k, v in query]))
+    return urlunsplit(parts)
 
 
 class PostgresEditStore:
     """The edit history of one model in a PostgreSQL schema (see the module docstring)."""
 
+    shared = True  # other replicas write it: never record a recovery, follow it
     def __init__(self, url: str, model_id: str, *, pool_size: int = 4, connect_timeout: float = 10.0) -> None:
         import psycopg_pool  # only a server with a database URL needs it
 
@@ -114,7 +120,8 @@ class PostgresEditStore:
         self._where = f"{redacted(conninfo)} (schema {self.schema})"
         self.pool = psycopg_pool.ConnectionPool(
             conninfo, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
-            kwargs={"options": f"-c search_path={self.schema}", "connect_timeout": max(1, int(connect_timeout))},
+            check=psycopg_pool.ConnectionPool.check_connection,  # a connection the database dropped is replaced
+            kwargs={"options": f'-c search_path="{self.schema}"', "connect_timeout": max(1, int(connect_timeout))},
         )  # fmt: skip
         try:
             with self._errors("open"):
@@ -136,7 +143,8 @@ class PostgresEditStore:
     def _migrate(self) -> None:
         with self.pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"romegw:{self.schema}",))
-            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")  # a checked identifier
+            if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)).fetchone() is None:
+                conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema)))
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS romegw_migrations (step integer PRIMARY KEY, "
                 "applied_at timestamptz NOT NULL DEFAULT now())"
@@ -148,9 +156,9 @@ class PostgresEditStore:
                     f"the edit store {self._where} has schema step {unknown[-1]}, newer than this server knows "
                     f"({len(MIGRATIONS)}): upgrade the server"
                 )
-            for step, sql in enumerate(MIGRATIONS, start=1):
+            for step, statements in enumerate(MIGRATIONS, start=1):
                 if step not in done:
-                    conn.execute(sql)
+                    conn.execute(statements)
                     conn.execute("INSERT INTO romegw_migrations (step) VALUES (%s)", (step,))
                     log.info("edit store %s: schema step %d applied", self._where, step)
 
@@ -194,11 +202,14 @@ class PostgresEditStore:
         if entry is None:
             raise NotFound(f"no edit with id {edit_id!r}")
         with self._errors("read"), self.pool.connection() as conn:
-            query = "SELECT data FROM romegw_layers WHERE edit_id = %s"
-            row = conn.execute(query, (check_edit_id(edit_id),)).fetchone()
+            query = ("SELECT octet_length(data), CASE WHEN octet_length(data) <= %s THEN data END "
+                     "FROM romegw_layers WHERE edit_id = %s")
+            row = conn.execute(query, (MAX_LAYER_BYTES, check_edit_id(edit_id))).fetchone()
         if row is None:
             raise ValueError(f"layer {edit_id} is missing from {self._where}")
-        data = bytes(row[0])
+        if row[1] is None:
+            raise ValueError(f"layer {edit_id} in {self._where} has {row[0]} bytes, over {MAX_LAYER_BYTES}")
+        data = bytes(row[1])
         if sha256_bytes(data) != entry.sha256:
             raise ValueError(f"layer {edit_id} in {self._where} does not match its checksum (altered)")
         layer = decode_layer(data, stored=True)
@@ -285,10 +296,11 @@ class PostgresEditStore:
         thread of its own). A dedicated connection LISTENs for the commits' NOTIFY; ``wake()`` also runs
         once per (re)connection and every ``poll_seconds`` (a notification missed while disconnected
         is caught up then). The connection is re-opened after a failure, 1 s later and then less and
-        less often (at most every 30 s); ``up`` says whether the database answers."""
+        less often (at most every 10 s); ``up`` says whether the database answers."""
         import psycopg
 
         conninfo, _ = split_url(self._url)
+        head_query = sql.SQL("SELECT head_seq FROM {}.romegw_meta WHERE id = 1").format(sql.Identifier(self.schema))
         backoff = 1.0
         while not stop.is_set():
             try:
@@ -299,16 +311,16 @@ class PostgresEditStore:
                     while not stop.is_set():
                         for _ in conn.notifies(timeout=poll_seconds, stop_after=1):
                             pass  # a commit (of any schema on this database: a refresh is one cheap query)
-                        head = conn.execute(f"SELECT head_seq FROM {self.schema}.romegw_meta WHERE id = 1").fetchone()
+                        head = conn.execute(head_query).fetchone()
                         self.remote_entries = max(self.remote_entries, int(head[0]) if head else 0)
                         wake()
-            except psycopg.Error as e:
+            except Exception as e:  # psycopg's errors, and anything else: the thread must not die
                 if self.up:
-                    log.warning("edit store %s: lost the database (%s); serving the version in place, "
-                                "retrying", self._where, str(e).strip()[:200])  # fmt: skip
+                    log.warning("edit store %s: lost the database (%s: %s); serving the version in place, "
+                                "retrying", self._where, type(e).__name__, str(e).strip()[:200])  # fmt: skip
                 self.up = False
                 stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, 10.0)
 
     # -- errors and the end ---------------------------------------------------------------
 
@@ -322,9 +334,12 @@ class PostgresEditStore:
             yield
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as e:
             self.up = False
+            outcome = (
+                "the commit may or may not have gone through (the connection broke): ListEdits says, once it "
+                "is back" if doing == "write" else "nothing was changed: retry once it is back"
+            )
             raise Unavailable(
-                f"the edit store database {self._where} is unreachable ({doing}: {str(e).strip()[:200]}); "
-                "nothing was changed: retry once it is back"
+                f"the edit store database {self._where} is unreachable ({doing}: {str(e).strip()[:200]}); {outcome}"
             ) from e
         except psycopg.Error as e:
             raise Unavailable(

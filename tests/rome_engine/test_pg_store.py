@@ -37,6 +37,8 @@ def test_url_schema_is_checked_and_passwords_stay_out_of_messages() -> None:
         with pytest.raises(ValueError, match="schema must be a lowercase identifier"):
             split_url(f"postgresql://u@h/db?schema={bad}")
     assert redacted("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert "hunter2" not in redacted("postgresql://u@h/db?sslmode=require&password=hunter2")
+    assert split_url("postgresql://u@h/db?schema=select")[1] == "select"  # a reserved word: quoted in SQL
 
 
 def test_a_dead_database_is_unavailable_and_says_so() -> None:
@@ -165,3 +167,37 @@ def test_a_writer_killed_mid_commit_leaves_a_consistent_history(tiny_llama, pg_u
     (entry,) = store.add_layers([extra], base_active=list(store.manifest.entries[-1].active), op="apply")
     assert entry.version == head + 1
     store.close()
+
+
+def test_a_follower_serves_a_version_once_it_is_live_and_retries_what_failed(tokenizer, pg_url: str) -> None:
+    """min_edit_version counts a version once it is served, not once it is read; a layer that failed
+    to load once is tried again at the next follow, with nothing new in the history."""
+    from tests.conftest import make_tiny
+
+    a_model, b_model = make_tiny("llama", tokenizer), make_tiny("llama", tokenizer)
+    a = EditManager(a_model, PostgresEditStore(pg_url, a_model.model_id), compute=lambda *_: None)
+    b = EditManager(b_model, PostgresEditStore(pg_url, b_model.model_id), compute=lambda *_: None)
+    a.restore()
+    b.restore()
+    e = a.store_layer(random_layer(a_model, a.weights, 0, seed=7))
+    a.activate(e.active, e.version)
+    assert b.store.refresh() and b.store.manifest.max_version == 1
+    assert b.served_history_version == 0 and b.history_lag == 1  # read, not live: a reader still waits
+
+    real_read = b.store.read_layer
+    failures = iter([ValueError("a transient read error")])
+
+    def flaky(edit_id: str):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real_read(edit_id)
+
+    b.store.read_layer = flaky
+    assert b.follow() == (0, [])  # nothing new was read above; the layer failed: the base stays
+    assert b.follow() == (1, list(e.active))  # tried again without anything new in the history
+    b.activate(list(e.active), 1)
+    assert b.served_history_version == 1 and b.history_lag == 0
+    assert b.follow() is None  # on the head: nothing to do
+    a.store.close()
+    b.store.close()

@@ -191,6 +191,13 @@ def test_a_replica_that_cannot_verify_a_layer_serves_the_newest_version_it_can(t
     assert wait_until(lambda: any("version 1 cannot be served" in r.getMessage() for r in caplog.records), timeout=10)
     assert head(other) == 0
     assert value(scrape(other.metrics_url), "romegw_edit_replication_lag_versions") == 1.0
+    # an edit through it would be committed on top of a layer it never applied: refused, nothing written
+    with Client(other.target) as co, pytest.raises(FailedPrecondition, match="history's head is version 1"):
+        co.import_edits([layer_file(layer_bytes(other, seed=71))])
+    # a start of such a replica serves its fallback alone: nothing is recorded in the shared history
+    again = serve(make_tiny("llama", tokenizer, seed=1), LIMITS, edits=True, edit_store=pg_url)
+    assert head(again) == 0
+    assert [op for (op,) in sql(pg_url, "SELECT entry->>'op' FROM romegw_manifest ORDER BY seq")] == ["import"]
 
 
 @pytest.fixture(scope="module")

@@ -107,8 +107,8 @@ def test_pins_that_cannot_be_served(tokenizer, serve) -> None:
             c.score(PROMPTS[0], CONTINUATIONS, edit_version=-1)
         # the server waited (max_version_wait) and names both versions
         t0 = time.perf_counter()
-        with pytest.raises(FailedPrecondition, match=r"min_edit_version 5 is newer than this server's history "
-                                                     r"\(version 0, head 0\)"):  # fmt: skip
+        with pytest.raises(FailedPrecondition, match=r"min_edit_version 5 is newer than what this server serves "
+                                                     r"\(its history up to version 0 is live, 0 is known; head 0\)"):
             c.generate_text(PROMPTS[0], max_new_tokens=2, min_edit_version=5)
         assert time.perf_counter() - t0 >= 0.4
         # the caller's deadline bounds the wait too
