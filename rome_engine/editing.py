@@ -152,7 +152,7 @@ class EditManager:
             )
         self.weights.materialize([self._layers[i] for i in ids])
         self.head_version, self.active = version, ids
-        if version != recorded and getattr(self.store, "shared", False):
+        if version != recorded and self.store.shared:
             # a history other replicas write: their state is theirs; this one serves its fallback alone
             log.error("edit store: serving version %d here; the history's head is %d", version, recorded)
         elif version != recorded:
