@@ -41,6 +41,7 @@ from .errors import (
 from .layers import LayerWeights
 from .loading import LoadedModel
 from .methods import MethodResult
+from .methods.projection import KeyBlock, PriorKeys
 from .records import (
     EditView,
     LayerHeader,
@@ -62,16 +63,17 @@ __all__ = ["ComputeFn", "EditManager", "EditView", "fact_probabilities", "method
 
 class ComputeFn(Protocol):
     """How an edit is computed (``method_compute``; a test's fake): the facts of ``requests`` by
-    ``method``, on the given weights, which it leaves unchanged. ``prior_keys[param]`` (in, n) are
-    the keys of the edits active on that matrix (the projected method protects them). ``progress``
-    runs at each step; an exception it raises abandons the work."""
+    ``method``, on the given weights, which it leaves unchanged. ``prior_keys[param]`` are the
+    keys of the edits active on that matrix, one (edit id, (in, r)) block per edit, oldest first
+    (the projected method protects them). ``progress`` runs at each step; an exception it raises
+    abandons the work."""
 
     def __call__(
         self,
         loaded: LoadedModel,
         requests: Sequence[EditRequest],
         method: str,
-        prior_keys: Mapping[str, torch.Tensor],
+        prior_keys: Mapping[str, PriorKeys],
         progress: ProgressFn | None = None,
     ) -> MethodResult: ...
 
@@ -268,14 +270,19 @@ class EditManager:
 
     # -- apply --------------------------------------------------------------
 
-    def active_keys(self) -> dict[str, torch.Tensor]:
-        """param -> (in, n): the edit keys stored in the active layers, oldest first. Derived from the
-        layers every time (never accumulated), so any version's statistic is exactly its layers'."""
-        keys: dict[str, list[torch.Tensor]] = {}
+    def active_key_blocks(self) -> dict[str, list[KeyBlock]]:
+        """param -> [(edit id, its keys (in, r)), ...]: the edit keys stored in the active layers,
+        oldest first. Derived from the layers every time (never accumulated), so any version's
+        statistic is exactly its layers'."""
+        blocks: dict[str, list[KeyBlock]] = {}
         for edit_id in self.active:
             for param, k in self._layers[edit_id].keys.items():
-                keys.setdefault(param, []).append(k)
-        return {param: torch.cat(ks, dim=1) for param, ks in keys.items()}
+                blocks.setdefault(param, []).append((edit_id, k))
+        return blocks
+
+    def active_keys(self) -> dict[str, torch.Tensor]:
+        """param -> (in, n): ``active_key_blocks`` side by side."""
+        return {param: torch.cat([k for _, k in b], dim=1) for param, b in self.active_key_blocks().items()}
 
     def compute_layer(
         self,
@@ -290,7 +297,7 @@ class EditManager:
         unchanged) as one layer, measured fact by fact. ``progress`` runs at every step of the
         computation; an exception it raises abandons it."""
         t0 = time.perf_counter()
-        prior = self.active_keys() if method == "projected" else {}
+        prior = self.active_key_blocks() if method == "projected" else {}
         result = self.compute(self.loaded, requests, method, prior, progress)
         factors = tuple(f.cpu() for f in result.factors)
         self._check_factors(factors)
@@ -513,7 +520,7 @@ def method_compute(cache_dir: Path | str | None = None, corpus: Path | str | Non
         loaded: LoadedModel,
         requests: Sequence[EditRequest],
         method: str,
-        prior_keys: Mapping[str, torch.Tensor],
+        prior_keys: Mapping[str, PriorKeys],
         progress: ProgressFn | None = None,
     ) -> MethodResult:
         return compute_method(method, loaded, requests, cache, prior_keys=prior_keys, progress=progress)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
-
 from ..delta import LowRankFactor
 from ..errors import InvalidRequest
 from ..loading import LoadedModel
@@ -37,7 +35,7 @@ from ..rome.request import EditRequest
 from .ft import compute_ft
 from .hparams import FtHParams, MemitHParams, default_method, ft_hparams_for, memit_hparams_for
 from .memit import compute_memit, compute_projected
-from .projection import layer_eigenbasis, preserved_basis, projector
+from .projection import PriorKeys, layer_eigenbasis, preserved_basis, projector
 from .result import LayerInfo, MethodResult, RequestInfo
 from .rome import compute_rome, rome_result
 
@@ -48,7 +46,7 @@ def compute_method(
     requests: Sequence[EditRequest],
     cache: RomeCache,
     *,
-    prior_keys: Mapping[str, torch.Tensor] | None = None,
+    prior_keys: Mapping[str, PriorKeys] | None = None,
     overrides: Mapping[str, float] | None = None,
     progress: ProgressFn | None = None,
 ) -> MethodResult:
@@ -85,6 +83,7 @@ __all__ = [
     "LowRankFactor",
     "MemitHParams",
     "MethodResult",
+    "PriorKeys",
     "RequestInfo",
     "compute_ft",
     "compute_memit",

@@ -42,7 +42,16 @@ from ..rome.covariance import layer_covariance
 from ..rome.hparams import hparams_for
 from ..rome.request import SLOT, EditRequest
 from .hparams import MemitHParams, memit_hparams_for
-from .projection import Eigenbasis, layer_eigenbasis, preserved_basis, projector
+from .projection import (
+    BasisChain,
+    Eigenbasis,
+    PriorKeys,
+    layer_eigenbasis,
+    preserved_basis,
+    prior_matrix,
+    prior_width,
+    projector,
+)
 from .result import LayerInfo, MethodResult, RequestInfo
 from .solve import memit_factor, projected_factor, written_share
 
@@ -68,12 +77,14 @@ def compute_projected(
     requests: Sequence[EditRequest],
     cache: RomeCache,
     *,
-    prior_keys: Mapping[str, torch.Tensor] | None = None,
+    prior_keys: Mapping[str, PriorKeys] | None = None,
     overrides: Mapping[str, float] | None = None,
     progress: ProgressFn | None = None,
 ) -> MethodResult:
-    """The null-space projected update on MEMIT's layers. ``prior_keys[param]`` (in, n): the keys of
-    the earlier edits still active on that matrix (derived from the active layers by the caller)."""
+    """The null-space projected update on MEMIT's layers. ``prior_keys[param]``: the keys of the
+    earlier edits still active on that matrix (derived from the active layers by the caller), as
+    one (in, n) matrix or as (edit id, keys) blocks, oldest first; blocks let the basis of the
+    earlier keys be extended from the last edit's (``projection.BasisChain``)."""
     return _compute(loaded, requests, cache, "projected", prior_keys or {}, overrides, progress)
 
 
@@ -129,7 +140,7 @@ def _compute(
     requests: Sequence[EditRequest],
     cache: RomeCache,
     method: str,
-    prior_keys: Mapping[str, torch.Tensor] | None,
+    prior_keys: Mapping[str, PriorKeys] | None,
     overrides: Mapping[str, float] | None,
     progress: ProgressFn | None,
 ) -> MethodResult:
@@ -158,7 +169,11 @@ def _compute(
         else:
             eig, cached = layer_eigenbasis(loaded, layer, zhp, cache, progress=progress)
             prior = prior_keys.get(param) if prior_keys else None
-            solvers.append(_projected_solver(eig, hp, prior, param))
+            chain, _ = cache.get_or_compute(
+                f"key-basis:{cache.model_key(loaded)}:{param}:{hp.nullspace_threshold}:{hp.nullspace_relative}",
+                BasisChain,
+            )
+            solvers.append(_projected_solver(eig, hp, prior, param, chain))
             log.debug("layer %d: %d free dimensions", layer, solvers[-1][1])
         from_cache = from_cache and cached
 
@@ -226,20 +241,21 @@ def _memit_solver(cov: torch.Tensor, hp: MemitHParams) -> tuple[Solver, None]:
 
 
 def _projected_solver(
-    eig: Eigenbasis, hp: MemitHParams, prior: torch.Tensor | None, param: str
+    eig: Eigenbasis, hp: MemitHParams, prior: PriorKeys | None, param: str, chain: BasisChain | None = None
 ) -> tuple[Solver, int]:
     keep = preserved_basis(eig, hp.nullspace_threshold, bool(hp.nullspace_relative))
-    proj = projector(keep, prior, hard=bool(hp.hard_prior))
+    proj = projector(keep, prior, hard=bool(hp.hard_prior), chain=chain)
     free = proj.free
     alpha = hp.l2 * float(eig.values.sum())  # l2 * tr(C) = l2 * E||k||^2
     prior_gram = None
-    if not hp.hard_prior and prior is not None and prior.numel():
-        prior_gram = prior.double() @ prior.double().T  # K_p K_p^T: (in, in)
+    prior_k = None if hp.hard_prior else prior_matrix(prior)
+    if prior_k is not None:
+        prior_gram = prior_k.double() @ prior_k.double().T  # K_p K_p^T: (in, in)
 
     if free <= 0:  # refused before any optimisation runs
         raise FailedPrecondition(
             f"{param} has no free direction left: its {proj.dim} input dimensions are all preserved "
-            f"({keep.shape[1]} eigenvectors of C and {0 if prior is None else prior.shape[1]} earlier edit keys)"
+            f"({keep.shape[1]} eigenvectors of C and {prior_width(prior)} earlier edit keys)"
         )
 
     def solve(resid: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,9 @@ lets each new edit disturb the earlier ones a little.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -124,19 +126,144 @@ class Projector:
         return torch.eye(self.dim, dtype=q.dtype, device=q.device) - q @ q.T
 
 
+KeyBlock = tuple[str, torch.Tensor]  # (edit id, the keys that edit stored for one matrix (in, r))
+PriorKeys = torch.Tensor | Sequence[KeyBlock]  # one matrix's earlier keys: (in, n), or per edit, oldest first
+
+
+def new_directions(qt: torch.Tensor, keys: torch.Tensor, tol: float = 1e-9) -> torch.Tensor:
+    """The directions of ``keys`` (d, r) that Q (given as Q^T, (m, d), orthonormal rows) does not
+    span yet: (j, d) orthonormal rows, j <= r, orthogonal to Q's.
+
+    rest = (I - Q Q^T) k, taken twice (classical Gram-Schmidt with reorthogonalisation keeps the
+    rows orthogonal to rounding after thousands of extensions); the left singular vectors of rest
+    whose singular value exceeds ``tol`` times the longest key are the new directions.
+    """
+    k = keys.double().to(qt.device)
+    rest = k - qt.T @ (qt @ k)
+    rest = rest - qt.T @ (qt @ rest)
+    left, s, _ = torch.linalg.svd(rest, full_matrices=False)
+    scale = float(k.norm(dim=0).max()) if k.numel() else 0.0
+    return left[:, s > tol * max(scale, 1e-30)].T
+
+
+def extend_basis(q: torch.Tensor, keys: torch.Tensor, tol: float = 1e-9) -> torch.Tensor:
+    """Q (d, m), orthonormal, extended by the directions of ``keys`` (d, r) it does not span yet."""
+    q = q.double()
+    return torch.cat([q, new_directions(q.T.contiguous(), keys, tol).T], dim=1)
+
+
+class KeyBasis:
+    """An orthonormal basis grown block by block: Q^T's rows in a buffer that doubles when full,
+    so that an extension costs O(d q r), not a copy of Q. The rows in use are always one
+    contiguous (q, d) block whatever the buffer's size, so the arithmetic, and the bits, of a
+    fold do not depend on how it was grown."""
+
+    def __init__(self, preserved: torch.Tensor, spare: int = 64) -> None:
+        m, d = int(preserved.shape[1]), int(preserved.shape[0])
+        self._rows = torch.empty(m + spare, d, dtype=torch.float64, device=preserved.device)
+        self._rows[:m] = preserved.double().T
+        self.size = m
+
+    @property
+    def q(self) -> torch.Tensor:
+        """Q (d, q): a view of the rows in use."""
+        return self._rows[: self.size].T
+
+    def extend(self, keys: torch.Tensor, tol: float = 1e-9) -> None:
+        new = new_directions(self._rows[: self.size], keys, tol)
+        j = int(new.shape[0])
+        if self.size + j > self._rows.shape[0]:
+            old = self._rows
+            rows = torch.empty(2 * (self.size + j), old.shape[1], dtype=old.dtype, device=old.device)
+            rows[: self.size] = self._rows[: self.size]
+            self._rows = rows
+        self._rows[self.size : self.size + j] = new
+        self.size += j
+
+
+def fold_keys(preserved: torch.Tensor, blocks: Sequence[KeyBlock], tol: float = 1e-9) -> KeyBasis:
+    """The preserved basis extended by every block's keys, in order."""
+    basis = KeyBasis(preserved)
+    for _, k in blocks:
+        basis.extend(k, tol)
+    return basis
+
+
+class BasisChain:
+    """The last basis folded from edits' key blocks, oldest first, onto a preserved basis.
+
+    The next projected edit on a matrix sees the same blocks plus one, so it extends the memo by
+    one block (O(d q r)) instead of folding every earlier edit again. Folding is one
+    deterministic sequence of steps either way, so a memo hit and a fresh fold give the same
+    bits; a history that is not an extension of the memo's (a revert) is folded from scratch.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._preserved: torch.Tensor | None = None
+        self._ids: tuple[str, ...] = ()
+        self._basis: KeyBasis | None = None
+
+    def basis(self, preserved: torch.Tensor, blocks: Sequence[KeyBlock], tol: float = 1e-9) -> torch.Tensor:
+        """Q (d, q) of ``fold_keys(preserved, blocks, tol)``."""
+        ids = tuple(edit_id for edit_id, _ in blocks)
+        preserved = preserved.double()
+        with self._lock:
+            memo = self._basis
+            if (
+                memo is None
+                or self._preserved is None
+                or ids[: len(self._ids)] != self._ids
+                or self._preserved.shape != preserved.shape
+                or not torch.equal(self._preserved, preserved)
+            ):
+                memo, start = KeyBasis(preserved), 0
+            else:
+                start = len(self._ids)
+            for _, k in blocks[start:]:
+                memo.extend(k, tol)
+            self._preserved, self._ids, self._basis = preserved, ids, memo
+            return memo.q
+
+
+def prior_width(prior: PriorKeys | None) -> int:
+    """How many earlier keys ``prior`` holds."""
+    if prior is None:
+        return 0
+    if isinstance(prior, torch.Tensor):
+        return int(prior.shape[1]) if prior.numel() else 0
+    return sum(int(k.shape[1]) for _, k in prior)
+
+
+def prior_matrix(prior: PriorKeys | None) -> torch.Tensor | None:
+    """``prior`` as one (in, n) matrix, oldest first (None when empty)."""
+    if prior is None or prior_width(prior) == 0:
+        return None
+    if isinstance(prior, torch.Tensor):
+        return prior
+    return torch.cat([k for _, k in prior], dim=1)
+
+
 def projector(
-    preserved: torch.Tensor, prior_keys: torch.Tensor | None = None, *, hard: bool = True, tol: float = 1e-9
+    preserved: torch.Tensor,
+    prior_keys: PriorKeys | None = None,
+    *,
+    hard: bool = True,
+    tol: float = 1e-9,
+    chain: BasisChain | None = None,
 ) -> Projector:
     """P = I - Q Q^T with Q an orthonormal basis of the preserved span, and with ``hard`` also of
-    the earlier edits' keys ``prior_keys`` (d, n).
+    the earlier edits' keys ``prior_keys``: one (d, n) block, or one block per edit, folded in
+    order (``extend_basis``; ``chain`` remembers the last fold, see ``BasisChain``).
 
-    Key directions within ``tol`` (relative to the longest key) of the span already preserved add nothing.
+    Key directions within ``tol`` (relative to the block's longest key) of the span already
+    preserved add nothing.
     """
     q = preserved.double()
-    if hard and prior_keys is not None and prior_keys.numel():
-        k = prior_keys.double().to(q.device)
-        rest = k - q @ (q.T @ k)  # (d, n): what the preserved span leaves of each key
-        left, s, _ = torch.linalg.svd(rest, full_matrices=False)
-        scale = float(k.norm(dim=0).max())
-        q = torch.cat([q, left[:, s > tol * max(scale, 1e-30)]], dim=1)
-    return Projector(q)
+    if not hard or prior_width(prior_keys) == 0:
+        return Projector(q)
+    if isinstance(prior_keys, torch.Tensor):
+        return Projector(extend_basis(q, prior_keys, tol))
+    if chain is not None:
+        return Projector(chain.basis(q, prior_keys, tol))
+    return Projector(fold_keys(q, prior_keys, tol).q)

@@ -22,6 +22,7 @@ from rome_engine.methods import (
     projector,
 )
 from rome_engine.methods.ft import finetune_delta, resolve_ft_hparams, truncated_factor
+from rome_engine.methods.projection import BasisChain, extend_basis
 from rome_engine.methods.solve import memit_factor, projected_factor
 from rome_engine.rome import EditRequest, RomeCache
 from rome_engine.scoring import score_continuations
@@ -182,6 +183,47 @@ def test_projected_solve_equals_the_d_by_d_system() -> None:
     p = proj.dense()
     expected = torch.linalg.solve(p @ keys @ keys.T + 0.3 * torch.eye(d, dtype=torch.float64), p @ keys)
     torch.testing.assert_close(v.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def _blocks(n: int, d: int, seed: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(f"edit-{i}", torch.randn(d, 1 + i % 3, generator=g)) for i in range(n)]
+
+
+def test_key_basis_memo_gives_the_bits_of_a_fresh_fold_and_refolds_after_a_revert() -> None:
+    """The earlier keys' basis is extended edit by edit from a memo; a fresh fold (a restart) gives
+    the same bits, and a history that is not an extension (a middle edit reverted) is refolded."""
+    d = 64
+    keep = torch.linalg.qr(torch.randn(d, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))).Q
+    blocks = _blocks(12, d, seed=4)
+    chain = BasisChain()
+    for n in range(1, len(blocks) + 1):  # one more edit each time, as a run of ApplyEdit sees them
+        q = chain.basis(keep, blocks[:n])
+    fresh = projector(keep, blocks).basis
+    assert torch.equal(q, fresh)
+    assert q.shape[1] == 10 + sum(k.shape[1] for _, k in blocks)
+    torch.testing.assert_close(q.T @ q, torch.eye(q.shape[1], dtype=q.dtype), rtol=0, atol=1e-12)
+    # the earlier keys lie in Q's span: P k_p = 0
+    p = projector(keep, blocks, chain=chain)
+    assert float(p.apply(torch.cat([k for _, k in blocks], dim=1)).abs().max()) < 1e-9
+    # revert of edit-5: the memo is not a prefix of the new history, so it is folded again
+    without = blocks[:5] + blocks[6:]
+    assert torch.equal(chain.basis(keep, without), projector(keep, without).basis)
+    # another preserved basis (other hyperparameters) never reuses the memo
+    keep2 = keep[:, :8]
+    assert torch.equal(chain.basis(keep2, without), projector(keep2, without).basis)
+
+
+def test_key_basis_stays_orthonormal_over_many_extensions_and_skips_spanned_keys() -> None:
+    d = 96
+    g = torch.Generator().manual_seed(5)
+    q = torch.linalg.qr(torch.randn(d, 20, dtype=torch.float64, generator=g)).Q
+    for _ in range(70):
+        q = extend_basis(q, torch.randn(d, 1, generator=g) * 1e3)
+    assert q.shape[1] == 90
+    torch.testing.assert_close(q.T @ q, torch.eye(90, dtype=q.dtype), rtol=0, atol=1e-10)
+    inside = q @ torch.randn(90, 2, dtype=torch.float64, generator=g)  # already spanned: adds nothing
+    assert extend_basis(q, inside).shape[1] == 90
 
 
 def test_soft_prior_is_a_penalty_not_a_constraint() -> None:
