@@ -1,7 +1,7 @@
 """The edit store: versioned edit layers on disk.
 
-On-disk format (layer files in ``format_version`` 2, read in 1 and 2; manifest in
-``format_version`` 1), under the store folder ``DIR``::
+On-disk format (layer files in ``format_version`` 2, read in 1 and 2; the manifest in
+``format_version`` 2, read in 1 and 2), under the store folder ``DIR``::
 
     DIR/
       manifest.json                      the history, rewritten atomically on every change
@@ -30,15 +30,22 @@ one fact as ``request`` and one ``probabilities`` object, method ROME on one ``l
 and 1-D factors ``u`` (out,) and ``v`` (in,), no keys. A layer is never rewritten: a
 format-1 file stays format 1 on disk; an imported one is stored as format 2.
 
-The **manifest** is JSON: ``{"format_version": 1, "model_id": ..., "entries": [...]}``.
+The **manifest** is JSON: ``{"format_version": 2, "model_id": ..., "entries": [...]}``.
 Entries are only ever appended (history is never rewritten); each is one of::
 
     {"op": "apply",  "version": V, "parent_version": P, "edit_id": ..., "file": "layers/<id>.safetensors",
-     "sha256": <of the file>, "active": [edit ids, oldest first], "at": ..., "author": ..., "comment": ...}
+     "sha256": <of the file>, "active_keep": K, "active_add": [edit ids], "at": ..., "author": ..., "comment": ...}
     {"op": "revert", "version": V, "from_version": F, "to_version": N | null, "edit_id": <removed> | null,
-     "active": [...], "at": ..., "author": ..., "comment": ...}
+     "active_keep": K, "active_add": [...], "at": ..., "author": ..., "comment": ...}
     {"op": "import", ... same fields as apply, plus "origin_version"}
-    {"op": "recover", "version": V, "from_version": F, "active": [...], "reason": ...}
+    {"op": "recover", "version": V, "from_version": F, "active_keep": K, "active_add": [...], "reason": ...}
+
+An entry's active layers (edit ids, oldest first) are the previous entry's first
+``active_keep`` ids followed by ``active_add`` (the first entry's previous list is
+empty): an apply keeps them all and adds one, so the manifest grows by one short
+entry per edit whatever the number of active layers. **Format 1** (written before
+2026-11-28) gives each entry's whole list as ``"active": [...]``; it is read
+unchanged, and the first write rewrites it in format 2.
 
 (``recover`` is written at start when the head's layers cannot all be
 verified: the server serves the newest version whose layers all check out.)
@@ -215,10 +222,36 @@ def read_layer_header(path: Path) -> LayerHeader:
 # ------------------------------------------------------------------ manifest
 
 
+MANIFEST_FORMATS_READ = (1, 2)
+
+
+def active_delta(prev: tuple[str, ...], cur: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
+    """(keep, add) with cur = prev[:keep] + add, keep as long as possible (an apply: keep = len(prev))."""
+    if cur[: len(prev)] == prev:
+        return len(prev), cur[len(prev) :]
+    keep = 0
+    for a, b in zip(prev, cur, strict=False):
+        if a != b:
+            break
+        keep += 1
+    return keep, cur[keep:]
+
+
+def _decode_active(prev: tuple[str, ...], doc: dict) -> list[str]:
+    keep, add = doc.pop("active_keep", None), doc.pop("active_add", None)
+    if type(keep) is not int or not 0 <= keep <= len(prev):
+        raise ValueError(f"active_keep must be an integer in 0..{len(prev)}, got {_short(keep)}")
+    if not isinstance(add, list):
+        raise ValueError(f"active_add must be a list of edit ids, got {_short(add)}")
+    return [*prev[:keep], *add]
+
+
 @dataclass
 class Manifest:
     model_id: str
     entries: list[ManifestEntry] = field(default_factory=list)
+    # (entry, its format-2 JSON object) for a prefix of entries: encoding is O(new entries) per write
+    _encoded: list[tuple[ManifestEntry, dict]] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def head(self) -> ManifestEntry | None:
@@ -248,24 +281,46 @@ class Manifest:
         """edit_id -> its apply/import entry."""
         return {e.edit_id: e for e in self.entries if e.adds_layer and e.edit_id is not None}
 
+    def _encode(self) -> list[dict]:
+        """The entries in format 2, reusing the memo for the prefix that is unchanged."""
+        memo, entries = self._encoded, self.entries
+        same = 0
+        while same < min(len(memo), len(entries)) and memo[same][0] is entries[same]:
+            same += 1
+        del memo[same:]  # entries rolled back after a failed write, or replaced
+        for i in range(same, len(entries)):
+            e = entries[i]
+            keep, add = active_delta(entries[i - 1].active if i else (), e.active)
+            doc = e.to_json()
+            del doc["active"]
+            doc["active_keep"], doc["active_add"] = keep, list(add)
+            memo.append((e, doc))
+        return [doc for _, doc in memo]
+
     def to_json(self) -> bytes:
-        doc = {"format_version": MANIFEST_FORMAT, "model_id": self.model_id,
-               "entries": [e.to_json() for e in self.entries]}  # fmt: skip
+        doc = {"format_version": MANIFEST_FORMAT, "model_id": self.model_id, "entries": self._encode()}
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
-        """Parse and validate the manifest; ValueError naming the first malformed entry."""
+        """Parse and validate the manifest (format 1 or 2); ValueError naming the first malformed entry."""
         doc = json.loads(data)
         if not isinstance(doc, dict):
             raise ValueError("the manifest must be a JSON object")
-        check_format(doc, "manifest", (MANIFEST_FORMAT,))
+        fmt = check_format(doc, "manifest", MANIFEST_FORMATS_READ)
         model_id, raw = doc.get("model_id"), doc.get("entries")
         if not isinstance(model_id, str) or not isinstance(raw, list):
             raise ValueError("the manifest needs model_id (a string) and entries (a list)")
-        entries = []
+        entries: list[ManifestEntry] = []
         for i, entry in enumerate(raw):
             try:
+                if fmt == 2:
+                    if not isinstance(entry, dict):
+                        raise ValueError(f"must be a JSON object, got {_short(entry)}")
+                    entry = dict(entry)
+                    if "active" in entry:
+                        raise ValueError("a format-2 entry gives active_keep and active_add, not active")
+                    entry["active"] = _decode_active(entries[-1].active if entries else (), entry)
                 entries.append(ManifestEntry.from_json(entry))
             except ValueError as e:
                 raise ValueError(f"manifest entry {i}: {e}") from None

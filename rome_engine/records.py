@@ -32,7 +32,7 @@ from .errors import EngineError
 
 LAYER_FORMAT = 2  # the layer header this code writes: facts, method, rank-r factors, edit keys
 LAYER_FORMATS = (1, 2)  # the ones it reads (format 1: one fact, rank one; see edit_store)
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # written; 1 and 2 are read (edit_store.Manifest)
 METHODS = ("rome", "memit", "projected", "ft")  # the editing methods a header may name
 AUTO_METHOD = "auto"  # a server default: the model's own choice (methods.default_method)
 MAX_FACTS = 256  # facts of one batch edit (one layer)

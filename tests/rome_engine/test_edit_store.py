@@ -7,6 +7,7 @@ import json
 import logging
 import uuid
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from rome_engine.delta import LowRankFactor, as_if_applied
 from rome_engine.edit_store import (
     EditLayer,
     EditStore,
+    Manifest,
     decode_layer,
     encode_layer,
     read_layer_header,
@@ -136,7 +138,10 @@ def test_store_manifest_revert_and_restart(tiny_llama, tmp_path, caplog) -> None
     # the layer file's header is readable alone, and the manifest names every active layer
     assert read_layer_header(tmp_path / entries[0].file).edit_id == ids[0]
     doc = json.loads((tmp_path / "manifest.json").read_text())
-    assert doc["entries"][-1]["active"] == ids
+    assert doc["format_version"] == 2 and [(e["active_keep"], len(e["active_add"])) for e in doc["entries"]] == [
+        (0, 1), (1, 1), (2, 1)
+    ]  # each apply adds one id to the list before it
+    assert list(Manifest.from_json((tmp_path / "manifest.json").read_bytes()).entries[-1].active) == ids
 
     # remove the middle layer: a new version without it
     revert = RevertRequest(edit_id=ids[1], author="a")
@@ -291,6 +296,43 @@ def test_an_oversized_stored_update_is_not_restored(tiny_llama, tmp_path) -> Non
     again.activate([], 0)
 
 
+def _apply_entry(ids: list[str], i: int) -> ManifestEntry:
+    e = ids[i]
+    return ManifestEntry("apply", i + 1, tuple(ids[: i + 1]), parent_version=i, edit_id=e,
+                         file=f"layers/{e}.safetensors", sha256="0" * 64)  # fmt: skip
+
+
+def test_the_manifest_grows_by_one_short_entry_per_edit_and_round_trips() -> None:
+    """Format 2 stores each entry's active list as (keep, add) against the entry before, so 300
+    applies cost 300 short entries, not 300 lists of up to 300 ids; reverts decode exactly."""
+    ids = [str(uuid.uuid4()) for _ in range(300)]
+    m = Manifest("m", [_apply_entry(ids, i) for i in range(300)])
+    m.entries.append(ManifestEntry("revert", 301, tuple(ids[:100] + ids[101:]), from_version=300, edit_id=ids[100]))
+    m.entries.append(ManifestEntry("revert", 5, tuple(ids[:5]), from_version=301, to_version=5))
+    m.entries.append(ManifestEntry("recover", 300, tuple(ids), from_version=5, reason="r"))
+    data = m.to_json()
+    doc = json.loads(data)
+    sizes = [len(json.dumps(e)) for e in doc["entries"]]
+    assert max(sizes[:300]) - min(sizes[:300]) < 10  # an apply's entry does not grow with the history
+    assert [(e["active_keep"], len(e["active_add"])) for e in doc["entries"][300:]] == [(100, 199), (5, 0), (5, 295)]
+    back = Manifest.from_json(data)
+    assert [e.active for e in back.entries] == [e.active for e in m.entries]
+    assert back.to_json() == data
+    # the encoding memo follows a rollback (a failed write drops the new entries) and a replacement
+    del m.entries[-2:]
+    m.entries.append(ManifestEntry("revert", 302, tuple(ids[:3]), from_version=301, to_version=3))
+    assert [e.active for e in Manifest.from_json(m.to_json()).entries] == [e.active for e in m.entries]
+
+
+def test_a_format_1_manifest_is_read_and_rewritten_as_format_2_with_the_same_history() -> None:
+    data = (Path(__file__).parents[1] / "fixtures" / "edit_store_v1" / "manifest.json").read_bytes()
+    old = Manifest.from_json(data)
+    assert json.loads(data)["format_version"] == 1 and len(old.entries) == 4
+    new = Manifest.from_json(old.to_json())
+    assert json.loads(old.to_json())["format_version"] == 2
+    assert [e.to_json() for e in new.entries] == [e.to_json() for e in old.entries]
+
+
 @pytest.mark.parametrize(
     "manifest",
     [
@@ -301,6 +343,16 @@ def test_an_oversized_stored_update_is_not_restored(tiny_llama, tmp_path) -> Non
         b'{"format_version": 1, "model_id": "tiny-llama", "entries": [{"op": "apply", "version": 1, "active": [],'
         b' "edit_id": "../../x", "file": "layers/../../x.safetensors", "sha256": ""}]}',
         b"{not json",
+        # format 2: the active list as a delta against the entry before
+        b'{"format_version": 2, "model_id": "tiny-llama", "entries": [{"op": "recover", "version": 0,'
+        b' "from_version": 0, "active_keep": 1, "active_add": []}]}',
+        b'{"format_version": 2, "model_id": "tiny-llama", "entries": [{"op": "recover", "version": 0,'
+        b' "from_version": 0, "active_keep": true, "active_add": []}]}',
+        b'{"format_version": 2, "model_id": "tiny-llama", "entries": [{"op": "recover", "version": 0,'
+        b' "from_version": 0, "active_keep": 0, "active_add": "abc"}]}',
+        b'{"format_version": 2, "model_id": "tiny-llama", "entries": [{"op": "recover", "version": 0,'
+        b' "from_version": 0, "active": []}]}',
+        b'{"format_version": 3, "model_id": "tiny-llama", "entries": []}',
     ],
 )
 def test_a_damaged_manifest_is_refused_with_a_clear_error(manifest, tiny_llama, tmp_path) -> None:
