@@ -123,6 +123,9 @@ class EditManager:
         self.weights = LayerWeights(loaded)
         self._layers: dict[str, EditLayer] = {}
         self._reported: set[tuple[int, str]] = set()  # (version, problem) already logged as an ERROR
+        # param -> input dims the hard projected mode may write along with no edit active
+        # (d - preserved eigenvectors of C), learned from this process's projected edits
+        self._writable: dict[str, int] = {}
         self.head_version = 0
         self.active: list[str] = []
 
@@ -280,6 +283,17 @@ class EditManager:
                 blocks.setdefault(param, []).append((edit_id, k))
         return blocks
 
+    def free_dims(self) -> dict[str, int]:
+        """param -> input dimensions a (hard) projected edit may still write along: d - the
+        preserved eigenvectors of C - the active layers' keys (each independent key takes one
+        for as long as it is active; at 0 projected edits on that matrix are refused). Known
+        for the matrices a projected edit was computed on since this process started."""
+        used: dict[str, int] = {}
+        for edit_id in list(self.active):
+            for param, k in self._layers[edit_id].keys.items():
+                used[param] = used.get(param, 0) + int(k.shape[1])
+        return {param: max(w - used.get(param, 0), 0) for param, w in dict(self._writable).items()}
+
     def active_keys(self) -> dict[str, torch.Tensor]:
         """param -> (in, n): ``active_key_blocks`` side by side."""
         return {param: torch.cat([k for _, k in b], dim=1) for param, b in self.active_key_blocks().items()}
@@ -299,6 +313,11 @@ class EditManager:
         t0 = time.perf_counter()
         prior = self.active_key_blocks() if method == "projected" else {}
         result = self.compute(self.loaded, requests, method, prior, progress)
+        if result.method == "projected" and getattr(result.hparams, "hard_prior", 0):
+            for info in result.layer_info:
+                if info.free_dims is not None:  # free = writable - the earlier keys it was given
+                    given = sum(int(k.shape[1]) for _, k in prior.get(info.param, []))
+                    self._writable[info.param] = info.free_dims + given
         factors = tuple(f.cpu() for f in result.factors)
         self._check_factors(factors)
         probs = tuple(fact_probabilities(self.loaded, r, factors) for r in requests)

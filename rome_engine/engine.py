@@ -303,6 +303,10 @@ class Engine(EngineEdits):
         """Whether the edit store answered the last time it was asked (a folder: always)."""
         return bool(getattr(self.edits.store, "up", True)) if self.edits else True
 
+    def edit_free_dims(self) -> dict[str, int]:
+        """param -> dimensions a projected edit may still write along (``EditManager.free_dims``)."""
+        return self.edits.free_dims() if self.edits else {}
+
     @property
     def history_lag(self) -> int:
         """Entries of a shared history (versions other replicas made) this server does not serve yet."""

@@ -74,6 +74,24 @@ class _VersionCacheCollector:
         yield from (hits, misses, size)
 
 
+class _EditCapacityCollector:
+    """Per edited matrix, the input dimensions the projected mode may still write along."""
+
+    def __init__(self, engine: EngineClient) -> None:
+        self.engine = engine
+
+    def collect(self):
+        free = GaugeMetricFamily(
+            "romegw_edit_free_dims",
+            "Input dimensions a projected edit may still write along, per matrix (d - preserved - active "
+            "edit keys); at 0 projected edits there are refused. Known once this process computed one.",
+            labels=["param"],
+        )
+        for param, n in sorted(self.engine.edit_free_dims().items()):
+            free.add_metric([param], float(n))
+        yield free
+
+
 class Metrics:
     def __init__(self, *, model_id: str, dtype: str, device: str, load_seconds: float) -> None:
         r = self.registry = CollectorRegistry()
@@ -160,6 +178,7 @@ class Metrics:
         self.streams_by_version.labels("pinned").set_function(lambda: on("pinned"))
         engine.on_live = self.edit_live.observe
         self.registry.register(_VersionCacheCollector(engine))
+        self.registry.register(_EditCapacityCollector(engine))
         self.head_version.set_function(lambda: engine.edit_version)
         self.active_layers.set_function(lambda: engine.active_layers)
         self.store_up.set_function(lambda: float(engine.edit_store_up))

@@ -125,6 +125,9 @@ class FakeEngine:
     edit_store_up = True
     history_lag = 0
 
+    def edit_free_dims(self) -> dict[str, int]:
+        return {}
+
     async def follow(self) -> None:
         return None  # one writer: nothing to follow
 

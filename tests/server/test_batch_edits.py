@@ -58,10 +58,20 @@ def test_a_batch_of_three_facts_is_one_version_and_reverts_bit_exact(tiny_llama,
 
 
 def test_projected_edits_leave_earlier_keys_alone_and_a_revert_derives_them_again(tiny_llama, serve) -> None:
-    srv = serve(tiny_llama, LIMITS, edits=True)
+    from tests.server.test_metrics import scrape, value
+
+    srv = serve(tiny_llama, LIMITS, edits=True, metrics_port=0)
     manager = srv.engine.edits
+    l2 = "model.layers.2.mlp.down_proj.weight"
+
+    def free() -> float:  # the capacity gauge: dims a projected edit may still write along
+        return value(scrape(srv.metrics_url), "romegw_edit_free_dims", param=l2)
+
     with Client(srv.target, timeout=300) as c:
+        assert not any(name == "romegw_edit_free_dims" for name, _ in scrape(srv.metrics_url))  # none computed yet
         first = c.apply_edits(FACTS[:2], method="projected", layer=2, hparams=TINY_PROJ, **ANY).edit
+        f1 = free()
+        assert 0 < f1 < 128 - 2 and f1 == manager.free_dims()[l2]  # d_in 128 - preserved - 2 keys
         before = {p: tiny_llama.spec.as_out_in(tiny_llama.model.get_parameter(p)).detach().clone()
                   for p, _, _ in first.matrices}  # fmt: skip
         first_keys = manager.active_keys()
@@ -74,10 +84,12 @@ def test_projected_edits_leave_earlier_keys_alone_and_a_revert_derives_them_agai
             k_p = first_keys[param]
             torch.testing.assert_close(w2 @ k_p, w1 @ k_p, rtol=0, atol=1e-4)  # ... but not at the first's keys
         assert {p: k.shape[1] for p, k in manager.active_keys().items()} == {p: 3 for p in before}
+        assert free() == f1 - 1  # one more key preserved
         # removing the first edit: the keys statistic is derived from the layers left, not subtracted
         c.revert_edit(edit_id=first.edit_id)
         keys = manager.active_keys()
         assert {p: k.shape[1] for p, k in keys.items()} == {p: 1 for p in before}
+        assert free() == f1 + 1  # its two keys' dimensions are given back
         second_layer = manager.view(second.edit_id)
         assert second_layer.active
         c.revert_edit(to_version=2)
@@ -85,6 +97,7 @@ def test_projected_edits_leave_earlier_keys_alone_and_a_revert_derives_them_agai
             torch.cat([first_keys[p], keys[p]], dim=1) for p in manager.active_keys()), strict=True))
         c.revert_edit(to_version=0)
         assert manager.active_keys() == {}
+        assert free() == f1 + 2
 
 
 def test_batch_and_method_options_are_checked(tiny_llama, serve) -> None:
