@@ -47,11 +47,17 @@ class _ProcessCollector:
             reserved = GaugeMetricFamily(
                 "romegw_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator.", labels=["device"]
             )
+            peak = GaugeMetricFamily(
+                "romegw_gpu_memory_peak_allocated_bytes", "Most GPU memory tensors held since the start.",
+                labels=["device"],
+            )
             for i in range(torch.cuda.device_count()):
                 alloc.add_metric([str(i)], float(torch.cuda.memory_allocated(i)))
                 reserved.add_metric([str(i)], float(torch.cuda.memory_reserved(i)))
+                peak.add_metric([str(i)], float(torch.cuda.max_memory_allocated(i)))
             yield alloc
             yield reserved
+            yield peak
 
 
 class _VersionCacheCollector:

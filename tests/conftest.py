@@ -33,8 +33,10 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """The embedded model's real tokenizer (byte-level BPE, 49152 tokens)."""
-    tok = AutoTokenizer.from_pretrained(ensure_embedded_folder())
+    """The embedded model's real tokenizer (byte-level BPE, 49152 tokens); from the folder
+    ``$ROMEGW_TOKENIZER`` where set (the GPU machine has no embedded model: bench/gpu.sh)."""
+    folder = os.environ.get("ROMEGW_TOKENIZER")
+    tok = AutoTokenizer.from_pretrained(folder or ensure_embedded_folder())
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
