@@ -138,8 +138,9 @@ def streams(loaded: LoadedModel, folder: Path, dtype: str, counts: tuple[int, ..
     for n in counts:
         hf_batched_tps(loaded, n, 4)  # warm this batch shape
     port = free_port()
+    widest = max(*counts, mem_streams)
     args = ("--model", str(folder), "--device", str(loaded.device), "--dtype", dtype, "--metrics-port", str(port),
-            "--max-concurrent-streams", str(max(*counts, mem_streams) + 2))  # fmt: skip
+            "--max-concurrent-streams", str(widest + 2), "--max-batch-size", str(widest))  # fmt: skip
     with served(*args, ready_timeout=900) as (target, proc):
         gateway_concurrent(target, 1, 4)  # warm
         for n in counts:

@@ -64,6 +64,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--max-concurrent-streams", type=int, default=int_env("max_concurrent_streams", d.max_concurrent_streams)
     )
     p.add_argument(
+        "--max-batch-size", type=int, default=int_env("max_batch_size", d.max_batch_size),
+        help="streams decoded together in one forward pass (0: each stream on its own thread)",
+    )
+    p.add_argument(
         "--max-concurrent-rpcs", type=int, default=int_env("max_concurrent_rpcs", 256),
         help="calls in progress at once, all RPCs together (0: no limit); more are RESOURCE_EXHAUSTED",
     )
@@ -203,6 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         default_max_new_tokens=args.default_max_new_tokens,
         max_concurrent_streams=args.max_concurrent_streams,
+        max_batch_size=args.max_batch_size,
         version_cache_mb=args.version_cache_mb,
         max_version_wait=args.max_version_wait,
         max_import_files=args.max_import_files,
