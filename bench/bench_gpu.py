@@ -146,6 +146,7 @@ def streams(loaded: LoadedModel, folder: Path, dtype: str, counts: tuple[int, ..
         for n in counts:
             gateway_concurrent(target, n, 4)  # warm this batch size
             row = gateway_concurrent(target, n, n_tokens)
+            assert row["tokens"] == n * n_tokens, f"{n} streams gave {row['tokens']} tokens, not {n * n_tokens}"
             row["hf_batched_tps"] = hf_batched_tps(loaded, n, n_tokens)
             out["concurrent"].append(row)
         rows = [gateway_concurrent(target, mem_streams, mem_tokens)]
@@ -205,6 +206,9 @@ def run(args: argparse.Namespace) -> dict:
                     mem_streams=2 if dry else 16, mem_tokens=16 if dry else 512,
                 )  # fmt: skip
         results["shapes"][shape] = r
+        if args.out is not None:  # what is done so far survives a run cut short
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gpu.json").write_text(json.dumps(results, indent=1, default=str))
         del loaded
         if device.type == "cuda":
             torch.cuda.empty_cache()

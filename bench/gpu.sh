@@ -47,7 +47,12 @@ fi
 
 OUTDIR=${OUT:-$ROOT/bench/gpu-out}
 mkdir -p "$OUTDIR"
-if [ "$MODE" = gpu ] && [ -d .gpu/wheels ]; then
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing is fetched: a stray lookup fails at once
+if [ "$MODE" = gpu ] && { [ ! -d .gpu/wheels ] || [ ! -d .gpu/tokenizer ]; }; then
+  echo ".gpu/ did not travel: run 'bash bench/gpu.sh --prepare' here and carry .gpu" >&2
+  exit 3
+fi
+if [ "$MODE" = gpu ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/romegw-site \
     .gpu/wheels/*.whl || exit 3
   export PYTHONPATH=/tmp/romegw-site${PYTHONPATH:+:$PYTHONPATH}
@@ -62,7 +67,7 @@ ln -s "$ROOT/server" "$PKG/romegw_server"
 export PYTHONPATH="$ROOT:$ROOT/client:$PKG${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 [ -d .gpu/tokenizer ] && export ROMEGW_TOKENIZER="$ROOT/.gpu/tokenizer"
-export ROMEGW_CACHE_DIR=${ROMEGW_CACHE_DIR:-$PKG/cache}
+[ "$MODE" = gpu ] && export ROMEGW_CACHE_DIR=${ROMEGW_CACHE_DIR:-$PKG/cache}
 
 if [ "$MODE" = dry ]; then DEVICE=cpu; DRY=--cpu-dry-run; else DEVICE=cuda; DRY=; fi
 "$PY" -c "import torch, transformers, grpc, google.protobuf as pb; print('torch', torch.__version__, 'cuda', \

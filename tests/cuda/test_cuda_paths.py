@@ -123,8 +123,8 @@ def test_greedy_tokens_equal_float32_and_batched_equals_alone(reference, dtype, 
             t.join()
         for prompt, a, b in zip(PROMPTS, alone, together, strict=True):
             want, margins = greedy_reference(reference, prompt, N_TOKENS)
-            agree_while_decided(b, want, margins, MARGIN[dtype])  # batched: the same rule as alone
             assert b is not None and len(a) == len(b) == N_TOKENS
+            agree_while_decided(b, want, margins, MARGIN[dtype])  # batched: the same rule as alone
     assert compared >= N_TOKENS // 2  # the margins left enough to compare (of 3 x 12 steps)
 
 
