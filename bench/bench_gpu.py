@@ -25,7 +25,6 @@ too), so that the script cannot rot; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -40,9 +39,9 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTJConfig  # noqa: E402
 
 from bench.bench_generate import gateway_concurrent, hf_batched_tps, hf_single_tps  # noqa: E402
-from bench.bench_memory import weight_bytes  # noqa: E402
+from bench.bench_memory import proc_status_kib, weight_bytes  # noqa: E402
 from bench.bench_trace import compare  # noqa: E402
-from bench.common import free_port, machine, print_table, served  # noqa: E402
+from bench.common import free_port, machine, print_table, served, table_markdown, write_json  # noqa: E402
 from rome_engine.loading import LoadedModel, ensure_embedded_folder, wrap_model  # noqa: E402
 from rome_engine.rome import EditRequest, RomeCache, compute_edit, hparams_for  # noqa: E402
 from rome_engine.rome.covariance import covariance_path  # noqa: E402
@@ -156,19 +155,9 @@ def streams(loaded: LoadedModel, folder: Path, dtype: str, counts: tuple[int, ..
             "weight_bytes": weight_bytes(loaded),
             "peak_allocated_bytes": metrics.get('romegw_gpu_memory_peak_allocated_bytes{device="0"}'),
             "reserved_bytes": metrics.get('romegw_gpu_memory_reserved_bytes{device="0"}'),
-            "peak_rss_bytes": _vm_hwm(proc.pid),
+            "peak_rss_bytes": proc_status_kib(proc.pid, "VmHWM") * 1024,
         }  # fmt: skip
     return out
-
-
-def _vm_hwm(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def tokenizer_from(folder: str | None):
@@ -206,9 +195,7 @@ def run(args: argparse.Namespace) -> dict:
                     mem_streams=2 if dry else 16, mem_tokens=16 if dry else 512,
                 )  # fmt: skip
         results["shapes"][shape] = r
-        if args.out is not None:  # what is done so far survives a run cut short
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "gpu.json").write_text(json.dumps(results, indent=1, default=str))
+        write_json(args.out / "gpu.json", results)  # what is done so far survives a run cut short
         del loaded
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -261,15 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = table(results)
     title = f"GPU proof on {results.get('gpu', 'the CPU (dry run: numbers mean nothing)')}, bfloat16"
     print_table(title, rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps(results, indent=1, default=str))
-    widths = [max(len(r[i]) for r in [("measure", "rome-gateway", "baseline", "ratio"), *rows]) for i in range(4)]
-    lines = [f"### {title}", ""]
-    for i, r in enumerate([("measure", "rome-gateway", "baseline", "ratio"), *rows]):
-        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-        if i == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    (args.out / "gpu.md").write_text("\n".join(lines) + "\n")
+    write_json(args.out / "gpu.json", results)
+    (args.out / "gpu.md").write_text(table_markdown(title, rows, level=3))
     return 0
 
 

@@ -28,7 +28,7 @@ def weight_bytes(loaded: LoadedModel) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _status_kib(pid: int, field: str) -> int:
+def proc_status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -37,7 +37,7 @@ def _status_kib(pid: int, field: str) -> int:
 
 def run(loaded: LoadedModel, *, streams: int = 8, tokens: int = 32, hparams: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory() as store, served("--edit-store", str(Path(store) / "edits")) as (target, proc):
-        rss_ready = _status_kib(proc.pid, "VmRSS") * 1024
+        rss_ready = proc_status_kib(proc.pid, "VmRSS") * 1024
 
         def one(i: int) -> None:
             with Client(target, timeout=600) as s:
@@ -51,7 +51,7 @@ def run(loaded: LoadedModel, *, streams: int = 8, tokens: int = 32, hparams: dic
             for t in threads:
                 t.join()
             c.revert_edit(to_version=0)
-        peak = _status_kib(proc.pid, "VmHWM") * 1024
+        peak = proc_status_kib(proc.pid, "VmHWM") * 1024
     weights = weight_bytes(loaded)
     return {"weight_bytes": weights, "rss_ready_bytes": rss_ready, "peak_rss_bytes": peak, "ratio": peak / weights}
 

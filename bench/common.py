@@ -60,16 +60,20 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def print_table(title: str, rows: list[tuple[str, str, str, str]]) -> None:
-    """Rows of (measure, gateway, baseline, ratio)."""
-    print(f"\n## {title}\n")
+def table_markdown(title: str, rows: list[tuple[str, str, str, str]], level: int = 2) -> str:
+    """Rows of (measure, gateway, baseline, ratio) as a Markdown section: heading, blank line, table."""
     header = ("measure", "rome-gateway", "baseline", "ratio")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
-    line = "| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
-    print(line)
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+    lines = [f"{'#' * level} {title}", ""]
+    lines.append("| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(title: str, rows: list[tuple[str, str, str, str]]) -> None:
+    """Rows of (measure, gateway, baseline, ratio), printed as Markdown."""
+    print("\n" + table_markdown(title, rows), end="")
 
 
 def write_json(path: Path, data: dict) -> None:

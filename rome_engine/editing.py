@@ -41,7 +41,7 @@ from .errors import (
 from .layers import LayerWeights
 from .loading import LoadedModel
 from .methods import MethodResult
-from .methods.projection import KeyBlock, PriorKeys
+from .methods.projection import KeyBlock, PriorKeys, prior_width
 from .records import (
     EditView,
     LayerHeader,
@@ -288,11 +288,8 @@ class EditManager:
         preserved eigenvectors of C - the active layers' keys (each independent key takes one
         for as long as it is active; at 0 projected edits on that matrix are refused). Known
         for the matrices a projected edit was computed on since this process started."""
-        used: dict[str, int] = {}
-        for edit_id in list(self.active):
-            for param, k in self._layers[edit_id].keys.items():
-                used[param] = used.get(param, 0) + int(k.shape[1])
-        return {param: max(w - used.get(param, 0), 0) for param, w in dict(self._writable).items()}
+        blocks = self.active_key_blocks()
+        return {param: max(w - prior_width(blocks.get(param)), 0) for param, w in dict(self._writable).items()}
 
     def active_keys(self) -> dict[str, torch.Tensor]:
         """param -> (in, n): ``active_key_blocks`` side by side."""
@@ -316,8 +313,7 @@ class EditManager:
         if result.method == "projected" and getattr(result.hparams, "hard_prior", 0):
             for info in result.layer_info:
                 if info.free_dims is not None:  # free = writable - the earlier keys it was given
-                    given = sum(int(k.shape[1]) for _, k in prior.get(info.param, []))
-                    self._writable[info.param] = info.free_dims + given
+                    self._writable[info.param] = info.free_dims + prior_width(prior.get(info.param))
         factors = tuple(f.cpu() for f in result.factors)
         self._check_factors(factors)
         probs = tuple(fact_probabilities(self.loaded, r, factors) for r in requests)
