@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from romegw_client import TRACE_KINDS
-from romegw_client.cli import EDIT_METHODS, add_client_commands, env, int_env, out, parse_hparams, run
+from romegw_client.cli import EDIT_METHODS, add_client_commands, env, float_env, int_env, out, parse_hparams, run
 from romegw_client.cli import build_parser as build_command_parser
 
 if TYPE_CHECKING:
@@ -71,11 +71,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--max-concurrent-rpcs", type=int, default=int_env("max_concurrent_rpcs", 256),
         help="calls in progress at once, all RPCs together (0: no limit); more are RESOURCE_EXHAUSTED",
     )
-    p.add_argument("--grace-seconds", type=float, default=float(env("grace_seconds", "10")))
+    p.add_argument("--grace-seconds", type=float, default=float_env("grace_seconds", 10.0))
     p.add_argument(
         "--prestop-seconds",
         type=float,
-        default=float(env("prestop_seconds", "0")),
+        default=float_env("prestop_seconds", 0.0),
         help="after SIGTERM, answer health NOT_SERVING but keep serving this long before the grace period",
     )
     p.add_argument(
@@ -110,7 +110,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="memory for the side paths of pinned edit versions (requests on a version other than the head)",
     )
     p.add_argument(
-        "--max-version-wait", type=float, default=float(env("max_version_wait", d.max_version_wait)),
+        "--max-version-wait", type=float, default=float_env("max_version_wait", d.max_version_wait),
         help="seconds a request's min_edit_version may wait for the server to know that version",
     )
     p.add_argument(
@@ -123,7 +123,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-update-norm-ratio", type=float,
-        default=float(env("max_update_norm_ratio", d.max_update_norm_ratio)),
+        default=float_env("max_update_norm_ratio", d.max_update_norm_ratio),
         help="refuse an imported or stored layer whose update norm exceeds this times its matrix's norm",
     )
     p.add_argument(
@@ -136,7 +136,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="facts of one ApplyEdits call (one layer, one version)",
     )
     p.add_argument(
-        "--min-target-prob", type=float, default=float(env("min_target_prob", DEFAULT_MIN_TARGET_PROB)),
+        "--min-target-prob", type=float, default=float_env("min_target_prob", DEFAULT_MIN_TARGET_PROB),
         help="refuse an edit whose P(target) on its prompt after the edit stays below this (a request may "
         "set its own; 0 accepts every edit)",
     )
@@ -174,8 +174,7 @@ def edit_store_arg(value: str) -> Path | str:
 
 
 def _opt_int(name: str) -> int | None:
-    value = env(name)
-    return int(value) if value else None
+    return int_env(name, 0) if env(name) else None
 
 
 def check_serve_numbers(args: argparse.Namespace) -> None:

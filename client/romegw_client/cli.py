@@ -46,8 +46,23 @@ def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"ROMEGW_{name.upper()}", default)
 
 
+def _number_env(name: str, default: str, kind: type[int] | type[float]) -> int | float:
+    raw = env(name, default)
+    try:
+        return kind(raw)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise SystemExit(f"${'ROMEGW_' + name.upper()} must be {what}, got {raw[:80]!r}") from None
+
+
 def int_env(name: str, default: int) -> int:
-    return int(env(name, str(default)))
+    """$ROMEGW_<NAME> as an integer (SystemExit naming the variable if it is not one)."""
+    return int(_number_env(name, str(default), int))
+
+
+def float_env(name: str, default: float) -> float:
+    """$ROMEGW_<NAME> as a number (SystemExit naming the variable if it is not one)."""
+    return float(_number_env(name, str(default), float))
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -98,3 +98,14 @@ def test_serve_refuses_a_negative_or_non_finite_number(flag: str) -> None:
     with pytest.raises(SystemExit, match=flag.split("=")[0] + " must be a finite number >= 0"):
         check_serve_numbers(args)
     check_serve_numbers(build_parser().parse_args(["serve"]))  # the defaults pass
+
+
+@pytest.mark.parametrize(("var", "value", "what"), [("ROMEGW_MAX_BATCH_SIZE", "abc", "an integer"),
+                                                     ("ROMEGW_GRACE_SECONDS", "ten", "a number"),
+                                                     ("ROMEGW_METRICS_PORT", "9o90", "an integer")])
+def test_serve_names_an_environment_variable_that_is_not_a_number(var, value, what, monkeypatch) -> None:
+    from romegw_server.cli import build_parser
+
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SystemExit, match=rf"\${var} must be {what}, got '{value}'"):
+        build_parser()
