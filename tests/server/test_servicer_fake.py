@@ -177,7 +177,9 @@ def test_version_pins_reach_the_engine_and_model_info_lists_versions_in_use(serv
     list(c.trace("The Eiffel Tower is", "Eiffel Tower", edit_version=0))
     generate_pin, score_pin, trace_pin = fake.given("pin")
     assert (generate_pin.edit_version, generate_pin.min_edit_version) == (3, 2)
-    assert 0 < generate_pin.wait_seconds <= 30  # the caller's time left bounds a wait
+    # the caller's time left bounds a wait; gRPC carries the deadline as a rounded timeout header and the
+    # server reads its own clock, so the server's time left may exceed the client's 30 s by a little (CI saw 30.1)
+    assert generate_pin.wait_seconds is not None and 20 < generate_pin.wait_seconds < 31
     assert (score_pin.edit_version, score_pin.min_edit_version) == (None, None)  # unset: the head
     assert (trace_pin.edit_version, trace_pin.min_edit_version) == (0, None)  # 0 is a version (the base)
     fake.known_version, fake.in_use = 7, {5: 2, 7: 1}
