@@ -59,6 +59,8 @@ class MemitHParams(_Overridable):
     nullspace_relative: int = 1  # ... times the mean eigenvalue tr(C)/d (1), or in absolute units (0, AlphaEdit: 2e-2)
     l2: float = 0.1  # alpha = l2 * tr(C): the ridge, relative to the mean squared key norm E||k||^2
     hard_prior: int = 1  # 1: earlier edits' keys are projected out exactly; 0: AlphaEdit's K_p K_p^T penalty
+    null_cov_weight: float = 0.0  # w: inside the writable space the ridge of a direction with C-eigenvalue
+    #   lambda is alpha (1 + w lambda / mean eigenvalue); 0: AlphaEdit's flat ridge, 10: MEMIT's C weight
     # -- z: the residual at the last layer that makes the model say the target (ROME's v* machinery)
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
@@ -148,6 +150,7 @@ _RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
         "nullspace_relative": (0, 1),
         "l2": (1e-12, 1e6),
         "hard_prior": (0, 1),
+        "null_cov_weight": (0.0, 1e4),
         "ft_num_steps": (0, 500),
         "ft_lr": (0.0, 1.0),
         "norm_constraint": (0.0, 10.0),
@@ -179,8 +182,7 @@ def _with_overrides(hp: T, overrides: Mapping[str, float]) -> T:
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise InvalidRequest(
-            f"unknown hparam name(s) {', '.join(unknown)} for {type(hp).__name__}: valid names are "
-            + ", ".join(fields)
+            f"unknown hparam name(s) {', '.join(unknown)} for {type(hp).__name__}: valid names are " + ", ".join(fields)
         )
     values: dict[str, float | int] = {}
     for name, raw in overrides.items():
@@ -211,9 +213,7 @@ _SMOLLM2_FT = FtHParams(ft_lr=5e-3, norm_constraint=5e-3)
 _FT_BY_MODEL: Mapping[str, FtHParams] = MappingProxyType({"HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_FT})
 _FT_BY_SHAPE: Mapping[tuple[str, int], FtHParams] = MappingProxyType({("llama", 30): _SMOLLM2_FT})
 
-_MEMIT_BY_MODEL: Mapping[str, MemitHParams] = MappingProxyType(
-    {"HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_MEMIT}
-)
+_MEMIT_BY_MODEL: Mapping[str, MemitHParams] = MappingProxyType({"HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_MEMIT})
 _MEMIT_BY_SHAPE: Mapping[tuple[str, int], MemitHParams] = MappingProxyType({("llama", 30): _SMOLLM2_MEMIT})
 
 # The MEMIT paper's ranges (Meng et al. 2022b, hparams/MEMIT/*.json): GPT-2 XL 13..17 with lambda 20000,
@@ -231,10 +231,7 @@ def memit_hparams_for(loaded: LoadedModel) -> MemitHParams:
     generic defaults. ``layer`` stays None unless one of those names it; ``resolve`` fills it in."""
     key = (loaded.spec.family, loaded.num_layers)
     return (
-        _PAPER_BY_SHAPE.get(key)
-        or _MEMIT_BY_MODEL.get(loaded.model_id)
-        or _MEMIT_BY_SHAPE.get(key)
-        or MemitHParams()
+        _PAPER_BY_SHAPE.get(key) or _MEMIT_BY_MODEL.get(loaded.model_id) or _MEMIT_BY_SHAPE.get(key) or MemitHParams()
     )
 
 

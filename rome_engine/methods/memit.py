@@ -53,7 +53,7 @@ from .projection import (
     projector,
 )
 from .result import LayerInfo, MethodResult, RequestInfo
-from .solve import memit_factor, projected_factor, written_share
+from .solve import CovRidge, memit_factor, projected_factor, written_share
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,8 @@ def _compute(
                 f"key-basis:{cache.model_key(loaded)}:{param}:{hp.nullspace_threshold}:{hp.nullspace_relative}",
                 BasisChain,
             )
-            solvers.append(_projected_solver(eig, hp, prior, param, chain))
+            cov = layer_covariance(loaded, layer, zhp, cache, progress=progress)[0] if hp.null_cov_weight > 0 else None
+            solvers.append(_projected_solver(eig, hp, prior, param, chain, cov))
             log.debug("layer %d: %d free dimensions", layer, solvers[-1][1])
         from_cache = from_cache and cached
 
@@ -241,7 +242,12 @@ def _memit_solver(cov: torch.Tensor, hp: MemitHParams) -> tuple[Solver, None]:
 
 
 def _projected_solver(
-    eig: Eigenbasis, hp: MemitHParams, prior: PriorKeys | None, param: str, chain: BasisChain | None = None
+    eig: Eigenbasis,
+    hp: MemitHParams,
+    prior: PriorKeys | None,
+    param: str,
+    chain: BasisChain | None = None,
+    cov: torch.Tensor | None = None,
 ) -> tuple[Solver, int]:
     keep = preserved_basis(eig, hp.nullspace_threshold, bool(hp.nullspace_relative))
     proj = projector(keep, prior, hard=bool(hp.hard_prior), chain=chain)
@@ -258,7 +264,12 @@ def _projected_solver(
             f"({keep.shape[1]} eigenvectors of C and {prior_width(prior)} earlier edit keys)"
         )
 
+    cov_ridge = None
+    if cov is not None and hp.null_cov_weight > 0:
+        # gamma = w alpha / (tr C / d): a direction at the mean eigenvalue costs (1 + w) alpha
+        cov_ridge = CovRidge(cov, hp.null_cov_weight * alpha / max(eig.mean, 1e-30))
+
     def solve(resid: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return projected_factor(resid, k, proj, alpha, prior_gram)
+        return projected_factor(resid, k, proj, alpha, prior_gram, cov_ridge)
 
     return solve, free

@@ -13,13 +13,33 @@ write from, and M = K K^T (+ K_p K_p^T, the earlier edits' keys, in the soft mod
 
 Any key k with P k = 0 is left alone exactly: (P M + alpha I)^T k = M P k + alpha k = alpha k,
 so v^T k = K^T P (M P + alpha I)^-1 k = K^T P k / alpha = 0.
+
+With a C-weighted ridge (``null_cov_weight`` w > 0) the flat ridge alpha I becomes
+alpha I + gamma P C P, gamma = w alpha / (tr C / d): among the directions P lets the update write
+from, those ordinary text uses more cost more, as in MEMIT's lambda C. The hard mode's solve is then
+
+    v = G^-1 P K (I_r + K^T P G^-1 P K)^-1,   G = gamma P C P + alpha I
+
+(Woodbury on M = K K^T), with G^-1 applied by conjugate gradients: on P's range G's eigenvalues
+lie in [alpha, alpha (1 + w lambda_max / mean)], so a few dozen steps reach rounding.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from .projection import Projector
+
+
+@dataclass(frozen=True, eq=False)
+class CovRidge:
+    """gamma C: the part of the projected mode's ridge that grows with ordinary text's use of a direction."""
+
+    cov: torch.Tensor  # C (in, in)
+    gamma: float
 
 
 def memit_factor(
@@ -46,6 +66,7 @@ def projected_factor(
     proj: Projector,
     alpha: float,
     prior_gram: torch.Tensor | None = None,
+    cov_ridge: CovRidge | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(u (out, r), v (in, r)) float32 of Delta^T = (P M + alpha I)^-1 P K R^T, M = K K^T (+ ``prior_gram``).
 
@@ -55,10 +76,21 @@ def projected_factor(
         v = P K (alpha I_r + K^T P K)^-1,
 
     an r x r solve instead of a d x d one (and no dense P). With ``prior_gram`` (the soft mode)
-    the d x d system is solved as written.
+    the d x d system is solved as written. ``cov_ridge`` adds gamma P C to P M (module docstring).
     """
     pk = proj.apply(keys)  # (in, r) P K
     k = keys.double().to(pk.device)
+    if prior_gram is None and cov_ridge is not None and cov_ridge.gamma > 0:
+        c = cov_ridge.cov.double().to(pk.device)
+        gamma = float(cov_ridge.gamma)
+
+        def g(x: torch.Tensor) -> torch.Tensor:  # G x = gamma P C P x + alpha x
+            return gamma * proj.apply(c @ proj.apply(x)) + alpha * x
+
+        y = proj.apply(conjugate_gradient(g, pk))  # G^-1 P K, kept exactly in P's range
+        small = torch.eye(k.shape[1], dtype=pk.dtype, device=pk.device) + pk.T @ y  # (r, r), symmetric
+        v = torch.linalg.solve(small, y.T).T
+        return resid.float().cpu(), v.float().cpu()
     if prior_gram is None:
         r = k.shape[1]
         small = alpha * torch.eye(r, dtype=pk.dtype, device=pk.device) + k.T @ pk  # (r, r), symmetric
@@ -66,9 +98,34 @@ def projected_factor(
         return resid.float().cpu(), v.float().cpu()
     p = proj.dense()
     m = k @ k.T + prior_gram.double().to(p.device)  # (in, in)
+    if cov_ridge is not None and cov_ridge.gamma > 0:
+        m = m + float(cov_ridge.gamma) * cov_ridge.cov.double().to(p.device)
     eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
     v = torch.linalg.solve(p @ m + alpha * eye, pk)  # (in, r)
     return resid.float().cpu(), v.float().cpu()
+
+
+def conjugate_gradient(
+    apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, tol: float = 1e-12, max_steps: int = 1000
+) -> torch.Tensor:
+    """x with A x = b for a symmetric positive definite A given as ``apply``, column by column of b
+    (d, r) at once; stops when every column's residual is below ``tol`` times its ||b||."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = (r * r).sum(dim=0)  # (r,)
+    stop = (tol**2) * rs
+    for _ in range(max_steps):
+        if bool((rs <= stop).all()):
+            break
+        ap = apply(p)
+        step = rs / (p * ap).sum(dim=0).clamp(min=1e-300)
+        x = x + step * p
+        r = r - step * ap
+        rs_new = (r * r).sum(dim=0)
+        p = r + (rs_new / rs.clamp(min=1e-300)) * p
+        rs = rs_new
+    return x
 
 
 def written_share(v: torch.Tensor, keys: torch.Tensor) -> float:

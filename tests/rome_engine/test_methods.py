@@ -23,7 +23,7 @@ from rome_engine.methods import (
 )
 from rome_engine.methods.ft import finetune_delta, resolve_ft_hparams, truncated_factor
 from rome_engine.methods.projection import BasisChain, extend_basis
-from rome_engine.methods.solve import memit_factor, projected_factor
+from rome_engine.methods.solve import CovRidge, memit_factor, projected_factor
 from rome_engine.rome import EditRequest, RomeCache
 from rome_engine.scoring import score_continuations
 
@@ -147,7 +147,7 @@ def test_memit_solve_is_the_papers_normal_equation() -> None:
     cov = a @ a.T / 12
     keys, resid = torch.randn(12, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     u, v = memit_factor(resid, keys, cov, lam=2.0)
-    delta = (u.double() @ v.double().T)
+    delta = u.double() @ v.double().T
     # stationarity: (Delta K - R) K^T + lambda Delta C = 0
     grad = (delta @ keys - resid) @ keys.T + 2.0 * delta @ (cov + 1e-8 * torch.trace(cov) / 12 * torch.eye(12))
     assert float(grad.abs().max()) < 1e-5
@@ -183,6 +183,43 @@ def test_projected_solve_equals_the_d_by_d_system() -> None:
     p = proj.dense()
     expected = torch.linalg.solve(p @ keys @ keys.T + 0.3 * torch.eye(d, dtype=torch.float64), p @ keys)
     torch.testing.assert_close(v.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cov_weighted_ridge_is_the_d_by_d_system_spares_the_same_keys_and_writes_where_c_is_small() -> None:
+    """null_cov_weight: the hard mode's conjugate-gradient solve is (P (K K^T + gamma C) P + alpha I)^-1 P K,
+    still leaves every key with P k = 0 alone, and moves ordinary (C-distributed) keys less than the flat ridge."""
+    g = torch.Generator().manual_seed(6)
+    d = 32
+    basis = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g)).Q
+    cov = basis @ torch.diag(torch.logspace(-3, 1, d, dtype=torch.float64)) @ basis.T  # a spread spectrum
+    keep = basis[:, -4:]  # the four largest directions are preserved
+    prior = torch.randn(d, 3, dtype=torch.float64, generator=g)
+    proj = projector(keep, prior, hard=True)
+    keys, resid = torch.randn(d, 2, dtype=torch.float64, generator=g), torch.randn(5, 2, dtype=torch.float64)
+    alpha, gamma = 0.2, 3.0
+    _, v = projected_factor(resid, keys, proj, alpha, cov_ridge=CovRidge(cov, gamma))
+    p = proj.dense()
+    expected = torch.linalg.solve(p @ (keys @ keys.T + gamma * cov) @ p + alpha * torch.eye(d, dtype=p.dtype), p @ keys)
+    torch.testing.assert_close(v.double(), expected, rtol=1e-5, atol=1e-7)
+    spared = torch.cat([keep, prior], dim=1)
+    assert float((v.double().T @ spared).abs().max()) < 1e-6
+    _, flat = projected_factor(resid, keys, proj, alpha)
+
+    def disturbance(v: torch.Tensor) -> float:  # E||Delta x||^2 over x ~ C, per unit written at the keys
+        v = v.double()
+        return float(torch.trace(v.T @ cov @ v) / torch.diagonal(v.T @ keys).pow(2).sum())
+
+    assert disturbance(v) < 0.9 * disturbance(flat)
+    # the soft mode's dense solve takes the same term
+    _, soft = projected_factor(resid, keys, projector(keep), alpha, prior @ prior.T, CovRidge(cov, gamma))
+    pk = projector(keep).dense()
+    m = keys @ keys.T + prior @ prior.T + gamma * cov
+    torch.testing.assert_close(
+        soft.double(),
+        torch.linalg.solve(pk @ m + alpha * torch.eye(d, dtype=pk.dtype), pk @ keys),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 def _blocks(n: int, d: int, seed: int) -> list[tuple[str, torch.Tensor]]:
@@ -383,7 +420,7 @@ def test_rome_as_a_method_is_its_rank_one_update(tiny_llama: LoadedModel, cache:
 
 
 def test_the_auto_default_is_rome_on_a_model_without_an_evaluated_range(tiny_llama: LoadedModel) -> None:
-    """"auto" picks the projected mode only where a layer range was evaluated (the embedded model:
+    """ "auto" picks the projected mode only where a layer range was evaluated (the embedded model:
     tests/server/test_edits.py); a tiny model of unknown depth keeps ROME."""
     assert default_method(tiny_llama) == "rome"
 
