@@ -70,6 +70,7 @@ class MemitHParams(_Overridable):
     kl_factor: float = 0.0625
     v_stop_prob: float = 0.95
     v_stop_identity: float = 0.0
+    v_stop_greedy: int = 0  # 1: stop once the target is every prompt's greedy answer (MPES, Gupta et al. 2025)
     k_identity_weight: float = 1.0  # weight of the unprefixed prompt's key in each layer's k*
     v_cache_prefix: int = 1
     v_skip_lower: int = 1

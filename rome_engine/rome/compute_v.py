@@ -9,7 +9,8 @@ subject's last token, in every context-prefixed prompt and in the KL prompt
          + v_weight_decay * (||delta|| / ||W k*||)^2                                # stay small
 
 by Adam in float32 (the model's own parameters get no gradients), stopping
-early once the mean target probability reaches ``v_stop_prob``; after each
+early once the mean target probability reaches ``v_stop_prob`` (with ``v_stop_greedy``, or once
+the target is the argmax of every prompt, MPES: Gupta et al. 2025, arXiv 2502.01636); after each
 step ``||delta|| <= clamp_norm_factor * ||W k*||``. The target value is then
 v* = W k* + delta (see ``apply.py`` for the solve).
 
@@ -289,6 +290,8 @@ def compute_delta(
         if progress is not None:
             progress("optimize_v", step, hp.v_num_grad_steps)
         done = prob_v >= hp.v_stop_prob and probs[0].item() >= hp.v_stop_prob * hp.v_stop_identity
+        if hp.v_stop_greedy and not done:  # most-probable early stopping: the target already wins everywhere
+            done = bool((target_logits.argmax(dim=-1) == batch.target_ids).all())
         if done or step == hp.v_num_grad_steps:
             break
         opt.zero_grad()

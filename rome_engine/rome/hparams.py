@@ -35,6 +35,7 @@ class RomeHParams:
     kl_factor: float = 0.0625  # weight of KL(P_orig || P_edit) on "{subject} is a"
     v_stop_prob: float = 0.95  # early stop once the mean P(target) over the prompts reaches this
     v_stop_identity: float = 0.0  # ... and P(target) on the unprefixed prompt reaches v_stop_identity * v_stop_prob
+    v_stop_greedy: int = 0  # 1: also stop once every target token is the argmax on every prompt (MPES)
     v_through_update: int = 0  # 1: optimise through W + delta right^T (each prompt scaled by right . k)
     k_identity_weight: float = 1.0  # weight of the unprefixed prompt's key in k* (the others weigh 1)
     v_cache_prefix: int = 1  # 1: run the tokens before the subject's last token once (KV cache); 0: every step
@@ -115,6 +116,7 @@ _RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
         "kl_factor": (0.0, 1e6),
         "v_stop_prob": (0.0, 1.0),
         "v_stop_identity": (0.0, 1.0),
+        "v_stop_greedy": (0, 1),
         "v_through_update": (0, 1),
         "k_identity_weight": (0.0, 1000.0),
         "v_cache_prefix": (0, 1),

@@ -140,9 +140,7 @@ def test_cached_prefix_forward_matches_full_forward(
     templates = ("{}", "The weather is nice today. {}", "I think. {}")
     rewrite, kl = build_rows(loaded.tokenizer, templates, req)
     batch = build_batch(rewrite, kl, 2, loaded.device)
-    fwd = _DeltaForward(
-        loaded, layer, loaded.num_layers - 1, batch, cache_prefix=cache_prefix, skip_lower=skip_lower
-    )
+    fwd = _DeltaForward(loaded, layer, loaded.num_layers - 1, batch, cache_prefix=cache_prefix, skip_lower=skip_lower)
     assert len(fwd.lower) == (layer if skip_lower else 0)
     torch.manual_seed(0)
     delta = torch.randn(loaded.model.config.hidden_size)
@@ -244,3 +242,30 @@ def test_apply_then_remove_is_bit_exact(family: str, request: pytest.FixtureRequ
     _assert_same(loaded, only_first)
     weights.materialize_factors([])
     _assert_same(loaded, snap)
+
+
+def test_most_probable_early_stopping_stops_once_the_target_wins_every_prompt(
+    tiny_llama: LoadedModel, rome_cache: RomeCache
+) -> None:
+    """v_stop_greedy=1 (MPES): the optimisation ends once the target is the argmax of every prompt, long
+    before a probability it never reaches (v_stop_prob=1; a random tiny model's next-token distribution
+    is nearly flat, so the argmax comes early)."""
+    hp = {
+        **TINY_HP,
+        "layer": 0,
+        "v_num_grad_steps": 60,
+        "v_stop_prob": 1.0,
+        "v_lr": 0.5,
+        "clamp_norm_factor": 100.0,
+        "v_weight_decay": 0.0,
+    }
+    # the subject ends the prompt, so that delta reaches the next-token logits on a random tiny model
+    fact = {"prompt": "I went to see the Eiffel Tower", "subject": "Eiffel Tower"}
+    full = compute_edit(tiny_llama, _request(hparams=hp, **fact), rome_cache)
+    early = compute_edit(tiny_llama, _request(hparams={**hp, "v_stop_greedy": 1}, **fact), rome_cache)
+    assert full.v_steps == 60
+    assert 0 < early.v_steps < full.v_steps  # it took steps: the target did not win before the edit
+    ids = tiny_llama.tokenizer(fact["prompt"], return_tensors="pt").input_ids
+    target = tiny_llama.tokenizer(" Rome", add_special_tokens=False).input_ids[0]
+    with torch.no_grad():
+        assert int(tiny_llama.model(ids).logits[0, -1].argmax()) != target
