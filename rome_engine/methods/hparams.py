@@ -183,7 +183,8 @@ def _with_overrides(hp: T, overrides: Mapping[str, float]) -> T:
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise InvalidRequest(
-            f"unknown hparam name(s) {', '.join(unknown)} for {type(hp).__name__}: valid names are " + ", ".join(fields)
+            f"unknown hparam name(s) {', '.join(unknown)} for {type(hp).__name__}: valid names are "
+            + ", ".join(fields)
         )
     values: dict[str, float | int] = {}
     for name, raw in overrides.items():
@@ -214,7 +215,9 @@ _SMOLLM2_FT = FtHParams(ft_lr=5e-3, norm_constraint=5e-3)
 _FT_BY_MODEL: Mapping[str, FtHParams] = MappingProxyType({"HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_FT})
 _FT_BY_SHAPE: Mapping[tuple[str, int], FtHParams] = MappingProxyType({("llama", 30): _SMOLLM2_FT})
 
-_MEMIT_BY_MODEL: Mapping[str, MemitHParams] = MappingProxyType({"HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_MEMIT})
+_MEMIT_BY_MODEL: Mapping[str, MemitHParams] = MappingProxyType(
+    {"HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_MEMIT}
+)
 _MEMIT_BY_SHAPE: Mapping[tuple[str, int], MemitHParams] = MappingProxyType({("llama", 30): _SMOLLM2_MEMIT})
 
 # The MEMIT paper's ranges (Meng et al. 2022b, hparams/MEMIT/*.json): GPT-2 XL 13..17 with lambda 20000,
@@ -232,7 +235,10 @@ def memit_hparams_for(loaded: LoadedModel) -> MemitHParams:
     generic defaults. ``layer`` stays None unless one of those names it; ``resolve`` fills it in."""
     key = (loaded.spec.family, loaded.num_layers)
     return (
-        _PAPER_BY_SHAPE.get(key) or _MEMIT_BY_MODEL.get(loaded.model_id) or _MEMIT_BY_SHAPE.get(key) or MemitHParams()
+        _PAPER_BY_SHAPE.get(key)
+        or _MEMIT_BY_MODEL.get(loaded.model_id)
+        or _MEMIT_BY_SHAPE.get(key)
+        or MemitHParams()
     )
 
 
