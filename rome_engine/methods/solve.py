@@ -31,7 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import FailedPrecondition
 from .projection import Projector
+
+CG_TOLERANCE = 1e-6  # the largest relative residual of G^-1 P K the hard mode accepts
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,7 +90,14 @@ def projected_factor(
         def g(x: torch.Tensor) -> torch.Tensor:  # G x = gamma P C P x + alpha x
             return gamma * proj.apply(c @ proj.apply(x)) + alpha * x
 
-        y = proj.apply(conjugate_gradient(g, pk))  # G^-1 P K, kept exactly in P's range
+        y, residual = conjugate_gradient(g, pk)
+        if residual > CG_TOLERANCE:
+            raise FailedPrecondition(
+                f"the C-weighted solve did not converge (relative residual {residual:.1e} after 1000 conjugate-"
+                f"gradient steps): null_cov_weight (gamma {gamma:.3g} against alpha {alpha:.3g}) makes it too "
+                "ill-conditioned; use a smaller null_cov_weight (10 is MEMIT's weight) or nullspace_threshold"
+            )
+        y = proj.apply(y)  # G^-1 P K, kept exactly in P's range
         small = torch.eye(k.shape[1], dtype=pk.dtype, device=pk.device) + pk.T @ y  # (r, r), symmetric
         v = torch.linalg.solve(small, y.T).T
         return resid.float().cpu(), v.float().cpu()
@@ -107,9 +117,10 @@ def projected_factor(
 
 def conjugate_gradient(
     apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, tol: float = 1e-12, max_steps: int = 1000
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, float]:
     """x with A x = b for a symmetric positive definite A given as ``apply``, column by column of b
-    (d, r) at once; stops when every column's residual is below ``tol`` times its ||b||."""
+    (d, r) at once, and the largest ||A x - b|| / ||b|| over the columns; stops when that is below
+    ``tol``, or after ``max_steps`` (an ill-conditioned A: the caller decides)."""
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
@@ -125,7 +136,8 @@ def conjugate_gradient(
         rs_new = (r * r).sum(dim=0)
         p = r + (rs_new / rs.clamp(min=1e-300)) * p
         rs = rs_new
-    return x
+    b2 = (b * b).sum(dim=0).clamp(min=1e-300)
+    return x, float((rs / b2).max().sqrt())
 
 
 def written_share(v: torch.Tensor, keys: torch.Tensor) -> float:

@@ -147,7 +147,7 @@ def test_memit_solve_is_the_papers_normal_equation() -> None:
     cov = a @ a.T / 12
     keys, resid = torch.randn(12, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     u, v = memit_factor(resid, keys, cov, lam=2.0)
-    delta = u.double() @ v.double().T
+    delta = (u.double() @ v.double().T)
     # stationarity: (Delta K - R) K^T + lambda Delta C = 0
     grad = (delta @ keys - resid) @ keys.T + 2.0 * delta @ (cov + 1e-8 * torch.trace(cov) / 12 * torch.eye(12))
     assert float(grad.abs().max()) < 1e-5
@@ -220,6 +220,20 @@ def test_cov_weighted_ridge_is_the_d_by_d_system_spares_the_same_keys_and_writes
         rtol=1e-5,
         atol=1e-7,
     )
+
+
+def test_an_ill_conditioned_cov_weighted_solve_is_refused_not_returned() -> None:
+    """A null_cov_weight far beyond sense (gamma / alpha ~1e12 on a spectrum spread over 1e12) stops
+    conjugate gradients short of the answer: FailedPrecondition naming the knob, never an approximate factor."""
+    g = torch.Generator().manual_seed(7)
+    d = 64
+    basis = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g)).Q
+    cov = basis @ torch.diag(torch.logspace(-8, 4, d, dtype=torch.float64)) @ basis.T
+    proj = projector(torch.zeros(d, 0, dtype=torch.float64))
+    keys, resid = torch.randn(d, 1, dtype=torch.float64, generator=g), torch.randn(5, 1, dtype=torch.float64)
+    with pytest.raises(FailedPrecondition, match="did not converge.*smaller null_cov_weight"):
+        projected_factor(resid, keys, proj, 1e-6, cov_ridge=CovRidge(cov, 1e6))
+    projected_factor(resid, keys, proj, 1.0, cov_ridge=CovRidge(cov, 1e-4))  # a sane weight solves
 
 
 def _blocks(n: int, d: int, seed: int) -> list[tuple[str, torch.Tensor]]:
@@ -420,7 +434,7 @@ def test_rome_as_a_method_is_its_rank_one_update(tiny_llama: LoadedModel, cache:
 
 
 def test_the_auto_default_is_rome_on_a_model_without_an_evaluated_range(tiny_llama: LoadedModel) -> None:
-    """ "auto" picks the projected mode only where a layer range was evaluated (the embedded model:
+    """"auto" picks the projected mode only where a layer range was evaluated (the embedded model:
     tests/server/test_edits.py); a tiny model of unknown depth keeps ROME."""
     assert default_method(tiny_llama) == "rome"
 

@@ -140,7 +140,9 @@ def test_cached_prefix_forward_matches_full_forward(
     templates = ("{}", "The weather is nice today. {}", "I think. {}")
     rewrite, kl = build_rows(loaded.tokenizer, templates, req)
     batch = build_batch(rewrite, kl, 2, loaded.device)
-    fwd = _DeltaForward(loaded, layer, loaded.num_layers - 1, batch, cache_prefix=cache_prefix, skip_lower=skip_lower)
+    fwd = _DeltaForward(
+        loaded, layer, loaded.num_layers - 1, batch, cache_prefix=cache_prefix, skip_lower=skip_lower
+    )
     assert len(fwd.lower) == (layer if skip_lower else 0)
     torch.manual_seed(0)
     delta = torch.randn(loaded.model.config.hidden_size)
