@@ -1,4 +1,5 @@
-"""Seconds per single-fact edit with the server's default method, at few and at many active edits.
+"""Seconds per single-fact edit with the server's default method (or ``--method``), at few and at
+many active edits.
 
 The path ApplyEdit takes (``EditManager``: compute the layer on the live weights, store it as
 the next version, make it live), on the embedded model with C, the eigenbasis and the prefixes
@@ -8,8 +9,9 @@ CounterFact records are edited on top of 10 active edits; then the store is fill
 filler layers are copies of a real projected layer under new ids, their factors scaled down
 1000x (the weights stay sane) and their keys replaced by random vectors of the real keys'
 norms, so that the earlier-edit statistic the projected mode builds has full rank, as 1,000
-real edits' keys would. The first edit on top of the fillers is timed apart: it folds all
-their keys into the basis once (as the first edit after a restart or a revert does).
+real edits' keys would (a gated filler keeps its gate: each pass pays for its column). The
+first edit on top of the fillers is timed apart: it folds all their keys into the basis once
+(as the first edit after a restart or a revert does).
 
     python bench/bench_edit_time.py --edits 8 --active 1000 --out edit_time.json
 """
@@ -36,7 +38,7 @@ from rome_engine.edit_store import EditLayer, EditStore  # noqa: E402
 from rome_engine.editing import EditManager, method_compute  # noqa: E402
 from rome_engine.evaluation import CounterFactRecord, load_counterfact  # noqa: E402
 from rome_engine.loading import default_cache_dir, load_model  # noqa: E402
-from rome_engine.methods import default_method  # noqa: E402
+from rome_engine.methods import METHODS, default_method  # noqa: E402
 from rome_engine.rome import EditRequest  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-train.json"
@@ -60,7 +62,7 @@ def fillers(real: EditLayer, n: int, seed: int = 0) -> list[EditLayer]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        factors = tuple(LowRankFactor(f.param, f.u * 1e-3, f.v.clone()) for f in real.factors)
+        factors = tuple(LowRankFactor(f.param, f.u * 1e-3, f.v.clone(), f.threshold) for f in real.factors)
         keys = {p: torch.randn(k.shape, generator=g) * (k.norm() / k.numel() ** 0.5) for p, k in real.keys.items()}
         header = dataclasses.replace(real.header, edit_id=str(uuid.uuid4()))
         out.append(EditLayer(header, factors, keys))
@@ -75,9 +77,9 @@ def stats(rows: list[dict[str, float]]) -> dict[str, float]:
     }  # fmt: skip
 
 
-def run(records: list[CounterFactRecord], n_edits: int, active: int) -> dict:
+def run(records: list[CounterFactRecord], n_edits: int, active: int, method: str = "") -> dict:
     loaded = load_model(None, device="cpu", dtype="float32")
-    method = default_method(loaded)
+    method = method or default_method(loaded)
     with tempfile.TemporaryDirectory() as tmp:
         manager = EditManager(loaded, EditStore(tmp, loaded.model_id), compute=method_compute(default_cache_dir()))
         manager.restore()
@@ -122,13 +124,15 @@ def main() -> int:
     ap.add_argument("--edits", type=int, default=8, help="edits timed at each point")
     ap.add_argument("--active", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--method", default="", choices=["", *METHODS], help="default: the server's default method")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     records = load_counterfact(args.data, start=args.start, n=11 + 2 * args.edits)
-    r = run(records, args.edits, args.active)
-    print_table(f"Edit time with the default method ({r['method']}), 10 vs {args.active} active edits", table(r))
+    r = run(records, args.edits, args.active, args.method)
+    which = f"the method {r['method']}" if args.method else f"the default method ({r['method']})"
+    print_table(f"Edit time with {which}, 10 vs {args.active} active edits", table(r))
     if args.out:
         write_json(args.out, r)
     return 0

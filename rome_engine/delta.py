@@ -22,6 +22,16 @@ transposed, ``ArchSpec.as_out_in``/``from_out_in`` convert) is
 so that for ROME W' k* = W k* + u (v . k*) = v*. The ROME authors' code names
 the same two vectors the other way round for its (in, out) GPT-2 layout: its
 ``left_vector`` (in,) is our v and its ``right_vector`` (out,) our u.
+
+**Gated factors** (``threshold`` set, the ``gated`` method): column j acts only on inputs
+whose response s_j = v_j . x exceeds the threshold,
+
+    delta(x) = sum_j u_j phi(v_j . x),   phi(s) = s if s > threshold else 0
+
+so an input the edit was not written for gets exactly nothing (a plain factor adds
+u (v . x) to every input, and 1,000 small additions add up). Such a factor is not a
+weight change: it is never summed into W; ``LayerWeights`` serves it as a side path
+beside the projection (``GatedSlots``), and ``as_if_applied`` through ``apply``.
 """
 
 from __future__ import annotations
@@ -44,16 +54,23 @@ class LowRankFactor:
     param: str  # the weight's parameter name, e.g. "model.layers.4.mlp.down_proj.weight"
     u: torch.Tensor  # (out, r) float32, the value side
     v: torch.Tensor  # (in, r) float32, the key side
+    threshold: float | None = None  # gated: column j acts only where v_j . x > threshold (module docstring)
 
     def __post_init__(self) -> None:
         if self.u.dim() != 2 or self.v.dim() != 2 or self.u.shape[1] != self.v.shape[1]:
             raise ValueError(f"the factors of {self.param} must be (out, r) and (in, r), got "
                              f"{tuple(self.u.shape)} and {tuple(self.v.shape)}")  # fmt: skip
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"the gate threshold of {self.param} must be in (0, 1), got {self.threshold}")
 
     @classmethod
     def rank_one(cls, param: str, u: torch.Tensor, v: torch.Tensor) -> LowRankFactor:
         """From vectors u (out,) and v (in,): delta W = outer(u, v)."""
         return cls(param, u.reshape(-1, 1), v.reshape(-1, 1))
+
+    @property
+    def gated(self) -> bool:
+        return self.threshold is not None
 
     @property
     def rank(self) -> int:
@@ -75,16 +92,73 @@ class LowRankFactor:
         return bool(torch.isfinite(self.u).all()) and bool(torch.isfinite(self.v).all())
 
     def delta(self) -> torch.Tensor:
-        """u @ v.T: (out, in) float32."""
+        """u @ v.T: (out, in) float32 (a plain factor's weight change; refused for a gated one)."""
+        if self.gated:
+            raise ValueError(f"the gated factor of {self.param} is not a weight change")
         return self.u.float() @ self.v.float().T
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """delta W x for inputs x (..., in): (x @ v) @ u.T, (..., out) float32."""
-        return (x.float() @ self.v.to(x.device)) @ self.u.to(x.device).T
+        """What the factor adds to the projection's output for inputs x (..., in): (..., out) float32.
+
+        Plain: (x @ v) @ u.T. Gated: phi(x @ v) @ u.T (``gate``)."""
+        s = x.float() @ self.v.to(x.device)
+        if self.gated:
+            s = gate(s, self.threshold)
+        return s @ self.u.to(x.device).T
 
     def cpu(self) -> LowRankFactor:
         """The same factor as float32 tensors on the CPU (how layers store it)."""
-        return LowRankFactor(self.param, self.u.detach().float().cpu(), self.v.detach().float().cpu())
+        return LowRankFactor(self.param, self.u.detach().float().cpu(), self.v.detach().float().cpu(), self.threshold)
+
+    def to(self, device: torch.device) -> LowRankFactor:
+        """The same factor, float32, on ``device``."""
+        return LowRankFactor(self.param, self.u.float().to(device), self.v.float().to(device), self.threshold)
+
+
+def gate(s: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """phi(s) = s where s > threshold, else 0 (exactly): a gated column's response to its key."""
+    return torch.where(s > threshold, s, torch.zeros((), dtype=s.dtype, device=s.device))
+
+
+@dataclass(frozen=True, eq=False)
+class GatedSlots:
+    """Every gated column on one projection, oldest first: x -> phi(x @ v) @ u.T, phi per column
+    with its own threshold (``thresholds`` (r,)). The same factors in the same order give the same
+    tensors, so a version's side path is rebuilt bit for bit."""
+
+    u: torch.Tensor  # (out, r) float32
+    v: torch.Tensor  # (in, r) float32
+    thresholds: torch.Tensor  # (r,) float32
+
+    @classmethod
+    def of(cls, factors: Sequence[LowRankFactor], device: torch.device) -> GatedSlots:
+        if not factors or not all(f.gated for f in factors):
+            raise ValueError("GatedSlots are built from one or more gated factors")
+        u = torch.cat([f.u.float() for f in factors], dim=1).to(device)
+        v = torch.cat([f.v.float() for f in factors], dim=1).to(device)
+        t = torch.tensor([f.threshold for f in factors for _ in range(f.rank)], dtype=torch.float32, device=device)
+        return cls(u, v, t)
+
+    @property
+    def columns(self) -> int:
+        return int(self.u.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.u, self.v, self.thresholds))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out) float32."""
+        return gate(x.float() @ self.v, self.thresholds) @ self.u.T
+
+
+def gated_slots(factors: Sequence[LowRankFactor], device: torch.device) -> dict[str, GatedSlots]:
+    """Module name -> the gated columns of ``factors`` on it (oldest first); plain factors are skipped."""
+    by_module: dict[str, list[LowRankFactor]] = {}
+    for f in factors:
+        if f.gated:
+            by_module.setdefault(f.param.removesuffix(".weight"), []).append(f)
+    return {name: GatedSlots.of(fs, device) for name, fs in by_module.items()}
 
 
 def storage_delta(spec: ArchSpec, factor: LowRankFactor) -> torch.Tensor:
@@ -110,7 +184,8 @@ def accumulated(spec: ArchSpec, start: torch.Tensor, factors: Sequence[LowRankFa
     of ``factors`` gives the same bits as summing them all from the base."""
     acc = start.clone()
     for f in factors:
-        acc += storage_delta(spec, f).to(acc.device)
+        if not f.gated:  # a gated factor is served beside the weights (GatedSlots), never summed in
+            acc += storage_delta(spec, f).to(acc.device)
     return acc
 
 
@@ -125,7 +200,7 @@ class as_if_applied:  # used like a function in a with statement
     def __init__(self, loaded: LoadedModel, factors: Sequence[LowRankFactor]) -> None:
         by_module: dict[str, list[LowRankFactor]] = {}
         for f in factors:  # the factors live where the model runs
-            moved = LowRankFactor(f.param, f.u.float().to(loaded.device), f.v.float().to(loaded.device))
+            moved = f.to(loaded.device)
             by_module.setdefault(f.param.removesuffix(".weight"), []).append(moved)
 
         def add(name: str, out: torch.Tensor) -> torch.Tensor:

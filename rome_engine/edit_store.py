@@ -25,6 +25,11 @@ update norm, rank, number of keys), ``base_fingerprint`` (model id and the sha25
 every touched base matrix: a layer is applied only onto the base it was computed
 on), the pre/post ``probabilities`` of each fact and ``compute_seconds``.
 
+**Format 3** is format 2 whose ``matrices`` give a ``threshold`` for gated factors (the
+``gated`` method: column j adds u_j (v_j . x) only where v_j . x > threshold, ``delta``); a
+layer without gated factors is written as format 2, so a reader of formats 1-2 refuses only
+the layers it would otherwise add to the weights wrongly.
+
 **Format 1** (written before 2026-11-28, read unchanged; ``tests/fixtures/edit_store_v1``):
 one fact as ``request`` and one ``probabilities`` object, method ROME on one ``layer``,
 and 1-D factors ``u`` (out,) and ``v`` (in,), no keys. A layer is never rewritten: a
@@ -198,7 +203,7 @@ def decode_layer(data: bytes, *, stored: bool = False) -> EditLayer:
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{m.name}.{side} holds NaN or infinite values")
         u, v = tensors[f"{m.name}.u"], tensors[f"{m.name}.v"]
-        factors.append(LowRankFactor(m.name, u.reshape(out_dim, r), v.reshape(in_dim, r)))
+        factors.append(LowRankFactor(m.name, u.reshape(out_dim, r), v.reshape(in_dim, r), m.threshold))
         if m.keys:
             keys[m.name] = tensors[f"{m.name}.keys"]
     return EditLayer(header, tuple(factors), keys)

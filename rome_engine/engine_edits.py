@@ -249,7 +249,7 @@ class EngineEdits:
                 f"an edit holds 1 to max_batch_facts={self.limits.max_batch_facts} facts, got {len(requests)}"
             )
         if method in ("rome", "ft") and len(requests) > 1:
-            raise InvalidRequest(f"{method} edits one fact at a time: use memit or projected for a batch")
+            raise InvalidRequest(f"{method} edits one fact at a time: use memit, projected or gated for a batch")
         for request in requests:
             self.check_edit_chars(request.prompt, request.subject, request.target)
         async with self._edit_turn():

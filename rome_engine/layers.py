@@ -16,18 +16,28 @@ apply an edit. The arithmetic itself is ``delta.rebuilt``'s. The float32 sum of 
 matrix is kept (up to ``sum_cache_bytes`` in all), so that a version made of the last one's
 layers plus new ones adds only the new deltas: the same additions in the same order, so the
 same bits, but one dense add per new factor instead of one per active factor.
+
+Gated factors (``delta`` module docstring) are not weight changes: each touched projection
+gets a forward hook that adds its ``GatedSlots`` (the version's gated columns, oldest first)
+to the output. ``materialize``/``install_slots`` swap them with the weights; ``LiveVersions``
+tells the hook, through ``row_slots``, which rows of a pass serve another version's slots.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .delta import LowRankFactor, accumulated
+from .arch import get_module
+from .delta import GatedSlots, LowRankFactor, accumulated, gated_slots
 from .edit_store import EditLayer, tensor_sha256
 from .loading import LoadedModel
 from .records import BaseFingerprint
+
+# module name -> the rows of this pass that serve other slots than the installed ones: (row index
+# tensor or None for every row, their slots or None for none)
+RowSlots = Callable[[str], Sequence[tuple[torch.Tensor | None, GatedSlots | None]]]
 
 # float32 sums kept per touched matrix (the newest first to go past it): a version on top of the
 # last needs one delta added, not all of them (at 1,000 active edits: 1 instead of 1,000 dense adds)
@@ -41,6 +51,9 @@ class LayerWeights:
         # name -> (the factors summed, oldest first; base + their sum in float32)
         self._sums: dict[str, tuple[tuple[LowRankFactor, ...], torch.Tensor]] = {}
         self._sum_cache_bytes = sum_cache_bytes
+        self._slots: dict[str, GatedSlots] = {}  # module name -> the installed gated columns
+        self._slot_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self.row_slots: RowSlots | None = None  # set by LiveVersions (see install_slots)
 
     def parameter(self, name: str) -> torch.nn.Parameter:
         try:
@@ -113,8 +126,54 @@ class LayerWeights:
         self.materialize_factors([f for layer in layers for f in layer.factors])
 
     def materialize_factors(self, factors: Sequence[LowRankFactor]) -> None:
-        """Set every touched matrix to base + its ``factors`` (in order); no factors: the base, bit for bit."""
+        """Set every touched matrix to base + its ``factors`` (in order); no factors: the base, bit for bit.
+        Gated factors become the projections' slots (none: no side path at all)."""
         self.install(self.prepare_factors(factors))
+        self.install_slots(gated_slots(factors, self.loaded.device))
+
+    def slots_of(self, layers: Sequence[EditLayer]) -> dict[str, GatedSlots]:
+        """Module name -> the gated columns of ``layers`` on it (the same layers give the same tensors)."""
+        return gated_slots([f for layer in layers for f in layer.factors], self.loaded.device)
+
+    def install_slots(self, slots: dict[str, GatedSlots]) -> None:
+        """Serve ``slots`` from the next pass on (replaced whole: no pass sees half of them)."""
+        for name in slots:
+            if name not in self._slot_hooks:
+                self._hook(name)
+        self._slots = dict(slots)
+
+    @property
+    def slots(self) -> dict[str, GatedSlots]:
+        return self._slots
+
+    def rehook(self) -> None:
+        """Register the slot hooks again, so that they run after every hook registered since (the
+        versions' side paths recompute a pinned row's output first; the slots add to it)."""
+        for name, handle in list(self._slot_hooks.items()):
+            handle.remove()
+            self._hook(name)
+
+    def _hook(self, name: str) -> None:
+        self._slot_hooks[name] = get_module(self.loaded.model, name).register_forward_hook(self._slot_hook(name))
+
+    def _slot_hook(self, name: str):
+        def hook(_module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            live = self._slots.get(name)
+            other = self.row_slots(name) if self.row_slots is not None else ()
+            if not other:
+                return None if live is None else out + live.apply(args[0]).to(out.dtype)
+            x = args[0]
+            if len(other) == 1 and other[0][0] is None:  # every row on one other version
+                slots = other[0][1]
+                return out if slots is None else out + slots.apply(x).to(out.dtype)
+            add = live.apply(x) if live is not None else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+            for index, slots in other:
+                rows = x.index_select(0, index)
+                part = slots.apply(rows) if slots is not None else torch.zeros_like(add.index_select(0, index))
+                add = add.index_copy(0, index, part)
+            return out + add.to(out.dtype)
+
+        return hook
 
     def prepare(self, layers: Sequence[EditLayer], only: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """A version's touched matrices (or those named in ``only``), built aside, the live weights
@@ -127,7 +186,8 @@ class LayerWeights:
     ) -> dict[str, torch.Tensor]:
         deltas: dict[str, list[LowRankFactor]] = {}
         for f in factors:
-            deltas.setdefault(f.param, []).append(f)
+            if not f.gated:  # a gated factor is served beside the weights (install_slots)
+                deltas.setdefault(f.param, []).append(f)
         for name in (*deltas, *(only or ())):
             if name not in self._base:
                 self._base[name] = self.parameter(name).detach().clone()

@@ -31,9 +31,10 @@ from .bounds import MAX_AUTHOR_CHARS, MAX_COMMENT_CHARS, check_text
 from .errors import EngineError
 
 LAYER_FORMAT = 2  # the layer header this code writes: facts, method, rank-r factors, edit keys
-LAYER_FORMATS = (1, 2)  # the ones it reads (format 1: one fact, rank one; see edit_store)
+GATED_LAYER_FORMAT = 3  # ... and for a layer with gated factors (a reader of 1-2 must not add them to W)
+LAYER_FORMATS = (1, 2, 3)  # the ones it reads (format 1: one fact, rank one; see edit_store)
 MANIFEST_FORMAT = 2  # written; 1 and 2 are read (edit_store.Manifest)
-METHODS = ("rome", "memit", "projected", "ft")  # the editing methods a header may name
+METHODS = ("rome", "memit", "projected", "ft", "gated")  # the editing methods a header may name
 AUTO_METHOD = "auto"  # a server default: the model's own choice (methods.default_method)
 MAX_FACTS = 256  # facts of one batch edit (one layer)
 MAX_RANK = 1024  # columns of one matrix's factors (a batch's facts, an FT change's SVD rank)
@@ -163,6 +164,7 @@ class MatrixRecord:
     dtype: str = ""  # the model's dtype when computed ("" when a writer left it out)
     rank: int = 1  # columns of u and v (format 1: always 1)
     keys: int = 0  # columns of the stored edit keys (in, keys); 0: none stored
+    threshold: float | None = None  # format 3: a gated factor's threshold (``delta``); None: a weight change
 
     @classmethod
     def from_json(cls, doc: object) -> MatrixRecord:
@@ -179,11 +181,17 @@ class MatrixRecord:
         dtype = _str(doc, "dtype", limit=32, default="")
         rank = _int(doc, "rank", lo=1, hi=MAX_RANK) if "rank" in doc else 1
         keys = _int(doc, "keys", hi=MAX_RANK) if "keys" in doc else 0
-        return cls(name, (shape[0], shape[1]), _number(doc, "update_norm"), dtype, rank, keys)
+        threshold = None
+        if doc.get("threshold") is not None:
+            threshold = _number(doc, "threshold")
+            if not 0.0 < threshold < 1.0:
+                raise ValueError(f"matrices[{name}].threshold must be in (0, 1), got {_short(doc['threshold'])}")
+        return cls(name, (shape[0], shape[1]), _number(doc, "update_norm"), dtype, rank, keys, threshold)
 
     def to_json(self) -> JsonObject:
         doc = {"name": self.name, "shape": list(self.shape), "update_norm": self.update_norm, "rank": self.rank,
                "keys": self.keys}  # fmt: skip
+        doc |= {"threshold": self.threshold} if self.threshold is not None else {}
         return doc | ({"dtype": self.dtype} if self.dtype else {})
 
 
@@ -265,6 +273,11 @@ class LayerHeader:
     extras: Mapping[str, Any] = field(default_factory=dict)  # keys this reader does not know, kept as they were
 
     @property
+    def format_version(self) -> int:
+        """The format this code writes the header in: 3 with gated factors, else 2."""
+        return GATED_LAYER_FORMAT if any(m.threshold is not None for m in self.matrices) else LAYER_FORMAT
+
+    @property
     def request(self) -> StoredRequest:
         """The (first) fact: the whole edit for a single-fact layer."""
         return self.facts[0]
@@ -319,6 +332,9 @@ class LayerHeader:
             raise ValueError("matrices names a matrix twice")
         if version == 1 and any(m.rank != 1 or m.keys for m in records):
             raise ValueError("a format 1 layer holds rank-one factors and no keys")
+        if (version == GATED_LAYER_FORMAT) != any(m.threshold is not None for m in records):
+            raise ValueError(f"gated factors (a matrix with a threshold) are format {GATED_LAYER_FORMAT}, and format "
+                             f"{GATED_LAYER_FORMAT} holds at least one; this is format {version}")  # fmt: skip
         base = BaseFingerprint.from_json(_object(doc, "base_fingerprint"))
         if set(base.matrices) != {m.name for m in records}:
             raise ValueError(
@@ -352,7 +368,7 @@ class LayerHeader:
         """The header in the format this code writes (LAYER_FORMAT), whatever format it was read from."""
         return {
             **self.extras,
-            "format_version": LAYER_FORMAT,
+            "format_version": self.format_version,
             "edit_id": self.edit_id,
             "version": self.version,
             "parent_version": self.parent_version,

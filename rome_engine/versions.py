@@ -16,6 +16,11 @@ projection where v and the head differ, v's own output for its rows:
   (one dense (out, in) difference where r (in + out) > in * out). Equal to v within
   float32 rounding of the correction, not bit-identical.
 
+Gated factors (``delta``) are not in the matrices: a version whose gated columns differ
+from the installed ones gets its own ``GatedSlots`` for its rows (``VersionDiff.slots``,
+served by ``LayerWeights``' slot hook through ``row_slots``), built from its layers as
+the head's are, so a pinned row sees exactly its version's columns.
+
 Rows of one decode batch may be on different versions; each group of rows gets
 its own term (``index_copy``/``index_add`` on the projection's output). A pass
 on the head does nothing extra and runs exactly as before.
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +53,7 @@ from dataclasses import dataclass
 import torch
 
 from .arch import get_module
+from .delta import GatedSlots
 from .edit_store import EditLayer
 from .gate import SwapGate
 from .layers import LayerWeights
@@ -83,10 +90,12 @@ class VersionDiff:
     version: int
     head: int
     terms: dict[str, SideTerm]
+    slots: dict[str, GatedSlots | None] = dataclasses.field(default_factory=dict)  # module -> the version's
+    #   gated columns where they differ from the installed ones (None: it has none there)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.terms.values())
+        return sum(t.nbytes for t in self.terms.values()) + sum(s.nbytes for s in self.slots.values() if s)
 
 
 def side_terms(plus: Sequence[EditLayer], minus: Sequence[EditLayer], device: torch.device) -> dict[str, SideTerm]:
@@ -96,6 +105,8 @@ def side_terms(plus: Sequence[EditLayer], minus: Sequence[EditLayer], device: to
     for sign, layers in ((1.0, plus), (-1.0, minus)):
         for layer in layers:
             for f in layer.factors:
+                if f.gated:  # not in the matrices: the version's slots (VersionDiff.slots)
+                    continue
                 name = f.param.removesuffix(".weight")
                 us.setdefault(name, []).append(sign * f.u.float())
                 vs.setdefault(name, []).append(f.v.float())
@@ -115,9 +126,22 @@ def _only_in(layers: Sequence[EditLayer], other: Sequence[EditLayer]) -> list[Ed
     return [layer for layer in layers if layer.edit_id not in ids]
 
 
-def _touched_between(a: Sequence[EditLayer], b: Sequence[EditLayer]) -> list[str]:
-    """The matrices whose weights differ between two versions' layer lists (by the layers in one only)."""
-    return sorted({f.param for layer in (*_only_in(a, b), *_only_in(b, a)) for f in layer.factors})
+def _touched_between(a: Sequence[EditLayer], b: Sequence[EditLayer], *, gated: bool = False) -> list[str]:
+    """The matrices whose weights (``gated``: whose gated columns) differ between two versions' layer
+    lists (by the layers in one only)."""
+    layers = (*_only_in(a, b), *_only_in(b, a))
+    return sorted({f.param for layer in layers for f in layer.factors if f.gated == gated})
+
+
+def _slots_between(
+    weights: LayerWeights, layers: Sequence[EditLayer], other: Sequence[EditLayer]
+) -> dict[str, GatedSlots | None]:
+    """Module -> the gated columns of ``layers`` where they differ from ``other``'s (None: none there)."""
+    differ = [p.removesuffix(".weight") for p in _touched_between(layers, other, gated=True)]
+    if not differ:
+        return {}
+    own = weights.slots_of(layers)
+    return {name: own.get(name) for name in differ}
 
 
 @dataclass
@@ -170,11 +194,22 @@ class LiveVersions:
             self._handles.append(get_module(loaded.model, name).register_forward_hook(self._side_path(name)))
         self.exact_terms = 0  # differences served exactly (the version's own matrices) ...
         self.low_rank_terms = 0  # ... and as a float32 side path (over the cache bound)
+        weights.row_slots = self._slot_rows
+        weights.rehook()  # the gated columns add to what the side paths above recomputed
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self.weights.row_slots == self._slot_rows:
+            self.weights.row_slots = None
+
+    def _slot_rows(self, name: str) -> list[tuple[torch.Tensor | None, GatedSlots | None]]:
+        """The rows of this thread's pass that serve other gated columns on ``name`` than the installed."""
+        groups = self._local.groups
+        if not groups:
+            return []
+        return [(index, diff.slots[name]) for index, diff in groups if name in diff.slots]
 
     # -- which version this thread's passes serve ------------------------------
 
@@ -289,7 +324,7 @@ class LiveVersions:
         else:
             self.low_rank_terms += 1
             terms = side_terms(_only_in(layers, head_layers), _only_in(head_layers, layers), self.loaded.device)
-        return VersionDiff(version, head, terms)
+        return VersionDiff(version, head, terms, _slots_between(self.weights, layers, head_layers))
 
     def _keep(self, key: tuple[int, int], made: VersionDiff) -> None:
         with self._cache_lock:
@@ -316,23 +351,27 @@ class LiveVersions:
         placed, placed_layers = self._placed
         params = _touched_between(placed_layers, layers)  # every other matrix in place has its bits already
         prepared = self.weights.prepare(layers, only=params)
+        slots = self.weights.slots_of(layers)
+        new_slots = _slots_between(self.weights, layers, placed_layers)
         if version != placed:  # the new head against the weights in place: exactly the prepared matrices
             terms = {p.removesuffix(".weight"): SideTerm(weight=prepared[p]) for p in params}
-            self._keep((version, placed), VersionDiff(version, placed, terms))
+            self._keep((version, placed), VersionDiff(version, placed, terms, new_slots))
         # the requests still on the old weights keep them: the live ones, copied (no rebuild)
         kept = {p: self.weights.parameter(p).detach().clone() for p in params} if placed in self.in_use() else {}
+        old_slots = {name: self.weights.slots.get(name) for name in new_slots}
         self._head = (version, tuple(layers))
         self.last_swap_seconds = time.perf_counter() - t0
         with self.gate.writing():
             self.weights.install(prepared)
+            self.weights.install_slots(slots)
             self._placed = self._head
         with self._cache_lock:
             for key in [k for k in self._cache if k[1] != version]:
                 self.stats.bytes -= self._cache.pop(key).nbytes
             self.stats.entries = len(self._cache)
-        if kept and placed != version:
+        if (kept or old_slots) and placed in self.in_use() and placed != version:
             terms = {p.removesuffix(".weight"): SideTerm(weight=w) for p, w in kept.items()}
-            self._keep((placed, version), VersionDiff(placed, version, terms))
+            self._keep((placed, version), VersionDiff(placed, version, terms, old_slots))
         return self.last_swap_seconds
 
     def set_head(self, version: int, layers: Sequence[EditLayer]) -> None:

@@ -320,7 +320,7 @@ def _edit_line(e: EditInfo) -> str:
     )
 
 
-EDIT_METHODS = ("rome", "memit", "projected", "ft")
+EDIT_METHODS = ("rome", "memit", "projected", "ft", "gated")
 MAX_FACTS_FILE_BYTES = 16 * 1024 * 1024
 
 

@@ -326,14 +326,14 @@ class Client(_Base):
         """Rewrite a fact. Options: layer, hparams, dry_run, expected_version, author, comment, force
         (apply even when the target already is the model's greedy answer; else FailedPrecondition),
         min_target_prob (refuse an edit that did not take; default: the server's), method ("rome",
-        "memit", "projected", "ft"; default: the server's)."""
+        "memit", "projected", "ft", "gated"; default: the server's)."""
         req = apply_edit_request(prompt, subject, target, **options)
         return self._applied(ApplyResult.from_pb(self._unary(self.stub.ApplyEdit, req, timeout)))
 
     def apply_edits(self, facts: Sequence[Sequence[str]], *, timeout: float | None = None,
                     **options: Any) -> ApplyResult:
         """Rewrite several facts, (prompt, subject, target) each, as ONE layer and one version
-        (method "memit" or "projected"). Options as apply_edit's."""
+        (method "memit", "projected" or "gated"). Options as apply_edit's."""
         reply = self._unary(self.stub.ApplyEdits, apply_edits_request(facts, **options), timeout)
         return self._applied(ApplyResult.from_pb(reply))
 

@@ -1,14 +1,15 @@
-"""Editing methods whose updates accumulate: MEMIT, the null-space projected mode, FT-L, and ROME.
+"""Editing methods whose updates accumulate: MEMIT, the null-space projected mode, gated, FT-L, and ROME.
 
 Every method computes (never applies) low-rank factors per touched matrix,
 Delta W = u @ v.T in (out, in) layout, plus the keys it wrote at.
 
 Public names:
-    METHODS                                  - ("rome", "memit", "projected", "ft")
+    METHODS                                  - ("rome", "memit", "projected", "ft", "gated")
     compute_method(method, loaded, requests, cache, *, prior_keys=None, overrides=None, progress=None)
                                              -> MethodResult: the dispatcher
     compute_memit(loaded, requests, cache, *, overrides=None, progress=None) -> MethodResult
     compute_projected(loaded, requests, cache, *, prior_keys=None, overrides=None, progress=None) -> MethodResult
+    compute_gated(loaded, requests, cache, *, overrides=None, progress=None) -> MethodResult
     compute_ft(loaded, requests, cache, *, overrides=None, progress=None) -> MethodResult
     rome_result(edit) -> MethodResult        - a ROME ``EditResult`` as a rank-one MethodResult
     LowRankFactor, MethodResult, RequestInfo, LayerInfo - the result types
@@ -33,8 +34,16 @@ from ..rome.cache import ProgressFn, RomeCache
 from ..rome.hparams import RomeHParams, hparams_for
 from ..rome.request import EditRequest
 from .ft import compute_ft
-from .hparams import FtHParams, MemitHParams, default_method, ft_hparams_for, memit_hparams_for
-from .memit import compute_memit, compute_projected
+from .hparams import (
+    FtHParams,
+    MemitHParams,
+    default_method,
+    ft_hparams_for,
+    gated_hparams_for,
+    memit_hparams_for,
+    method_hparams_for,
+)
+from .memit import compute_gated, compute_memit, compute_projected
 from .projection import PriorKeys, layer_eigenbasis, preserved_basis, projector
 from .result import LayerInfo, MethodResult, RequestInfo
 from .rome import compute_rome, rome_result
@@ -57,6 +66,8 @@ def compute_method(
         return compute_projected(loaded, requests, cache, prior_keys=prior_keys, overrides=overrides, progress=progress)
     if method == "ft":
         return compute_ft(loaded, requests, cache, overrides=overrides, progress=progress)
+    if method == "gated":
+        return compute_gated(loaded, requests, cache, overrides=overrides, progress=progress)
     if method == "rome":
         return compute_rome(loaded, requests, cache, overrides=overrides, progress=progress)
     raise InvalidRequest(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -66,8 +77,8 @@ def work_hparams(method: str, loaded: LoadedModel, overrides: Mapping[str, float
     """``overrides`` checked by ``method``'s own hyperparameters (InvalidRequest naming an unknown
     name or a value out of range), as the ROME hyperparameters that size its work: the prefixes,
     C's sample and the value optimisation (admission's memory estimate reads these)."""
-    if method in ("memit", "projected"):
-        return memit_hparams_for(loaded).with_overrides(overrides).z_hparams(0)
+    if method in ("memit", "projected", "gated"):
+        return method_hparams_for(method, loaded).with_overrides(overrides).z_hparams(0)
     if method == "ft":
         ft_hparams_for(loaded).with_overrides(overrides)
         return hparams_for(loaded)
@@ -86,12 +97,14 @@ __all__ = [
     "PriorKeys",
     "RequestInfo",
     "compute_ft",
+    "compute_gated",
     "compute_memit",
     "compute_method",
     "compute_projected",
     "compute_rome",
     "default_method",
     "ft_hparams_for",
+    "gated_hparams_for",
     "layer_eigenbasis",
     "memit_hparams_for",
     "preserved_basis",

@@ -4,8 +4,9 @@
     hp = hp.with_overrides({"n_layers": 4, "v_lr": 0.2})  # names checked, values range-checked
     hp.z_hparams(layer)                                   # the RomeHParams that z / C / prefixes run on
 
-``MemitHParams`` serves both ``memit`` and the ``projected`` mode (which also
-reads the ``nullspace_*``, ``l2`` and ``hard_prior`` fields). Each field is a
+``MemitHParams`` serves ``memit``, the ``projected`` mode (which also reads the
+``nullspace_*``, ``l2`` and ``hard_prior`` fields) and the ``gated`` method (one layer,
+``gate_threshold``; ``gated_hparams_for``). Each field is a
 scalar, as in ``RomeHParams``, so that a per-call ``Mapping[str, float]`` can
 override any of them; the fields shared with ROME (z's optimiser, C, the
 context prefixes) keep ROME's names and meaning.
@@ -61,6 +62,8 @@ class MemitHParams(_Overridable):
     hard_prior: int = 1  # 1: earlier edits' keys are projected out exactly; 0: AlphaEdit's K_p K_p^T penalty
     null_cov_weight: float = 0.0  # w: inside the writable space the ridge of a direction with C-eigenvalue
     #   lambda is alpha (1 + w lambda / mean eigenvalue); 0: AlphaEdit's flat ridge, 10: MEMIT's C weight
+    # -- the gated method: column j adds u_j s only where s = v_j . x > gate_threshold (v_j . k*_j = 1)
+    gate_threshold: float = 0.3
     # -- z: the residual at the last layer that makes the model say the target (ROME's v* machinery)
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
@@ -152,6 +155,7 @@ _RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
         "l2": (1e-12, 1e6),
         "hard_prior": (0, 1),
         "null_cov_weight": (0.0, 1e4),
+        "gate_threshold": (0.01, 0.99),
         "ft_num_steps": (0, 500),
         "ft_lr": (0.0, 1.0),
         "norm_constraint": (0.0, 10.0),
@@ -240,6 +244,17 @@ def memit_hparams_for(loaded: LoadedModel) -> MemitHParams:
         or _MEMIT_BY_SHAPE.get(key)
         or MemitHParams()
     )
+
+
+def gated_hparams_for(loaded: LoadedModel) -> MemitHParams:
+    """The gated method: MEMIT's z and C settings for the model, on the one layer ROME edits
+    (``layer`` None: resolved to the model's ROME layer, as ROME's own is)."""
+    return dataclasses.replace(memit_hparams_for(loaded), layer=None, n_layers=1, layer_offset=0)
+
+
+def method_hparams_for(method: str, loaded: LoadedModel) -> MemitHParams:
+    """The defaults of one of the MEMIT-family methods (memit, projected, gated)."""
+    return gated_hparams_for(loaded) if method == "gated" else memit_hparams_for(loaded)
 
 
 def default_method(loaded: LoadedModel) -> str:

@@ -35,13 +35,13 @@ from ..hooks import Trace, run_until_stopped, stop_after
 from ..layer_selection import select_edit_layer
 from ..loading import LoadedModel
 from ..rome.cache import ProgressFn, RomeCache
-from ..rome.compute_u import compute_key, prompt_rows
+from ..rome.compute_u import compute_key, prompt_rows, right_vector
 from ..rome.compute_v import compute_delta
 from ..rome.context import context_templates
 from ..rome.covariance import layer_covariance
 from ..rome.hparams import hparams_for
 from ..rome.request import SLOT, EditRequest
-from .hparams import MemitHParams, memit_hparams_for
+from .hparams import MemitHParams, method_hparams_for
 from .projection import (
     BasisChain,
     Eigenbasis,
@@ -88,11 +88,27 @@ def compute_projected(
     return _compute(loaded, requests, cache, "projected", prior_keys or {}, overrides, progress)
 
 
+def compute_gated(
+    loaded: LoadedModel,
+    requests: Sequence[EditRequest],
+    cache: RomeCache,
+    *,
+    overrides: Mapping[str, float] | None = None,
+    progress: ProgressFn | None = None,
+) -> MethodResult:
+    """The gated update of ``requests`` at one layer (the model's ROME layer): per fact j, ROME's
+    rank-one column u_j = z_j - h_j, v_j = C^-1 k_j / (k_j^T C^-1 k_j), served as a gated factor
+    (``delta``): it adds u_j s only where s = v_j . x > ``gate_threshold``, so inputs the edit was
+    not written for (s ~ 0.01-0.1 on ordinary text) get exactly nothing. Weights unchanged."""
+    return _compute(loaded, requests, cache, "gated", None, overrides, progress)
+
+
 def resolve_hparams(
     loaded: LoadedModel,
     requests: Sequence[EditRequest],
     cache: RomeCache,
     overrides: Mapping[str, float] | None = None,
+    method: str = "memit",
 ) -> MemitHParams:
     """The model's defaults, the requests' own hparams and layer (the same for every request of a
     batch), then ``overrides``; ``layer`` resolved to the model's ROME layer when nothing names it."""
@@ -106,7 +122,7 @@ def resolve_hparams(
     if first.layer is not None:
         merged["layer"] = first.layer
     merged.update(overrides or {})
-    hp = memit_hparams_for(loaded).with_overrides(merged)
+    hp = method_hparams_for(method, loaded).with_overrides(merged)
     if hp.layer is None:
         rome_layer = hparams_for(loaded).layer
         if rome_layer is None:
@@ -145,7 +161,7 @@ def _compute(
     progress: ProgressFn | None,
 ) -> MethodResult:
     t0 = time.perf_counter()
-    hp = resolve_hparams(loaded, requests, cache, overrides)
+    hp = resolve_hparams(loaded, requests, cache, overrides, method)
     layers = hp.layer_range()
     last = layers[-1]
     zhp = hp.z_hparams(last)
@@ -163,9 +179,9 @@ def _compute(
     solvers: list[tuple[Solver, int | None]] = []
     for layer in layers:
         param = spec.mlp_out_weight_name(layer)
-        if method == "memit":
+        if method in ("memit", "gated"):
             cov, cached = layer_covariance(loaded, layer, zhp, cache, progress=progress)
-            solvers.append(_memit_solver(cov, hp))
+            solvers.append(_memit_solver(cov, hp) if method == "memit" else _gated_solver(cov, hp))
         else:
             eig, cached = layer_eigenbasis(loaded, layer, zhp, cache, progress=progress)
             prior = prior_keys.get(param) if prior_keys else None
@@ -207,7 +223,7 @@ def _compute(
         resid = missing / (len(layers) - i)  # spread over this and the remaining layers
         solve, free = solvers[i]
         u, v = solve(resid, k)
-        factor = LowRankFactor(param, u, v)
+        factor = LowRankFactor(param, u, v, hp.gate_threshold if method == "gated" else None)
         factors.append(factor)
         keys[param] = k.float().cpu()
         layer_info.append(
@@ -237,6 +253,17 @@ def _compute(
 def _memit_solver(cov: torch.Tensor, hp: MemitHParams) -> tuple[Solver, None]:
     def solve(resid: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return memit_factor(resid, k, cov, hp.mom2_update_weight, hp.cov_shrinkage)
+
+    return solve, None
+
+
+@torch.no_grad()
+def _gated_solver(cov: torch.Tensor, hp: MemitHParams) -> tuple[Solver, None]:
+    def solve(resid: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # each fact its own column: v_j = C^-1 k_j / (k_j^T C^-1 k_j), so v_j . k_j = 1 and column j
+        # writes all of its residual u_j = R_j at its own key (a gate keeps the others out)
+        v = torch.stack([right_vector(cov, k[:, j], hp.cov_shrinkage) for j in range(k.shape[1])], dim=1)
+        return resid.float(), v.to(resid.device)
 
     return solve, None
 

@@ -59,7 +59,7 @@ class LayerInfo:
 class MethodResult:
     """An edit computed by one method; nothing of it has been applied."""
 
-    method: str  # "rome", "memit", "projected", "ft"
+    method: str  # "rome", "memit", "projected", "ft", "gated"
     factors: tuple[LowRankFactor, ...]  # one per touched matrix, lowest layer first
     keys: Mapping[str, torch.Tensor]  # param -> (in, r) float32: the keys the update was written at
     layers: tuple[int, ...]

@@ -116,3 +116,42 @@ def test_batch_and_method_options_are_checked(tiny_llama, serve) -> None:
         with pytest.raises((FailedPrecondition, InvalidArgument)):
             c.apply_edits(FACTS[:2], method="memit", layer=2, hparams={**TINY, "n_layers": 9}, **ANY)
         assert c.model_info().head_version == 0
+
+
+TINY_GATED = {**TINY, "n_layers": 1, "gate_threshold": 0.6, "v_lr": 0.2, "v_num_grad_steps": 20}
+
+
+def test_gated_edits_leave_the_weights_alone_and_revert_and_restart_exactly(tokenizer, serve, tmp_path) -> None:
+    from tests.conftest import make_tiny
+
+    store = tmp_path / "edits"
+    loaded = make_tiny("llama", tokenizer)  # a private copy: its projections carry the store's slot hooks
+    srv = serve(loaded, LIMITS, edits=True, edit_store=store)
+    base = weights_digest(loaded.model)
+    prompt, target = "The Eiffel Tower is in", " Rome"
+    with Client(srv.target, timeout=300) as c:
+
+        def score(**pin: int) -> float:
+            return c.score(prompt, [target], **pin).scores[0].total_logprob
+
+        before = score()
+        e = c.apply_edit(*FACTS[0], method="gated", layer=2, hparams=TINY_GATED, **ANY).edit
+        assert e.method == "gated" and e.layers == (2,) and e.header["format_version"] == 3
+        assert [(m["rank"], m["threshold"]) for m in e.header["matrices"]] == [(1, 0.6)]
+        assert weights_digest(loaded.model) == base  # the column is served beside the matrix
+        one = score()
+        assert one > before
+        assert score(edit_version=0) == before  # a pinned read gets version 0's columns: none
+        batch = c.apply_edits(FACTS[1:], method="gated", layer=2, hparams=TINY_GATED, **ANY).edit
+        assert batch.version == 2 and [m["rank"] for m in batch.header["matrices"]] == [2]
+        two = score()
+        assert score(edit_version=1) == one
+        c.revert_edit(to_version=0)
+        assert score() == before and weights_digest(loaded.model) == base
+        c.revert_edit(to_version=2)
+        assert score() == two
+    srv.stop()
+    again = serve(make_tiny("llama", tokenizer), LIMITS, edits=True, edit_store=store)  # a restart
+    with Client(again.target, timeout=60) as c:
+        assert c.score(prompt, [target]).scores[0].total_logprob == two
+        assert c.score(prompt, [target], edit_version=1).scores[0].total_logprob == one
