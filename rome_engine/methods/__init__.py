@@ -59,7 +59,7 @@ def compute_method(
     overrides: Mapping[str, float] | None = None,
     progress: ProgressFn | None = None,
 ) -> MethodResult:
-    """The edit of ``requests`` by ``method``; ``prior_keys`` only matter to "projected"."""
+    """The edit of ``requests`` by ``method``; ``prior_keys`` only matter to "projected" and "gated"."""
     if method == "memit":
         return compute_memit(loaded, requests, cache, overrides=overrides, progress=progress)
     if method == "projected":
@@ -67,7 +67,7 @@ def compute_method(
     if method == "ft":
         return compute_ft(loaded, requests, cache, overrides=overrides, progress=progress)
     if method == "gated":
-        return compute_gated(loaded, requests, cache, overrides=overrides, progress=progress)
+        return compute_gated(loaded, requests, cache, prior_keys=prior_keys, overrides=overrides, progress=progress)
     if method == "rome":
         return compute_rome(loaded, requests, cache, overrides=overrides, progress=progress)
     raise InvalidRequest(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")

@@ -64,6 +64,7 @@ class MemitHParams(_Overridable):
     #   lambda is alpha (1 + w lambda / mean eigenvalue); 0: AlphaEdit's flat ridge, 10: MEMIT's C weight
     # -- the gated method: column j adds u_j s only where s = v_j . x > gate_threshold (v_j . k*_j = 1)
     gate_threshold: float = 0.3
+    gate_spare: int = 1  # 1: a new column is silent (v . k = 0) on the active edits' keys it would respond to
     # -- z: the residual at the last layer that makes the model say the target (ROME's v* machinery)
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
@@ -156,6 +157,7 @@ _RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
         "hard_prior": (0, 1),
         "null_cov_weight": (0.0, 1e4),
         "gate_threshold": (0.01, 0.99),
+        "gate_spare": (0, 1),
         "ft_num_steps": (0, 500),
         "ft_lr": (0.0, 1.0),
         "norm_constraint": (0.0, 10.0),

@@ -35,7 +35,7 @@ from ..hooks import Trace, run_until_stopped, stop_after
 from ..layer_selection import select_edit_layer
 from ..loading import LoadedModel
 from ..rome.cache import ProgressFn, RomeCache
-from ..rome.compute_u import compute_key, prompt_rows, right_vector
+from ..rome.compute_u import compute_key, prompt_rows
 from ..rome.compute_v import compute_delta
 from ..rome.context import context_templates
 from ..rome.covariance import layer_covariance
@@ -53,7 +53,7 @@ from .projection import (
     projector,
 )
 from .result import LayerInfo, MethodResult, RequestInfo
-from .solve import CovRidge, memit_factor, projected_factor, written_share
+from .solve import CovRidge, gated_column, memit_factor, projected_factor, written_share
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,17 @@ def compute_gated(
     requests: Sequence[EditRequest],
     cache: RomeCache,
     *,
+    prior_keys: Mapping[str, PriorKeys] | None = None,
     overrides: Mapping[str, float] | None = None,
     progress: ProgressFn | None = None,
 ) -> MethodResult:
     """The gated update of ``requests`` at one layer (the model's ROME layer): per fact j, ROME's
     rank-one column u_j = z_j - h_j, v_j = C^-1 k_j / (k_j^T C^-1 k_j), served as a gated factor
     (``delta``): it adds u_j s only where s = v_j . x > ``gate_threshold``, so inputs the edit was
-    not written for (s ~ 0.01-0.1 on ordinary text) get exactly nothing. Weights unchanged."""
-    return _compute(loaded, requests, cache, "gated", None, overrides, progress)
+    not written for (s ~ 0.01-0.1 on ordinary text) get exactly nothing. With ``gate_spare`` (the
+    default) v_j is also silent on the ``prior_keys`` (the active edits' keys, as for the projected
+    mode) it would respond to: a twin subject's edit does not overwrite an earlier one. Weights unchanged."""
+    return _compute(loaded, requests, cache, "gated", prior_keys or {}, overrides, progress)
 
 
 def resolve_hparams(
@@ -181,7 +184,8 @@ def _compute(
         param = spec.mlp_out_weight_name(layer)
         if method in ("memit", "gated"):
             cov, cached = layer_covariance(loaded, layer, zhp, cache, progress=progress)
-            solvers.append(_memit_solver(cov, hp) if method == "memit" else _gated_solver(cov, hp))
+            prior = prior_keys.get(param) if prior_keys else None
+            solvers.append(_memit_solver(cov, hp) if method == "memit" else _gated_solver(cov, hp, prior))
         else:
             eig, cached = layer_eigenbasis(loaded, layer, zhp, cache, progress=progress)
             prior = prior_keys.get(param) if prior_keys else None
@@ -258,12 +262,22 @@ def _memit_solver(cov: torch.Tensor, hp: MemitHParams) -> tuple[Solver, None]:
 
 
 @torch.no_grad()
-def _gated_solver(cov: torch.Tensor, hp: MemitHParams) -> tuple[Solver, None]:
+def _gated_solver(cov: torch.Tensor, hp: MemitHParams, prior: PriorKeys | None) -> tuple[Solver, None]:
+    earlier = prior_matrix(prior) if hp.gate_spare else None
+
     def solve(resid: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # each fact its own column: v_j = C^-1 k_j / (k_j^T C^-1 k_j), so v_j . k_j = 1 and column j
-        # writes all of its residual u_j = R_j at its own key (a gate keeps the others out)
-        v = torch.stack([right_vector(cov, k[:, j], hp.cov_shrinkage) for j in range(k.shape[1])], dim=1)
-        return resid.float(), v.to(resid.device)
+        # each fact its own column, v_j . k_j = 1: it writes all of its residual u_j = R_j at its own
+        # key (the gate keeps other inputs out); with gate_spare it is also silent on the earlier edits'
+        # keys and the batch's other keys it would respond to above half the threshold (solve.gated_column)
+        cols = []
+        for j in range(k.shape[1]):
+            others = [x for x in (earlier, k[:, :j], k[:, j + 1 :]) if x is not None and x.shape[1]]
+            cand = torch.cat([x.to(k.device).float() for x in others], dim=1) if hp.gate_spare and others else None
+            v, spared = gated_column(cov, k[:, j], cand, hp.gate_threshold / 2, hp.cov_shrinkage)
+            if spared:
+                log.info("gated column %d spares %d other key(s)", j, spared)
+            cols.append(v)
+        return resid.float(), torch.stack(cols, dim=1).to(resid.device)
 
     return solve, None
 

@@ -22,6 +22,12 @@ from, those ordinary text uses more cost more, as in MEMIT's lambda C. The hard 
 
 (Woodbury on M = K K^T), with G^-1 applied by conjugate gradients: on P's range G's eigenvalues
 lie in [alpha, alpha (1 + w lambda_max / mean)], so a few dozen steps reach rounding.
+
+Gated (the ``gated`` method's key side, ``gated_column``): ROME's v = C^-1 k / (k^T C^-1 k) is the
+v of least C-norm v^T C v with v . k = 1. Sparing other keys K_s (earlier edits' keys it would
+respond to) adds the constraints v . K_s = 0; with M = [k, K_s] the least-C-norm solution is
+
+    v = C^-1 M (M^T C^-1 M)^-1 e_1
 """
 
 from __future__ import annotations
@@ -35,6 +41,56 @@ from ..errors import FailedPrecondition
 from .projection import Projector
 
 CG_TOLERANCE = 1e-6  # the largest relative residual of G^-1 P K the hard mode accepts
+MAX_SPARED = 64  # other keys one gated column is kept silent on, at most
+SPARE_ROUNDS = 4  # rounds of adding the keys the last solve still responds to
+SAME_SUBJECT_COSINE = 0.95  # a key this close to the new one is the same subject: it cannot be spared
+MAX_SPARE_GROWTH = 4.0  # sparing may make v's C-norm (v^T C v) at most this many times ROME's
+
+
+@torch.no_grad()
+def gated_column(
+    cov: torch.Tensor, key: torch.Tensor, others: torch.Tensor | None, respond_below: float, shrinkage: float = 0.0
+) -> tuple[torch.Tensor, int]:
+    """v (in,) float32 with v . key = 1 and, where it can, v . k = 0 for the columns k of ``others``
+    (in, n) at which it would respond above ``respond_below``; and how many keys it spares.
+
+    Keys are added in up to SPARE_ROUNDS rounds (at most MAX_SPARED), the strongest responses first.
+    Not spared: a key within cosine SAME_SUBJECT_COSINE of ``key`` (the same subject: an edit of it
+    answers there too, as ROME's does), and keys whose constraint would grow v's C-norm (v^T C v, the
+    response to ordinary text) past MAX_SPARE_GROWTH times ROME's. ``others`` None: ROME's v."""
+    from ..rome.compute_u import solve_cov  # the C solve with ROME's shrinkage
+
+    k = key.double().reshape(-1, 1)
+    cand = others.double().to(k.device) if others is not None and others.shape[1] else None
+
+    def least_norm(m: torch.Tensor) -> tuple[torch.Tensor, float]:
+        cinv_m = solve_cov(cov, m, shrinkage)  # (in, 1 + s)
+        e1 = torch.zeros(m.shape[1], 1, dtype=torch.float64, device=m.device)
+        e1[0] = 1.0
+        a = torch.linalg.solve(m.T @ cinv_m, e1)
+        return cinv_m @ a, float(a[0, 0])  # v = C^-1 M (M^T C^-1 M)^-1 e_1; v^T C v = e_1^T (M^T C^-1 M)^-1 e_1
+
+    v, norm = least_norm(k)
+    if cand is None:
+        return v[:, 0].float(), 0
+    rome_norm = norm
+    blocked = (cand.T @ k)[:, 0] / (cand.norm(dim=0) * k.norm()).clamp_min(1e-30) > SAME_SUBJECT_COSINE
+    spared = torch.zeros(0, dtype=torch.long, device=cand.device)
+    for _ in range(SPARE_ROUNDS):
+        resp = (cand.T @ v)[:, 0]
+        resp[blocked] = 0.0
+        resp[spared] = 0.0
+        hits = torch.nonzero(resp > respond_below).flatten()
+        room = MAX_SPARED - len(spared)
+        if not len(hits) or room <= 0:
+            break
+        hits = hits[torch.argsort(resp[hits], descending=True)][:room]
+        trial = torch.cat([spared, hits])
+        v_new, norm = least_norm(torch.cat([k, cand[:, trial]], dim=1))
+        if not norm <= MAX_SPARE_GROWTH * rome_norm:  # (NaN too) the keys are too close to k to spare
+            break
+        v, spared = v_new, trial
+    return v[:, 0].float(), len(spared)
 
 
 @dataclass(frozen=True, eq=False)

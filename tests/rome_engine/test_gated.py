@@ -257,3 +257,29 @@ def test_gated_defaults_are_one_layer_at_the_rome_layer(tiny_llama: LoadedModel)
     assert hp.n_layers == 1 and hp.layer_offset == 0 and 0 < hp.gate_threshold < 1
     with pytest.raises(Exception, match="gate_threshold"):
         hp.with_overrides({"gate_threshold": 1.5})
+
+
+def test_a_gated_column_is_silent_on_the_earlier_keys_it_would_answer_but_not_on_its_own_subject() -> None:
+    from rome_engine.methods.solve import gated_column
+    from rome_engine.rome.compute_u import right_vector
+
+    g = torch.Generator().manual_seed(4)
+    d = 48
+    a = torch.randn(d, 4 * d, generator=g)
+    cov = (a @ a.T / (4 * d)).float()  # a full-rank second moment
+    k = torch.randn(d, generator=g)
+    noise = torch.randn(d, generator=g)
+    twin = k + 1.0 * noise * k.norm() / noise.norm()  # another subject with the same last token
+    same = k + 0.05 * noise * k.norm() / noise.norm()  # the same subject, another context
+    far = torch.randn(d, generator=g)
+    rome_v = right_vector(cov, k)
+    assert float(rome_v @ twin) > 0.5 and float(rome_v @ same) > 0.9 and abs(float(rome_v @ far)) < 0.15
+    v, spared = gated_column(cov, k, torch.stack([far, twin, same], 1), 0.15)
+    assert spared == 1
+    assert float(v @ k) == pytest.approx(1.0, abs=1e-5)
+    assert abs(float(v @ twin)) < 1e-5  # the twin's edit keeps its answer
+    assert float(v @ same) > 0.5  # the same subject cannot be spared: an edit of it answers there too
+    assert float(v @ cov @ v) <= 4.0 * float(rome_v @ cov @ rome_v) + 1e-6
+    plain, none = gated_column(cov, k, None, 0.15)
+    assert none == 0
+    torch.testing.assert_close(plain, rome_v, rtol=1e-5, atol=1e-6)  # nothing to spare: ROME's v
