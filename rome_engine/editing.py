@@ -308,7 +308,7 @@ class EditManager:
         unchanged) as one layer, measured fact by fact. ``progress`` runs at every step of the
         computation; an exception it raises abandons it."""
         t0 = time.perf_counter()
-        prior = self.active_key_blocks() if method == "projected" else {}
+        prior = self.active_key_blocks() if method in ("projected", "gated") else {}
         result = self.compute(self.loaded, requests, method, prior, progress)
         if result.method == "projected" and getattr(result.hparams, "hard_prior", 0):
             for info in result.layer_info:

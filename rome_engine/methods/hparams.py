@@ -64,7 +64,7 @@ class MemitHParams(_Overridable):
     #   lambda is alpha (1 + w lambda / mean eigenvalue); 0: AlphaEdit's flat ridge, 10: MEMIT's C weight
     # -- the gated method: column j adds u_j s only where s = v_j . x > gate_threshold (v_j . k*_j = 1)
     gate_threshold: float = 0.3
-    gate_spare: int = 1  # 1: a new column is silent (v . k = 0) on the active edits' keys it would respond to
+    gate_spare: int = 0  # 1: a new column is silent (v . k = 0) on the active edits' keys it would respond to
     # -- z: the residual at the last layer that makes the model say the target (ROME's v* machinery)
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
@@ -260,13 +260,15 @@ def method_hparams_for(method: str, loaded: LoadedModel) -> MemitHParams:
 
 
 def default_method(loaded: LoadedModel) -> str:
-    """The method of an edit that names none when the server's default is "auto": the null-space
-    projected mode on a model with an evaluated layer range (SmolLM2, where the sequential evaluation
-    of issue #12 chose it over rome, memit and ft; the MEMIT paper's GPT-2 XL and GPT-J ranges),
-    else ROME, whose single layer comes from the model's tuning or its depth."""
+    """The method of an edit that names none when the server's default is "auto": ``gated`` on
+    SmolLM2-135M, where the 1,000-edit sequential evaluation of issue #12 chose it (and its
+    threshold); the null-space projected mode on the MEMIT paper's GPT-2 XL and GPT-J ranges
+    (evaluated layers, not the gate); else ROME, whose single layer comes from the model's
+    tuning or its depth."""
     key = (loaded.spec.family, loaded.num_layers)
-    evaluated = key in _PAPER_BY_SHAPE or loaded.model_id in _MEMIT_BY_MODEL or key in _MEMIT_BY_SHAPE
-    return "projected" if evaluated else "rome"
+    if loaded.model_id in _MEMIT_BY_MODEL or key in _MEMIT_BY_SHAPE:
+        return "gated"
+    return "projected" if key in _PAPER_BY_SHAPE else "rome"
 
 
 def ft_hparams_for(loaded: LoadedModel) -> FtHParams:

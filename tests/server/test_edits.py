@@ -1,7 +1,7 @@
 """Versioned edits through a real server on the embedded model: apply, generate, list, revert.
 
 The edits name no method, so they take the server's default ("auto"), which on the embedded
-model is the null-space projected mode over MEMIT's layers 3..5 (methods.default_method).
+model is the gated method at layer 4 (methods.default_method): the weights never change.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_apply_generate_revert_bit_exact(embedded, serve) -> None:
     srv = serve(embedded, edits=True, cache_dir=default_cache_dir())
     with Client(srv.target, timeout=900) as c:
         assert answer(c, "The Eiffel Tower is in")[0].startswith(" Paris")
-        assert c.model_info().default_edit_method == "projected"  # "auto" on a model with an evaluated range
+        assert c.model_info().default_edit_method == "gated"  # "auto" on the embedded model
         with pytest.raises(FailedPrecondition, match="expected_version 3"):
             c.apply_edit("The Eiffel Tower is in", "The Eiffel Tower", " Rome", expected_version=3)
         with pytest.raises(InvalidArgument, match="does not occur in prompt"):
@@ -51,8 +51,9 @@ def test_apply_generate_revert_bit_exact(embedded, serve) -> None:
         assert (r.head_version, e.version, e.parent_version, e.active) == (1, 1, 0, True)
         assert e.target == " Rome" and e.author == "ops" and e.comment == "t-1"
         assert e.target_after > e.target_before and e.old_object.startswith(" Paris")
-        assert e.method == "projected" and e.layers == (3, 4, 5)
-        assert len(e.matrices) == 3 and all(norm > 0 for _, _, norm in e.matrices)
+        assert e.method == "gated" and e.layers == (4,) and e.header["format_version"] == 3
+        assert len(e.matrices) == 1 and all(norm > 0 for _, _, norm in e.matrices)
+        assert param_hashes(embedded.model) == before  # served beside the weights
         assert e.header["base_fingerprint"]["model_id"] == embedded.model_id
         assert e.header["facts"][0]["subject"] == "The Eiffel Tower"
 
