@@ -85,7 +85,7 @@ class EngineLimits:
     # an edit whose P(target) on its prompt stays below this is refused (a request may set its own)
     min_target_prob: float = 0.0
     # how an edit is computed unless its request names a method (records.METHODS), or "auto": the
-    # projected mode on a model with an evaluated range (the embedded one), else rome (methods.default_method)
+    # gated method on the embedded model, projected on the MEMIT paper's ranges, else rome (methods.default_method)
     edit_method: str = AUTO_METHOD
     max_batch_facts: int = 64  # facts of one ApplyEdits call (one layer, one version)
     # -- admission control: refused at once with RESOURCE_EXHAUSTED (0: no limit)

@@ -128,8 +128,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--edit-method", default=env("edit_method", d.edit_method), choices=["auto", *EDIT_METHODS],
-        help="how an edit is computed unless its request names a method (auto: the null-space projected mode "
-        "on a model with an evaluated layer range, such as the embedded one; rome otherwise)",
+        help="how an edit is computed unless its request names a method (auto: gated on the embedded model, "
+        "the null-space projected mode on the MEMIT paper's GPT-2 XL and GPT-J ranges, rome otherwise)",
     )
     p.add_argument(
         "--max-batch-facts", type=int, default=int_env("max_batch_facts", d.max_batch_facts),

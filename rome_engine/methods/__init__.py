@@ -9,12 +9,12 @@ Public names:
                                              -> MethodResult: the dispatcher
     compute_memit(loaded, requests, cache, *, overrides=None, progress=None) -> MethodResult
     compute_projected(loaded, requests, cache, *, prior_keys=None, overrides=None, progress=None) -> MethodResult
-    compute_gated(loaded, requests, cache, *, overrides=None, progress=None) -> MethodResult
+    compute_gated(loaded, requests, cache, *, prior_keys=None, overrides=None, progress=None) -> MethodResult
     compute_ft(loaded, requests, cache, *, overrides=None, progress=None) -> MethodResult
     rome_result(edit) -> MethodResult        - a ROME ``EditResult`` as a rank-one MethodResult
     LowRankFactor, MethodResult, RequestInfo, LayerInfo - the result types
     MemitHParams, FtHParams, memit_hparams_for, ft_hparams_for - typed hyperparameters
-    default_method(loaded)                   - "projected" where the model's range was evaluated, else "rome"
+    default_method(loaded)                   - "gated" (embedded model), "projected" (paper ranges), else "rome"
     layer_eigenbasis, preserved_basis, projector - the projected mode's P
 
     result = compute_method("memit", loaded, [req1, req2, req3], cache)
