@@ -134,14 +134,15 @@ def _touched_between(a: Sequence[EditLayer], b: Sequence[EditLayer], *, gated: b
 
 
 def _slots_between(
-    weights: LayerWeights, layers: Sequence[EditLayer], other: Sequence[EditLayer]
+    layers: Sequence[EditLayer], other: Sequence[EditLayer], own: Callable[[], dict[str, GatedSlots]]
 ) -> dict[str, GatedSlots | None]:
-    """Module -> the gated columns of ``layers`` where they differ from ``other``'s (None: none there)."""
+    """Module -> the gated columns of ``layers`` (``own()``, built only when some differ) where they
+    differ from ``other``'s (None: none there)."""
     differ = [p.removesuffix(".weight") for p in _touched_between(layers, other, gated=True)]
     if not differ:
         return {}
-    own = weights.slots_of(layers)
-    return {name: own.get(name) for name in differ}
+    slots = own()
+    return {name: slots.get(name) for name in differ}
 
 
 @dataclass
@@ -324,7 +325,8 @@ class LiveVersions:
         else:
             self.low_rank_terms += 1
             terms = side_terms(_only_in(layers, head_layers), _only_in(head_layers, layers), self.loaded.device)
-        return VersionDiff(version, head, terms, _slots_between(self.weights, layers, head_layers))
+        slots = _slots_between(layers, head_layers, lambda: self.weights.slots_of(layers))
+        return VersionDiff(version, head, terms, slots)
 
     def _keep(self, key: tuple[int, int], made: VersionDiff) -> None:
         with self._cache_lock:
@@ -352,7 +354,7 @@ class LiveVersions:
         params = _touched_between(placed_layers, layers)  # every other matrix in place has its bits already
         prepared = self.weights.prepare(layers, only=params)
         slots = self.weights.slots_of(layers)
-        new_slots = _slots_between(self.weights, layers, placed_layers)
+        new_slots = _slots_between(layers, placed_layers, lambda: slots)
         if version != placed:  # the new head against the weights in place: exactly the prepared matrices
             terms = {p.removesuffix(".weight"): SideTerm(weight=prepared[p]) for p in params}
             self._keep((version, placed), VersionDiff(version, placed, terms, new_slots))

@@ -100,8 +100,8 @@ def compute_gated(
     """The gated update of ``requests`` at one layer (the model's ROME layer): per fact j, ROME's
     rank-one column u_j = z_j - h_j, v_j = C^-1 k_j / (k_j^T C^-1 k_j), served as a gated factor
     (``delta``): it adds u_j s only where s = v_j . x > ``gate_threshold``, so inputs the edit was
-    not written for (s ~ 0.01-0.1 on ordinary text) get exactly nothing. With ``gate_spare`` (the
-    default) v_j is also silent on the ``prior_keys`` (the active edits' keys, as for the projected
+    not written for (s ~ 0.01-0.1 on ordinary text) get exactly nothing. With ``gate_spare=1`` (off
+    by default) v_j is also silent on the ``prior_keys`` (the active edits' keys, as for the projected
     mode) it would respond to: a twin subject's edit does not overwrite an earlier one. Weights unchanged."""
     return _compute(loaded, requests, cache, "gated", prior_keys or {}, overrides, progress)
 
