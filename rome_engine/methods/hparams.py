@@ -63,8 +63,9 @@ class MemitHParams(_Overridable):
     null_cov_weight: float = 0.0  # w: inside the writable space the ridge of a direction with C-eigenvalue
     #   lambda is alpha (1 + w lambda / mean eigenvalue); 0: AlphaEdit's flat ridge, 10: MEMIT's C weight
     # -- the gated method: column j adds u_j s only where s = v_j . x > gate_threshold (v_j . k*_j = 1)
-    gate_threshold: float = 0.3
-    gate_spare: int = 0  # 1: a new column is silent (v . k = 0) on the active edits' keys it would respond to
+    gate_threshold: float = 0.5
+    gate_spare: int = 1  # 1: a new column is silent (v . k = 0) on the active edits' keys it would respond to
+    gate_fit_prompts: int = 1  # 1: v . k = 1 at the key of every prompt z was trained on; 0: at their mean only
     # -- z: the residual at the last layer that makes the model say the target (ROME's v* machinery)
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
@@ -158,6 +159,7 @@ _RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
         "null_cov_weight": (0.0, 1e4),
         "gate_threshold": (0.01, 0.99),
         "gate_spare": (0, 1),
+        "gate_fit_prompts": (0, 1),
         "ft_num_steps": (0, 500),
         "ft_lr": (0.0, 1.0),
         "norm_constraint": (0.0, 10.0),

@@ -35,7 +35,7 @@ from ..hooks import Trace, run_until_stopped, stop_after
 from ..layer_selection import select_edit_layer
 from ..loading import LoadedModel
 from ..rome.cache import ProgressFn, RomeCache
-from ..rome.compute_u import compute_key, prompt_rows
+from ..rome.compute_u import compute_keys, mean_key, prompt_rows
 from ..rome.compute_v import compute_delta
 from ..rome.context import context_templates
 from ..rome.covariance import layer_covariance
@@ -57,7 +57,9 @@ from .solve import CovRidge, gated_column, memit_factor, projected_factor, writt
 
 log = logging.getLogger(__name__)
 
-Solver = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (R, K) -> (u, v)
+# (R (out, r), K (in, r), each fact's keys at every prompt (m, in)) -> (u, v)
+Factor = tuple[torch.Tensor, torch.Tensor]  # (u (out, r), v (in, r))
+Solver = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], Factor]
 
 
 def compute_memit(
@@ -220,13 +222,14 @@ def _compute(
         report("solve", i, len(layers))
         param = spec.mlp_out_weight_name(layer)
         with as_if_applied(loaded, factors):
-            k = torch.stack([compute_key(loaded, layer, templates, r, hp.k_identity_weight) for r in requests])
+            per_prompt = [compute_keys(loaded, layer, templates, r) for r in requests]  # (m, in) each
+            k = torch.stack([mean_key(p, hp.k_identity_weight) for p in per_prompt])
             h = residuals_at_subject(loaded, last, requests)
         k = k.T.contiguous()  # (in, r)
         missing = (z - h).T  # (D, r): what the last layer's residual still lacks
         resid = missing / (len(layers) - i)  # spread over this and the remaining layers
         solve, free = solvers[i]
-        u, v = solve(resid, k)
+        u, v = solve(resid, k, per_prompt)
         factor = LowRankFactor(param, u, v, hp.gate_threshold if method == "gated" else None)
         factors.append(factor)
         keys[param] = k.float().cpu()
@@ -255,7 +258,7 @@ def _compute(
 
 
 def _memit_solver(cov: torch.Tensor, hp: MemitHParams) -> tuple[Solver, None]:
-    def solve(resid: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(resid: torch.Tensor, k: torch.Tensor, _prompts: Sequence[torch.Tensor]) -> Factor:
         return memit_factor(resid, k, cov, hp.mom2_update_weight, hp.cov_shrinkage)
 
     return solve, None
@@ -265,15 +268,18 @@ def _memit_solver(cov: torch.Tensor, hp: MemitHParams) -> tuple[Solver, None]:
 def _gated_solver(cov: torch.Tensor, hp: MemitHParams, prior: PriorKeys | None) -> tuple[Solver, None]:
     earlier = prior_matrix(prior) if hp.gate_spare else None
 
-    def solve(resid: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # each fact its own column, v_j . k_j = 1: it writes all of its residual u_j = R_j at its own
-        # key (the gate keeps other inputs out); with gate_spare it is also silent on the earlier edits'
-        # keys and the batch's other keys it would respond to above half the threshold (solve.gated_column)
+    def solve(resid: torch.Tensor, k: torch.Tensor, prompts: Sequence[torch.Tensor]) -> Factor:
+        # each fact its own column: v_j . k = 1 at its mean key k_j, or (gate_fit_prompts) at the key of
+        # every prompt z was trained on, so that the column answers in full on each of them; it writes
+        # all of its residual u_j = R_j there (the gate keeps other inputs out). With gate_spare it is
+        # also silent on the earlier edits' keys and the batch's other keys it would respond to above
+        # half the threshold (solve.gated_column)
         cols = []
         for j in range(k.shape[1]):
             others = [x for x in (earlier, k[:, :j], k[:, j + 1 :]) if x is not None and x.shape[1]]
             cand = torch.cat([x.to(k.device).float() for x in others], dim=1) if hp.gate_spare and others else None
-            v, spared = gated_column(cov, k[:, j], cand, hp.gate_threshold / 2, hp.cov_shrinkage)
+            fit = prompts[j].T.to(k.device) if hp.gate_fit_prompts else None
+            v, spared = gated_column(cov, k[:, j], cand, hp.gate_threshold / 2, hp.cov_shrinkage, fit)
             if spared:
                 log.info("gated column %d spares %d other key(s)", j, spared)
             cols.append(v)
@@ -310,7 +316,7 @@ def _projected_solver(
         # gamma = w alpha / (tr C / d): a direction at the mean eigenvalue costs (1 + w) alpha
         cov_ridge = CovRidge(cov, hp.null_cov_weight * alpha / max(eig.mean, 1e-30))
 
-    def solve(resid: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(resid: torch.Tensor, k: torch.Tensor, _prompts: Sequence[torch.Tensor]) -> Factor:
         return projected_factor(resid, k, proj, alpha, prior_gram, cov_ridge)
 
     return solve, free

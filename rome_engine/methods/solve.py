@@ -24,10 +24,12 @@ from, those ordinary text uses more cost more, as in MEMIT's lambda C. The hard 
 lie in [alpha, alpha (1 + w lambda_max / mean)], so a few dozen steps reach rounding.
 
 Gated (the ``gated`` method's key side, ``gated_column``): ROME's v = C^-1 k / (k^T C^-1 k) is the
-v of least C-norm v^T C v with v . k = 1. Sparing other keys K_s (earlier edits' keys it would
-respond to) adds the constraints v . K_s = 0; with M = [k, K_s] the least-C-norm solution is
+v of least C-norm v^T C v with v . k = 1. Fitting the keys of every prompt the edit trained on,
+K_o = [k_1 .. k_m] (the unprefixed prompt and each context prefix; k is their mean), asks v . K_o = 1;
+sparing other keys K_s (earlier edits' keys it would respond to) adds v . K_s = 0. With
+M = [K_o, K_s] and t = (1 .. 1, 0 .. 0) the least-C-norm solution is
 
-    v = C^-1 M (M^T C^-1 M)^-1 e_1
+    v = C^-1 M (M^T C^-1 M)^-1 t,   v^T C v = t^T (M^T C^-1 M)^-1 t
 """
 
 from __future__ import annotations
@@ -45,35 +47,61 @@ MAX_SPARED = 64  # other keys one gated column is kept silent on, at most
 SPARE_ROUNDS = 4  # rounds of adding the keys the last solve still responds to
 SAME_SUBJECT_COSINE = 0.95  # a key this close to the new one is the same subject: it cannot be spared
 MAX_SPARE_GROWTH = 4.0  # sparing may make v's C-norm (v^T C v) at most this many times ROME's
+MAX_FIT_GROWTH = 3.0  # fitting every prompt's key may make v's C-norm at most this many times the mean key's
 
 
 @torch.no_grad()
 def gated_column(
-    cov: torch.Tensor, key: torch.Tensor, others: torch.Tensor | None, respond_below: float, shrinkage: float = 0.0
+    cov: torch.Tensor,
+    key: torch.Tensor,
+    others: torch.Tensor | None,
+    respond_below: float,
+    shrinkage: float = 0.0,
+    prompts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """v (in,) float32 with v . key = 1 and, where it can, v . k = 0 for the columns k of ``others``
     (in, n) at which it would respond above ``respond_below``; and how many keys it spares.
 
+    ``prompts`` (in, m), the keys ``key`` is the mean of (column 0 the unprefixed prompt's): v . k = 1
+    at each of them, so that the column answers in full on every prompt the edit trained on, not
+    only on average. Where that grows v's C-norm past MAX_FIT_GROWTH times the mean key's (prefix
+    keys that differ in directions ordinary text barely uses: the column would answer everything),
+    v . k = 1 is asked at ``key`` and the unprefixed prompt's key only, and failing that at ``key``.
+
     Keys are added in up to SPARE_ROUNDS rounds (at most MAX_SPARED), the strongest responses first.
-    Not spared: a key within cosine SAME_SUBJECT_COSINE of ``key`` (the same subject: an edit of it
-    answers there too, as ROME's does), and keys whose constraint would grow v's C-norm (v^T C v, the
-    response to ordinary text) past MAX_SPARE_GROWTH times ROME's. ``others`` None: ROME's v."""
+    Not spared: a key within cosine SAME_SUBJECT_COSINE of the own keys' mean (the same subject: an
+    edit of it answers there too, as ROME's does), and keys whose constraint would grow v's C-norm
+    (v^T C v, the response to ordinary text) past MAX_SPARE_GROWTH times the unspared v's.
+    One own key and ``others`` None: ROME's v."""
     from ..rome.compute_u import solve_cov  # the C solve with ROME's shrinkage
 
     k = key.double().reshape(-1, 1)
     cand = others.double().to(k.device) if others is not None and others.shape[1] else None
 
-    def least_norm(m: torch.Tensor) -> tuple[torch.Tensor, float]:
-        cinv_m = solve_cov(cov, m, shrinkage)  # (in, 1 + s)
-        e1 = torch.zeros(m.shape[1], 1, dtype=torch.float64, device=m.device)
-        e1[0] = 1.0
-        a = torch.linalg.solve(m.T @ cinv_m, e1)
-        return cinv_m @ a, float(a[0, 0])  # v = C^-1 M (M^T C^-1 M)^-1 e_1; v^T C v = e_1^T (M^T C^-1 M)^-1 e_1
+    def least_norm(mat: torch.Tensor, m: int) -> tuple[torch.Tensor, float]:
+        # v = C^-1 M (M^T C^-1 M)^-1 t, t = 1 on the first m columns (own keys), 0 on the rest
+        cinv_m = solve_cov(cov, mat, shrinkage)  # (in, m + s)
+        gram = mat.T @ cinv_m  # M^T C^-1 M, symmetric positive definite for independent keys
+        t = torch.zeros(mat.shape[1], 1, dtype=torch.float64, device=mat.device)
+        t[:m] = 1.0
+        a = torch.linalg.solve(gram, t)
+        return cinv_m @ a, float(t.T @ a)
 
-    v, norm = least_norm(k)
+    v, norm = least_norm(k, 1)
+    own = k
+    if prompts is not None and prompts.shape[1] > 1:
+        p = prompts.double().to(k.device)
+        for fit in (p, torch.cat([k, p[:, :1]], dim=1)):
+            try:
+                v_fit, fit_norm = least_norm(fit, fit.shape[1])
+            except RuntimeError:  # singular: two identical prompt keys
+                continue
+            if fit_norm <= MAX_FIT_GROWTH * norm:  # (NaN fails too)
+                v, norm, own = v_fit, fit_norm, fit
+                break
     if cand is None:
         return v[:, 0].float(), 0
-    rome_norm = norm
+    base_norm = norm
     blocked = (cand.T @ k)[:, 0] / (cand.norm(dim=0) * k.norm()).clamp_min(1e-30) > SAME_SUBJECT_COSINE
     spared = torch.zeros(0, dtype=torch.long, device=cand.device)
     for _ in range(SPARE_ROUNDS):
@@ -86,8 +114,8 @@ def gated_column(
             break
         hits = hits[torch.argsort(resp[hits], descending=True)][:room]
         trial = torch.cat([spared, hits])
-        v_new, norm = least_norm(torch.cat([k, cand[:, trial]], dim=1))
-        if not norm <= MAX_SPARE_GROWTH * rome_norm:  # (NaN too) the keys are too close to k to spare
+        v_new, norm = least_norm(torch.cat([own, cand[:, trial]], dim=1), own.shape[1])
+        if not norm <= MAX_SPARE_GROWTH * base_norm:  # (NaN too) the keys are too close to k to spare
             break
         v, spared = v_new, trial
     return v[:, 0].float(), len(spared)

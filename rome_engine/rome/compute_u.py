@@ -89,7 +89,12 @@ def compute_key(
 
     templates[0] is the unprefixed prompt "{}"; its key weighs ``identity_weight``, the others 1.
     """
-    keys = compute_keys(loaded, layer, templates, request)  # (N, D_in)
+    return mean_key(compute_keys(loaded, layer, templates, request), identity_weight)
+
+
+def mean_key(keys: torch.Tensor, identity_weight: float = 1.0) -> torch.Tensor:
+    """k* from ``compute_keys``' rows (N, D_in): their mean, row 0 (the unprefixed prompt) weighing
+    ``identity_weight`` and the others 1: (D_in,) float32."""
     w = torch.ones(keys.shape[0], device=keys.device)
     w[0] = identity_weight
     return (w.unsqueeze(1) * keys).sum(0) / w.sum()  # (D_in,)

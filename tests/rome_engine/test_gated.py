@@ -283,3 +283,42 @@ def test_a_gated_column_is_silent_on_the_earlier_keys_it_would_answer_but_not_on
     plain, none = gated_column(cov, k, None, 0.15)
     assert none == 0
     torch.testing.assert_close(plain, rome_v, rtol=1e-5, atol=1e-6)  # nothing to spare: ROME's v
+
+
+def test_a_gated_column_fitted_to_every_prompt_answers_in_full_on_each_and_still_spares() -> None:
+    from rome_engine.methods.solve import gated_column
+    from rome_engine.rome.compute_u import right_vector
+
+    g = torch.Generator().manual_seed(5)
+    d = 48
+    a = torch.randn(d, 4 * d, generator=g)
+    cov = (a @ a.T / (4 * d)).float()
+    base = torch.randn(d, generator=g)
+    prompts = torch.stack([base + 1.5 * torch.randn(d, generator=g) for _ in range(4)], 1)  # (d, 4)
+    mean = prompts.mean(1)
+    rome_v = right_vector(cov, mean)
+    assert float((rome_v @ prompts).min()) < 0.9  # the mean key's v answers some prompts well short of 1
+    v, none = gated_column(cov, mean, None, 0.15, prompts=prompts)
+    assert none == 0
+    torch.testing.assert_close(v @ prompts, torch.ones(4), rtol=0, atol=1e-5)  # every prompt in full
+    assert float(v @ mean) == pytest.approx(1.0, abs=1e-5)
+    assert float(v @ cov @ v) >= float(rome_v @ cov @ rome_v)  # least C-norm under more constraints
+    noise = torch.randn(d, generator=g)
+    twin = mean + 1.0 * noise * mean.norm() / noise.norm()  # another subject with the same last token
+    assert float(v @ twin) > 0.15
+    spared_v, spared = gated_column(cov, mean, twin.reshape(-1, 1), 0.15, prompts=prompts)
+    assert spared == 1 and abs(float(spared_v @ twin)) < 1e-5
+    torch.testing.assert_close(spared_v @ prompts, torch.ones(4), rtol=0, atol=1e-5)
+
+
+def test_the_gated_method_answers_in_full_on_the_unprefixed_prompt(tiny_llama: LoadedModel, tmp_path) -> None:
+    from rome_engine.rome.compute_u import compute_keys
+
+    cache = RomeCache(tmp_path)
+    fact = EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome")
+    x = compute_keys(tiny_llama, 2, ("{}",), fact)[0]  # the edit prompt itself, no context prefix
+    fitted = compute_gated(tiny_llama, [fact], cache, overrides=TINY_GATED).factors[0]
+    mean_only = compute_gated(tiny_llama, [fact], cache, overrides={**TINY_GATED, "gate_fit_prompts": 0}).factors[0]
+    assert float(x @ fitted.v[:, 0]) == pytest.approx(1.0, abs=1e-4)
+    assert abs(float(x @ mean_only.v[:, 0]) - 1.0) > 1e-3  # the mean key's v does not (the prefixes move k)
+    torch.testing.assert_close(fitted.u, mean_only.u)  # the same z: only the key side differs
