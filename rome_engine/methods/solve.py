@@ -73,14 +73,19 @@ def gated_column(
     edit of it answers there too, as ROME's does), and keys whose constraint would grow v's C-norm
     (v^T C v, the response to ordinary text) past MAX_SPARE_GROWTH times the unspared v's.
     One own key and ``others`` None: ROME's v."""
-    from ..rome.compute_u import solve_cov  # the C solve with ROME's shrinkage
+    from ..rome.compute_u import shrunk_cov  # C with ROME's shrinkage, as solve_cov solves it
 
     k = key.double().reshape(-1, 1)
     cand = others.double().to(k.device) if others is not None and others.shape[1] else None
+    c = shrunk_cov(cov.to(k.device), shrinkage)
+    chol, info = torch.linalg.cholesky_ex(c)  # factored once: each solve below is two triangular ones
+
+    def cov_solve(mat: torch.Tensor) -> torch.Tensor:
+        return torch.cholesky_solve(mat, chol) if int(info) == 0 else torch.linalg.solve(c, mat)
 
     def least_norm(mat: torch.Tensor, m: int) -> tuple[torch.Tensor, float]:
         # v = C^-1 M (M^T C^-1 M)^-1 t, t = 1 on the first m columns (own keys), 0 on the rest
-        cinv_m = solve_cov(cov, mat, shrinkage)  # (in, m + s)
+        cinv_m = cov_solve(mat)  # (in, m + s)
         gram = mat.T @ cinv_m  # M^T C^-1 M, symmetric positive definite for independent keys
         t = torch.zeros(mat.shape[1], 1, dtype=torch.float64, device=mat.device)
         t[:m] = 1.0

@@ -106,12 +106,16 @@ def solve_cov(cov: torch.Tensor, k: torch.Tensor, shrinkage: float = 0.0) -> tor
     A relative ridge of 1e-8 always stays in, so a rank-deficient C (a few
     tokens in a test) still solves.
     """
+    return torch.linalg.solve(shrunk_cov(cov, shrinkage), k.double())
+
+
+def shrunk_cov(cov: torch.Tensor, shrinkage: float = 0.0) -> torch.Tensor:
+    """C' = (1 - a) C + (a + 1e-8) (tr C / d) I in float64: the matrix ``solve_cov`` solves with."""
     c = cov.double()
     d = c.shape[0]
     mean_eig = torch.trace(c) / d
     a = max(float(shrinkage), 0.0)
-    c = (1.0 - a) * c + (a + 1e-8) * mean_eig * torch.eye(d, dtype=c.dtype, device=c.device)
-    return torch.linalg.solve(c, k.double())
+    return (1.0 - a) * c + (a + 1e-8) * mean_eig * torch.eye(d, dtype=c.dtype, device=c.device)
 
 
 def right_vector(cov: torch.Tensor, k_star: torch.Tensor, shrinkage: float = 0.0) -> torch.Tensor:
