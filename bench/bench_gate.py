@@ -38,14 +38,18 @@ from rome_engine.sequential.measure import HELD_TEXT, load_known_answers  # noqa
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_THRESHOLD = 0.5  # the gated method's gate_threshold
+COSINES = (0.5, 0.6, 0.7)  # the studied second condition (cosine_gate)
 
 
 def token_keys(loaded: LoadedModel, layer: int, text: str) -> torch.Tensor:
     """The MLP output projection's input at every token of ``text``: (T, in) float32."""
     name = loaded.spec.mlp_out_name(layer)
     ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"].to(loaded.device)
-    with torch.no_grad(), Trace(loaded.model, [name], capture_input=True, capture_output=False) as tr, stop_after(
-        loaded.model, name
+    with (
+        torch.no_grad(),
+        Trace(loaded.model, [name], capture_input=True, capture_output=False) as tr,
+        stop_after(loaded.model, name),
     ):
         run_until_stopped(loaded.model, input_ids=ids)
     return tr[name].input[0].float()
@@ -61,13 +65,14 @@ def measure(loaded: LoadedModel, n_records: int, n_known: int) -> dict:
     templates = context_templates(loaded, zhp, cache)
     cov = layer_covariance(loaded, layer, zhp, cache)[0]
     cols: dict[str, list[torch.Tensor]] = {"fitted": [], "mean key": []}
-    unprefixed = []
+    unprefixed, means = [], []
     for req in reqs:
         keys = compute_keys(loaded, layer, templates, req)  # (m, in), row 0 the unprefixed prompt
         k = mean_key(keys, hp.k_identity_weight)
         cols["mean key"].append(right_vector(cov, k, hp.cov_shrinkage))
         cols["fitted"].append(gated_column(cov, k, None, 0.0, hp.cov_shrinkage, keys.T)[0])
         unprefixed.append(keys[0])
+        means.append(k)
     paras = [(j, p) for j, r in enumerate(recs) for p in r.paraphrase_prompts if r.subject in p]
     para_x = torch.stack([compute_keys(loaded, layer, ("{}",), EditRequest(p, recs[j].subject, " x"))[0]
                           for j, p in paras])  # fmt: skip
@@ -101,7 +106,43 @@ def measure(loaded: LoadedModel, n_records: int, n_known: int) -> dict:
                 for t in THRESHOLDS
             ],
         }  # fmt: skip
+    out["cosine"] = cosine_gate(cov, torch.stack(cols["fitted"], 1), torch.stack(means), para_x, para_j, other_x)
     return out
+
+
+def cosine_gate(
+    cov: torch.Tensor,
+    v_all: torch.Tensor,
+    means: torch.Tensor,
+    para_x: torch.Tensor,
+    para_j: torch.Tensor,
+    other_x: list[tuple[torch.Tensor, torch.Tensor]],
+) -> list[dict]:
+    """A second condition, not served: the column acts only where also cos(D^-1/2 x, D^-1/2 k*) > g,
+    D = diag(C) (the cosine to its own mean key after scaling each input by its spread in C), at the
+    default threshold; per g, the paraphrases and other texts that still fire."""  # fmt: skip
+    scale = torch.diagonal(cov).clamp_min(1e-30).rsqrt()
+    kd = torch.nn.functional.normalize(means * scale, dim=1)  # (N, in)
+
+    def cos(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(x * scale, dim=1) @ kd.T  # (T, N)
+
+    para_s = (para_x * v_all[:, para_j].T).sum(1)
+    para_c = (torch.nn.functional.normalize(para_x * scale, dim=1) * kd[para_j]).sum(1)
+    t = DEFAULT_THRESHOLD
+    rows = []
+    for g in (None, *COSINES):
+        fired = 0
+        for x, mine in other_x:
+            hit = x @ v_all > t
+            if g is not None:
+                hit &= cos(x) > g
+            fired += bool(hit[:, ~mine].any())
+        para = para_s > t if g is None else (para_s > t) & (para_c > g)
+        rows.append(
+            {"threshold": t, "min_cosine": g, "paraphrase_fire": float(para.float().mean()), "texts_fired": fired}
+        )
+    return rows
 
 
 def main() -> int:
@@ -130,9 +171,15 @@ def main() -> int:
                  f"{100 * base['own_full']:.1f}%"))  # fmt: skip
     rows.append(("median s: edit prompts / paraphrases", f"{fit['own_median']:.2f} / {fit['paraphrase_median']:.2f}",
                  f"{base['own_median']:.2f} / {base['paraphrase_median']:.2f}"))  # fmt: skip
-    print_table(f"Gated columns at layer {r['layer']} of {r['model']}, {r['records']} records: fitted to every "
-                f"prompt's key vs (baseline) ROME's v at the mean key; {fit['other_pairs']} other pairs",
-                [(*row, "-") for row in rows])
+    for c in r["cosine"]:
+        g = "none" if c["min_cosine"] is None else f"> {c['min_cosine']}"
+        rows.append((f"threshold {c['threshold']}, scaled cosine {g}: paraphrases / other texts acting",
+                     f"{100 * c['paraphrase_fire']:.1f}% / {c['texts_fired']}", "-"))  # fmt: skip
+    print_table(
+        f"Gated columns at layer {r['layer']} of {r['model']}, {r['records']} records: fitted to every "
+        f"prompt's key vs (baseline) ROME's v at the mean key; {fit['other_pairs']} other pairs",
+        [(*row, "-") for row in rows],
+    )
     if args.out:
         write_json(args.out, r)
     return 0
