@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,6 +259,7 @@ class Metrics:
     known_retention: float  # known facts answered right unedited that still are (NaN: none measured)
     fluency: float  # weighted bi/tri-gram entropy of greedy generations (NaN: not measured)
     perplexity: float  # of the held text
+    known_excluded: int = 0  # known facts left out of known_retention: their subject was edited
 
 
 def metrics_of(
@@ -267,6 +268,7 @@ def metrics_of(
     *,
     known_retention: float,
     perplexity: float,
+    known_excluded: int = 0,
 ) -> Metrics:
     """The means over the records; ``unedited`` are the same records' scores before any edit."""
     m = _means(scores)
@@ -286,4 +288,14 @@ def metrics_of(
         known_retention=known_retention,
         fluency=m.fluency,
         perplexity=perplexity,
+        known_excluded=known_excluded,
     )
+
+
+def unrelated_known(
+    known: Sequence[tuple[KnownAnswer, int]], subjects: Collection[str]
+) -> list[tuple[KnownAnswer, int]]:
+    """The known facts (with their windows) whose prompt names none of ``subjects``: retention is
+    asked of facts the edits did not set out to change ("Trento is located in the country of" stays
+    out once Trento's country was edited), as the neighbourhood prompts name other subjects."""
+    return [(f, w) for f, w in known if not any(s and s in f.prompt for s in subjects)]

@@ -42,6 +42,7 @@ from .measure import (
     measure_records,
     metrics_of,
     record_window,
+    unrelated_known,
 )
 from .report import Checkpoint, EditOutcome, EditTimes, MethodRun, SequentialReport
 
@@ -144,10 +145,14 @@ def measure_edited(
     windows = baseline.windows[:n]
     counted = _stage(progress, "measure")
     scores = measure_records(loaded, records, windows, fluency_tokens=fluency_tokens, progress=counted)
-    facts, windows = [f for f, _ in baseline.known], [w for _, w in baseline.known]
+    asked = unrelated_known(baseline.known, {r.subject for r in records})
+    facts, windows = [f for f, _ in asked], [w for _, w in asked]
     kept = known_answered(loaded, facts, windows, progress=_stage(progress, "measure: known facts"))
     retention = sum(kept) / len(kept) if kept else float("nan")
-    return metrics_of(scores, baseline.scores[:n], known_retention=retention, perplexity=held_perplexity(loaded))
+    return metrics_of(
+        scores, baseline.scores[:n], known_retention=retention, perplexity=held_perplexity(loaded),
+        known_excluded=len(baseline.known) - len(asked),
+    )  # fmt: skip
 
 
 def _stage(progress: ProgressFn | None, stage: str) -> Callable[[int, int], None] | None:

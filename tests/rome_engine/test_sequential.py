@@ -104,7 +104,9 @@ def test_three_edits_in_a_row(tiny_llama: LoadedModel, cache_dir: Path, tmp_path
             assert set(cp[state]) == names
             for name, value in cp[state].items():
                 assert value is not None, (state, name)
-                if name not in ("fluency", "perplexity"):
+                if name == "known_excluded":
+                    assert isinstance(value, int) and 0 <= value <= len(known)
+                elif name not in ("fluency", "perplexity"):
                     assert 0.0 <= value <= 1.0, (state, name, value)
         assert cp["unedited"]["neighbor_unchanged"] == 1.0 and cp["unedited"]["known_retention"] == 1.0
         assert cp["edited"]["perplexity"] > 0 and cp["times"]["median"] > 0 and cp["n_failed"] == 0
@@ -217,3 +219,13 @@ def test_checkpoints_and_config_are_checked(tmp_path: Path, tiny_llama: LoadedMo
     (tmp_path / "rome" / "manifest.json").write_text("{}")
     with pytest.raises(FailedPrecondition, match="not empty"):
         run_sequential(tiny_llama, records(), SequentialConfig(checkpoints=(1,)), store_dir=tmp_path)
+
+
+def test_known_retention_leaves_out_the_facts_whose_subject_was_edited() -> None:
+    from rome_engine.sequential.measure import unrelated_known
+
+    trento = KnownAnswer(1, "Trento is located in the country of", "Italy")
+    rhine = KnownAnswer(2, "Rhine belongs to the continent of", "Europe")
+    known = [(trento, 3), (rhine, 3)]
+    assert unrelated_known(known, {"Trento"}) == [(rhine, 3)]  # the edit of Trento set out to change it
+    assert unrelated_known(known, {"Lake Victoria", ""}) == known  # an empty subject names nothing
