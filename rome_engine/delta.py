@@ -32,6 +32,15 @@ so an input the edit was not written for gets exactly nothing (a plain factor ad
 u (v . x) to every input, and 1,000 small additions add up). Such a factor is not a
 weight change: it is never summed into W; ``LayerWeights`` serves it as a side path
 beside the projection (``GatedSlots``), and ``as_if_applied`` through ``apply``.
+
+**A cosine condition** (``CosineGate``, optional, the ``gate_min_cosine`` hparam): column j
+also needs its input to point the way of its edit key k_j once each input dimension is
+scaled by its spread in C (scale = diag(C)^-1/2):
+
+    cos_j(x) = (x * scale) . (k_j * scale) / (||x * scale|| ||k_j * scale||) > min_cosine
+
+which tells apart two subjects whose keys answer alike (s) but differ in the directions
+ordinary text barely uses (``bench/bench_gate.py``).
 """
 
 from __future__ import annotations
@@ -48,6 +57,42 @@ from .loading import LoadedModel
 
 
 @dataclass(frozen=True, eq=False)
+class CosineGate:
+    """A gated factor's second condition (module docstring): per column, the edit key it is
+    compared with and the scale diag(C)^-1/2 of the model it was computed on."""
+
+    scale: torch.Tensor  # (in,) float32, positive
+    keys: torch.Tensor  # (in, r) float32, column j: k_j
+    min_cosine: float  # in (-1, 1)
+
+    def __post_init__(self) -> None:
+        if self.scale.dim() != 1 or self.keys.dim() != 2 or self.keys.shape[0] != self.scale.shape[0]:
+            raise ValueError(f"a cosine gate needs scale (in,) and keys (in, r), got {tuple(self.scale.shape)} "
+                             f"and {tuple(self.keys.shape)}")  # fmt: skip
+        if not -1.0 < self.min_cosine < 1.0:  # NaN too
+            raise ValueError(f"min_cosine must be in (-1, 1), got {self.min_cosine}")
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, S2), both (in, r) float32, with cos_j(x) = (x @ W)_j / sqrt((x * x) @ S2)_j:
+        W_j = scale^2 * k_j / ||k_j * scale||, S2_j = scale^2."""
+        s2 = self.scale.float().square().unsqueeze(1)  # (in, 1)
+        k = self.keys.float()
+        norm = (k * self.scale.float().unsqueeze(1)).norm(dim=0).clamp_min(1e-30)  # (r,)
+        return s2 * k / norm, s2.expand_as(k).contiguous()
+
+    def to(self, device: torch.device) -> CosineGate:
+        return CosineGate(self.scale.float().to(device), self.keys.float().to(device), self.min_cosine)
+
+    def cpu(self) -> CosineGate:
+        return CosineGate(self.scale.detach().float().cpu(), self.keys.detach().float().cpu(), self.min_cosine)
+
+
+def cosine(x: torch.Tensor, w: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """cos_j(x) (..., r) from ``CosineGate.weights``; 0 where x is 0."""
+    return (x @ w) / ((x * x) @ s2).clamp_min(1e-30).sqrt()
+
+
+@dataclass(frozen=True, eq=False)
 class LowRankFactor:
     """One matrix's update in (out, in) layout: delta W = u @ v.T (see the module docstring)."""
 
@@ -55,6 +100,7 @@ class LowRankFactor:
     u: torch.Tensor  # (out, r) float32, the value side
     v: torch.Tensor  # (in, r) float32, the key side
     threshold: float | None = None  # gated: column j acts only where v_j . x > threshold (module docstring)
+    cosine_gate: CosineGate | None = None  # gated: ... and where cos_j(x) > min_cosine (optional)
 
     def __post_init__(self) -> None:
         if self.u.dim() != 2 or self.v.dim() != 2 or self.u.shape[1] != self.v.shape[1]:
@@ -62,6 +108,8 @@ class LowRankFactor:
                              f"{tuple(self.u.shape)} and {tuple(self.v.shape)}")  # fmt: skip
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ValueError(f"the gate threshold of {self.param} must be in (0, 1), got {self.threshold}")
+        if self.cosine_gate is not None and (self.threshold is None or self.cosine_gate.keys.shape != self.v.shape):
+            raise ValueError(f"the cosine gate of {self.param} needs a gated factor and one (in,) key per column")
 
     @classmethod
     def rank_one(cls, param: str, u: torch.Tensor, v: torch.Tensor) -> LowRankFactor:
@@ -101,18 +149,28 @@ class LowRankFactor:
         """What the factor adds to the projection's output for inputs x (..., in): (..., out) float32.
 
         Plain: (x @ v) @ u.T. Gated: phi(x @ v) @ u.T (``gate``)."""
-        s = x.float() @ self.v.to(x.device)
+        x = x.float()
+        s = x @ self.v.to(x.device)
         if self.gated:
             s = gate(s, self.threshold)
+        if self.cosine_gate is not None:
+            w, s2 = self.cosine_gate.to(x.device).weights()
+            s = torch.where(
+                cosine(x, w, s2) > self.cosine_gate.min_cosine, s, torch.zeros((), dtype=s.dtype, device=s.device)
+            )
         return s @ self.u.to(x.device).T
 
     def cpu(self) -> LowRankFactor:
         """The same factor as float32 tensors on the CPU (how layers store it)."""
-        return LowRankFactor(self.param, self.u.detach().float().cpu(), self.v.detach().float().cpu(), self.threshold)
+        cos = self.cosine_gate.cpu() if self.cosine_gate is not None else None
+        return LowRankFactor(
+            self.param, self.u.detach().float().cpu(), self.v.detach().float().cpu(), self.threshold, cos
+        )
 
     def to(self, device: torch.device) -> LowRankFactor:
         """The same factor, float32, on ``device``."""
-        return LowRankFactor(self.param, self.u.float().to(device), self.v.float().to(device), self.threshold)
+        cos = self.cosine_gate.to(device) if self.cosine_gate is not None else None
+        return LowRankFactor(self.param, self.u.float().to(device), self.v.float().to(device), self.threshold, cos)
 
 
 def gate(s: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
@@ -123,12 +181,17 @@ def gate(s: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True, eq=False)
 class GatedSlots:
     """Every gated column on one projection, oldest first: x -> phi(x @ v) @ u.T, phi per column
-    with its own threshold (``thresholds`` (r,)). The same factors in the same order give the same
-    tensors, so a version's side path is rebuilt bit for bit."""
+    with its own threshold (``thresholds`` (r,)) and, where any column has one, its cosine
+    condition (``cos_w``, ``cos_s2`` (in, r), ``min_cos`` (r,); a column without one passes it:
+    W 0, S2 1, min -inf). The same factors in the same order give the same tensors, so a
+    version's side path is rebuilt bit for bit."""
 
     u: torch.Tensor  # (out, r) float32
     v: torch.Tensor  # (in, r) float32
     thresholds: torch.Tensor  # (r,) float32
+    cos_w: torch.Tensor | None = None  # (in, r) float32
+    cos_s2: torch.Tensor | None = None  # (in, r) float32
+    min_cos: torch.Tensor | None = None  # (r,) float32
 
     @classmethod
     def of(cls, factors: Sequence[LowRankFactor], device: torch.device) -> GatedSlots:
@@ -137,7 +200,21 @@ class GatedSlots:
         u = torch.cat([f.u.float() for f in factors], dim=1).to(device)
         v = torch.cat([f.v.float() for f in factors], dim=1).to(device)
         t = torch.tensor([f.threshold for f in factors for _ in range(f.rank)], dtype=torch.float32, device=device)
-        return cls(u, v, t)
+        if all(f.cosine_gate is None for f in factors):
+            return cls(u, v, t)
+        ws, s2s, mins = [], [], []
+        for f in factors:
+            if f.cosine_gate is None:
+                ws.append(torch.zeros_like(f.v, dtype=torch.float32))
+                s2s.append(torch.ones_like(f.v, dtype=torch.float32))
+                mins += [-math.inf] * f.rank
+            else:
+                w, s2 = f.cosine_gate.weights()
+                ws.append(w)
+                s2s.append(s2)
+                mins += [f.cosine_gate.min_cosine] * f.rank
+        cat = [torch.cat([x.float().cpu() for x in xs], dim=1).to(device) for xs in (ws, s2s)]
+        return cls(u, v, t, cat[0], cat[1], torch.tensor(mins, dtype=torch.float32, device=device))
 
     @property
     def columns(self) -> int:
@@ -145,11 +222,17 @@ class GatedSlots:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.u, self.v, self.thresholds))
+        parts = (self.u, self.v, self.thresholds, self.cos_w, self.cos_s2, self.min_cos)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out) float32."""
-        return gate(x.float() @ self.v, self.thresholds) @ self.u.T
+        x = x.float()
+        s = gate(x @ self.v, self.thresholds)
+        if self.cos_w is not None and self.cos_s2 is not None and self.min_cos is not None:
+            keep = cosine(x, self.cos_w, self.cos_s2) > self.min_cos
+            s = torch.where(keep, s, torch.zeros((), dtype=s.dtype, device=s.device))
+        return s @ self.u.T
 
 
 def gated_slots(factors: Sequence[LowRankFactor], device: torch.device) -> dict[str, GatedSlots]:

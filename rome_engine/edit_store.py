@@ -30,6 +30,13 @@ on), the pre/post ``probabilities`` of each fact and ``compute_seconds``.
 layer without gated factors is written as format 2, so a reader of formats 1-2 refuses only
 the layers it would otherwise add to the weights wrongly.
 
+**Format 4** is format 3 whose gated matrices may give a ``min_cosine`` (``delta.CosineGate``:
+a column acts only where its input's scaled cosine to its edit key passes it). Such a matrix
+stores one key per column (``keys`` (in, r): the keys compared with) and a float32
+``gate_scale`` (in,), positive: diag(C)^-1/2 of the model it was computed on. A layer without
+one is written as format 3 or 2, and a reader of format 3 refuses format 4 rather than serve
+the columns without their condition.
+
 **Format 1** (written before 2026-11-28, read unchanged; ``tests/fixtures/edit_store_v1``):
 one fact as ``request`` and one ``probabilities`` object, method ROME on one ``layer``,
 and 1-D factors ``u`` (out,) and ``v`` (in,), no keys. A layer is never rewritten: a
@@ -93,7 +100,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
-from .delta import LowRankFactor
+from .delta import CosineGate, LowRankFactor
 from .errors import FailedPrecondition, NotFound
 from .fileio import atomic_write
 from .records import (
@@ -161,6 +168,12 @@ def encode_layer(layer: EditLayer) -> bytes:
         tensors[f"{f.param}.v"] = f.v.detach().float().contiguous().cpu()
     for param, keys in layer.keys.items():
         tensors[f"{param}.keys"] = keys.detach().float().contiguous().cpu()
+    for f in layer.factors:
+        if f.cosine_gate is not None:  # its keys are the layer's keys of the matrix (decode_layer pairs them)
+            stored = tensors.get(f"{f.param}.keys")
+            if stored is None or not torch.equal(stored, f.cosine_gate.keys.detach().float().cpu()):
+                raise ValueError(f"the cosine gate of {f.param} must compare with the layer's keys of that matrix")
+            tensors[f"{f.param}.gate_scale"] = f.cosine_gate.scale.detach().float().contiguous().cpu()
     return safetensors_save(tensors, metadata={HEADER_KEY: json.dumps(layer.header.to_json(), sort_keys=True)})
 
 
@@ -183,6 +196,7 @@ def decode_layer(data: bytes, *, stored: bool = False) -> EditLayer:
     one_d = raw.get("format_version") == 1
     expected = {f"{m.name}.{side}" for m in header.matrices for side in ("u", "v")}
     expected |= {f"{m.name}.keys" for m in header.matrices if m.keys}
+    expected |= {f"{m.name}.gate_scale" for m in header.matrices if m.min_cosine is not None}
     if set(tensors) != expected:
         raise ValueError(
             f"the layer's tensors {_short(sorted(tensors))} are not the factors of its matrices {sorted(expected)}"
@@ -193,6 +207,8 @@ def decode_layer(data: bytes, *, stored: bool = False) -> EditLayer:
         sides = [("u", (out_dim,) if one_d else (out_dim, r)), ("v", (in_dim,) if one_d else (in_dim, r))]
         if m.keys:
             sides.append(("keys", (in_dim, m.keys)))
+        if m.min_cosine is not None:
+            sides.append(("gate_scale", (in_dim,)))
         for side, shape in sides:
             t = tensors[f"{m.name}.{side}"]
             if t.dtype != torch.float32 or tuple(t.shape) != shape:
@@ -203,7 +219,13 @@ def decode_layer(data: bytes, *, stored: bool = False) -> EditLayer:
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{m.name}.{side} holds NaN or infinite values")
         u, v = tensors[f"{m.name}.u"], tensors[f"{m.name}.v"]
-        factors.append(LowRankFactor(m.name, u.reshape(out_dim, r), v.reshape(in_dim, r), m.threshold))
+        cosine_gate = None
+        if m.min_cosine is not None:
+            scale = tensors[f"{m.name}.gate_scale"]
+            if not bool((scale > 0).all()):
+                raise ValueError(f"{m.name}.gate_scale must be positive")
+            cosine_gate = CosineGate(scale, tensors[f"{m.name}.keys"], m.min_cosine)
+        factors.append(LowRankFactor(m.name, u.reshape(out_dim, r), v.reshape(in_dim, r), m.threshold, cosine_gate))
         if m.keys:
             keys[m.name] = tensors[f"{m.name}.keys"]
     return EditLayer(header, tuple(factors), keys)

@@ -331,7 +331,8 @@ class EditManager:
             layers=tuple(result.layers),
             matrices=tuple(
                 MatrixRecord(f.param, f.shape, f.norm, self.loaded.dtype_name, f.rank,
-                             int(result.keys[f.param].shape[1]) if f.param in result.keys else 0, f.threshold)
+                             int(result.keys[f.param].shape[1]) if f.param in result.keys else 0, f.threshold,
+                             f.cosine_gate.min_cosine if f.cosine_gate is not None else None)
                 for f in factors
             ),  # fmt: skip
             base_fingerprint=self.weights.fingerprint([f.param for f in factors]),

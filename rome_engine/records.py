@@ -22,7 +22,7 @@ import contextlib
 import json
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -32,7 +32,8 @@ from .errors import EngineError
 
 LAYER_FORMAT = 2  # the layer header this code writes: facts, method, rank-r factors, edit keys
 GATED_LAYER_FORMAT = 3  # ... and for a layer with gated factors (a reader of 1-2 must not add them to W)
-LAYER_FORMATS = (1, 2, 3)  # the ones it reads (format 1: one fact, rank one; see edit_store)
+COSINE_LAYER_FORMAT = 4  # ... and for one whose gated factors have a cosine condition (a reader of 3 would skip it)
+LAYER_FORMATS = (1, 2, 3, 4)  # the ones it reads (format 1: one fact, rank one; see edit_store)
 MANIFEST_FORMAT = 2  # written; 1 and 2 are read (edit_store.Manifest)
 METHODS = ("rome", "memit", "projected", "ft", "gated")  # the editing methods a header may name
 AUTO_METHOD = "auto"  # a server default: the model's own choice (methods.default_method)
@@ -165,6 +166,7 @@ class MatrixRecord:
     rank: int = 1  # columns of u and v (format 1: always 1)
     keys: int = 0  # columns of the stored edit keys (in, keys); 0: none stored
     threshold: float | None = None  # format 3: a gated factor's threshold (``delta``); None: a weight change
+    min_cosine: float | None = None  # format 4: a gated factor's cosine condition (``delta.CosineGate``)
 
     @classmethod
     def from_json(cls, doc: object) -> MatrixRecord:
@@ -186,12 +188,19 @@ class MatrixRecord:
             threshold = _number(doc, "threshold")
             if not 0.0 < threshold < 1.0:
                 raise ValueError(f"matrices[{name}].threshold must be in (0, 1), got {_short(doc['threshold'])}")
-        return cls(name, (shape[0], shape[1]), _number(doc, "update_norm"), dtype, rank, keys, threshold)
+        min_cosine = None
+        if doc.get("min_cosine") is not None:
+            min_cosine = _number(doc, "min_cosine")
+            if not -1.0 < min_cosine < 1.0 or threshold is None or keys != rank:
+                raise ValueError(f"matrices[{name}].min_cosine must be in (-1, 1), on a gated matrix with one key per "
+                                 f"column, got {_short(doc['min_cosine'])}")  # fmt: skip
+        return cls(name, (shape[0], shape[1]), _number(doc, "update_norm"), dtype, rank, keys, threshold, min_cosine)
 
     def to_json(self) -> JsonObject:
         doc = {"name": self.name, "shape": list(self.shape), "update_norm": self.update_norm, "rank": self.rank,
                "keys": self.keys}  # fmt: skip
         doc |= {"threshold": self.threshold} if self.threshold is not None else {}
+        doc |= {"min_cosine": self.min_cosine} if self.min_cosine is not None else {}
         return doc | ({"dtype": self.dtype} if self.dtype else {})
 
 
@@ -274,8 +283,8 @@ class LayerHeader:
 
     @property
     def format_version(self) -> int:
-        """The format this code writes the header in: 3 with gated factors, else 2."""
-        return GATED_LAYER_FORMAT if any(m.threshold is not None for m in self.matrices) else LAYER_FORMAT
+        """The format this code writes the header in: 4 with a cosine condition, 3 with gated factors, else 2."""
+        return _format_of(self.matrices)
 
     @property
     def request(self) -> StoredRequest:
@@ -332,9 +341,10 @@ class LayerHeader:
             raise ValueError("matrices names a matrix twice")
         if version == 1 and any(m.rank != 1 or m.keys for m in records):
             raise ValueError("a format 1 layer holds rank-one factors and no keys")
-        if (version == GATED_LAYER_FORMAT) != any(m.threshold is not None for m in records):
-            raise ValueError(f"gated factors (a matrix with a threshold) are format {GATED_LAYER_FORMAT}, and format "
-                             f"{GATED_LAYER_FORMAT} holds at least one; this is format {version}")  # fmt: skip
+        if max(version, LAYER_FORMAT) != _format_of(records):  # format 1: plain factors, as 2
+            raise ValueError(f"gated factors (a matrix with a threshold) are format {GATED_LAYER_FORMAT} and with a "
+                             f"min_cosine format {COSINE_LAYER_FORMAT}, and each format holds at least one; this is "
+                             f"format {version}, its matrices format {_format_of(records)}")  # fmt: skip
         base = BaseFingerprint.from_json(_object(doc, "base_fingerprint"))
         if set(base.matrices) != {m.name for m in records}:
             raise ValueError(
@@ -541,3 +551,10 @@ class VersionPin:
     wait_seconds: float | None = None
 
 UNPINNED = VersionPin()  # the head when the request starts, no min_edit_version
+
+
+def _format_of(matrices: Sequence[MatrixRecord]) -> int:
+    """The layer format ``matrices`` need: 4 with a cosine condition, 3 with gated factors, else 2."""
+    if any(m.min_cosine is not None for m in matrices):
+        return COSINE_LAYER_FORMAT
+    return GATED_LAYER_FORMAT if any(m.threshold is not None for m in matrices) else LAYER_FORMAT

@@ -66,6 +66,7 @@ class MemitHParams(_Overridable):
     gate_threshold: float = 0.5
     gate_spare: int = 1  # 1: a new column is silent (v . k = 0) on the active edits' keys it would respond to
     gate_fit_prompts: int = 1  # 1: v . k = 1 at the key of every prompt z was trained on; 0: at their mean only
+    gate_min_cosine: float = 0.0  # > 0: a column also needs cos(x, k*) > this, scaled by diag(C)^-1/2; 0: off
     # -- z: the residual at the last layer that makes the model say the target (ROME's v* machinery)
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
@@ -160,6 +161,7 @@ _RANGES: Mapping[str, tuple[float, float]] = MappingProxyType(
         "gate_threshold": (0.01, 0.99),
         "gate_spare": (0, 1),
         "gate_fit_prompts": (0, 1),
+        "gate_min_cosine": (0.0, 0.99),
         "ft_num_steps": (0, 500),
         "ft_lr": (0.0, 1.0),
         "norm_constraint": (0.0, 10.0),

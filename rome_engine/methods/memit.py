@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ..delta import LowRankFactor, as_if_applied
+from ..delta import CosineGate, LowRankFactor, as_if_applied
 from ..errors import FailedPrecondition, InvalidRequest
 from ..hooks import Trace, run_until_stopped, stop_after
 from ..layer_selection import select_edit_layer
@@ -182,10 +182,12 @@ def _compute(
     # per layer: C (memit) or P (projected); all cached per model
     from_cache = True
     solvers: list[tuple[Solver, int | None]] = []
+    gate_scales: list[torch.Tensor | None] = []  # the gated method's diag(C)^-1/2, with gate_min_cosine
     for layer in layers:
         param = spec.mlp_out_weight_name(layer)
         if method in ("memit", "gated"):
             cov, cached = layer_covariance(loaded, layer, zhp, cache, progress=progress)
+            gate_scales.append(cosine_scale(cov) if method == "gated" and hp.gate_min_cosine > 0 else None)
             prior = prior_keys.get(param) if prior_keys else None
             solvers.append(_memit_solver(cov, hp) if method == "memit" else _gated_solver(cov, hp, prior))
         else:
@@ -230,7 +232,9 @@ def _compute(
         resid = missing / (len(layers) - i)  # spread over this and the remaining layers
         solve, free = solvers[i]
         u, v = solve(resid, k, per_prompt)
-        factor = LowRankFactor(param, u, v, hp.gate_threshold if method == "gated" else None)
+        scale = gate_scales[i] if gate_scales else None
+        cosine_gate = CosineGate(scale, k.float().cpu(), hp.gate_min_cosine) if scale is not None else None
+        factor = LowRankFactor(param, u, v, hp.gate_threshold if method == "gated" else None, cosine_gate)
         factors.append(factor)
         keys[param] = k.float().cpu()
         layer_info.append(
@@ -255,6 +259,11 @@ def _compute(
         layer_info=tuple(layer_info),
         compute_seconds=seconds,
     )
+
+
+def cosine_scale(cov: torch.Tensor) -> torch.Tensor:
+    """diag(C)^-1/2 (in,) float32 on the CPU: the per-dimension scale of a cosine gate (``delta.CosineGate``)."""
+    return torch.diagonal(cov).double().clamp_min(1e-30).rsqrt().float().cpu()
 
 
 def _memit_solver(cov: torch.Tensor, hp: MemitHParams) -> tuple[Solver, None]:

@@ -210,7 +210,7 @@ def test_a_gated_layer_is_format_3_and_round_trips(tokenizer) -> None:
         LayerHeader.from_json(plain)
     no_gate = json.loads(json.dumps(doc))
     del no_gate["matrices"][0]["threshold"]
-    with pytest.raises(ValueError, match="format 3 holds at least one"):
+    with pytest.raises(ValueError, match="holds at least one"):
         LayerHeader.from_json(no_gate)
     for bad in (0, 1.5, float("nan"), "0.3"):
         worse = json.loads(json.dumps(doc))
@@ -322,3 +322,90 @@ def test_the_gated_method_answers_in_full_on_the_unprefixed_prompt(tiny_llama: L
     assert float(x @ fitted.v[:, 0]) == pytest.approx(1.0, abs=1e-4)
     assert abs(float(x @ mean_only.v[:, 0]) - 1.0) > 1e-3  # the mean key's v does not (the prefixes move k)
     torch.testing.assert_close(fitted.u, mean_only.u)  # the same z: only the key side differs
+
+
+# -- the cosine condition (gate_min_cosine) ------------------------------------------
+
+
+def test_a_cosine_gate_silences_a_column_whose_input_points_elsewhere() -> None:
+    from rome_engine.delta import CosineGate, cosine
+
+    g = torch.Generator().manual_seed(6)
+    d, out = 12, 5
+    scale = torch.rand(d, generator=g) + 0.5
+    k = torch.randn(d, 1, generator=g)
+    v = k / k.square().sum()  # v . k = 1
+    u = torch.randn(out, 1, generator=g)
+    other = torch.randn(d, generator=g)
+    other = other - (other @ k[:, 0]) / k.square().sum() * k[:, 0]  # v . other = 0
+    twin = k[:, 0] + 3.0 * other  # s = 1 as at k, but another direction
+    plain = LowRankFactor("m.weight", u, v, 0.5)
+    cos_gate = CosineGate(scale, k, 0.6)
+    gated = LowRankFactor("m.weight", u, v, 0.5, cos_gate)
+    x = torch.stack([k[:, 0], twin])
+    w, s2 = cos_gate.weights()
+    c = cosine(x, w, s2)[:, 0]
+    expected = ((x * scale) @ (k[:, 0] * scale)) / ((x * scale).norm(dim=1) * (k[:, 0] * scale).norm())
+    torch.testing.assert_close(c, expected, rtol=1e-5, atol=1e-6)
+    assert float(c[0]) == pytest.approx(1.0, abs=1e-5) and float(c[1]) < 0.6
+    torch.testing.assert_close(gated.apply(x[:1]), plain.apply(x[:1]))  # its own key: as without the condition
+    assert float(plain.apply(x[1:]).abs().sum()) > 0 and torch.equal(gated.apply(x[1:]), torch.zeros(1, out))
+    # slots: a column with the condition beside one without, as the factors add up
+    other_f = LowRankFactor("m.weight", torch.randn(out, 1, generator=g), v * 0.9, 0.3)
+    slots = GatedSlots.of([gated, other_f], torch.device("cpu"))
+    torch.testing.assert_close(slots.apply(x), gated.apply(x) + other_f.apply(x), rtol=1e-5, atol=1e-6)
+    assert GatedSlots.of([other_f], torch.device("cpu")).cos_w is None  # none: the side path is as before
+    with pytest.raises(ValueError, match="min_cosine"):
+        CosineGate(scale, k, float("nan"))
+    with pytest.raises(ValueError, match="cosine gate"):
+        LowRankFactor("m.weight", u, v, None, cos_gate)  # only a gated factor has one
+
+
+def test_a_layer_with_a_cosine_gate_is_format_4_and_round_trips_bit_for_bit(tokenizer) -> None:
+    from rome_engine.delta import CosineGate
+
+    loaded = make_tiny("llama", tokenizer)
+    layer = gated_layer(loaded, LayerWeights(loaded), 2, position=5, seed=0, version=1)
+    (f,) = layer.factors
+    keys = layer.keys[f.param]
+    scale = torch.rand(keys.shape[0], generator=torch.Generator().manual_seed(1)) + 0.1
+    doc = layer.header.to_json()
+    doc["matrices"][0]["min_cosine"] = 0.5
+    doc["format_version"] = 4
+    with_cos = EditLayer(LayerHeader.from_json(doc), (LowRankFactor(f.param, f.u, f.v, f.threshold,
+                         CosineGate(scale, keys, 0.5)),), layer.keys)  # fmt: skip
+    back = decode_layer(encode_layer(with_cos))
+    assert back.header.format_version == 4 and back.header.to_json()["format_version"] == 4
+    (g,) = back.factors
+    assert g.cosine_gate is not None and g.cosine_gate.min_cosine == 0.5
+    assert torch.equal(g.cosine_gate.scale, scale) and torch.equal(g.cosine_gate.keys, keys)
+    three = {**doc, "format_version": 3}  # a reader of format 3 would serve the column without its condition
+    with pytest.raises(ValueError, match="min_cosine format 4"):
+        LayerHeader.from_json(three)
+    for bad in (1.0, float("nan"), "0.5"):
+        worse = json.loads(json.dumps(doc))
+        worse["matrices"][0]["min_cosine"] = bad
+        with pytest.raises(ValueError, match="min_cosine"):
+            LayerHeader.from_json(worse)
+    negative = EditLayer(with_cos.header, (LowRankFactor(f.param, f.u, f.v, f.threshold,
+                         CosineGate(-scale, keys, 0.5)),), layer.keys)  # fmt: skip
+    with pytest.raises(ValueError, match="gate_scale must be positive"):
+        decode_layer(encode_layer(negative))
+    other_keys = EditLayer(with_cos.header, with_cos.factors, {f.param: keys + 1.0})
+    with pytest.raises(ValueError, match="compare with the layer's keys"):
+        encode_layer(other_keys)
+
+
+def test_the_gated_method_with_a_cosine_gate_still_writes_its_fact(tiny_llama: LoadedModel, tmp_path) -> None:
+    cache = RomeCache(tmp_path)
+    fact = EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome")
+    before = _logprob(tiny_llama, fact)
+    result = compute_gated(tiny_llama, [fact], cache, overrides={**TINY_GATED, "gate_min_cosine": 0.5})
+    (f,) = result.factors
+    assert f.cosine_gate is not None and f.cosine_gate.min_cosine == 0.5
+    assert torch.equal(f.cosine_gate.keys, result.keys[f.param])  # the keys the layer stores
+    assert bool((f.cosine_gate.scale > 0).all())
+    with as_if_applied(tiny_llama, result.factors):
+        after = _logprob(tiny_llama, fact)
+    assert after > before + 0.05
+    assert compute_gated(tiny_llama, [fact], cache, overrides=TINY_GATED).factors[0].cosine_gate is None  # off

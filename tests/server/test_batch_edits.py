@@ -29,7 +29,6 @@ ANY = {"min_target_prob": 0.0, "force": True}  # the tiny model's edits are time
 LIMITS = EngineLimits(max_update_norm_ratio=100.0)
 
 
-
 def test_a_batch_of_three_facts_is_one_version_and_reverts_bit_exact(tiny_llama, serve, tmp_path) -> None:
     store = tmp_path / "edits"
     srv = serve(tiny_llama, LIMITS, edits=True, edit_store=store)
@@ -93,8 +92,14 @@ def test_projected_edits_leave_earlier_keys_alone_and_a_revert_derives_them_agai
         second_layer = manager.view(second.edit_id)
         assert second_layer.active
         c.revert_edit(to_version=2)
-        assert all(torch.equal(a, b) for a, b in zip(manager.active_keys().values(), (
-            torch.cat([first_keys[p], keys[p]], dim=1) for p in manager.active_keys()), strict=True))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                manager.active_keys().values(),
+                (torch.cat([first_keys[p], keys[p]], dim=1) for p in manager.active_keys()),
+                strict=True,
+            )
+        )
         c.revert_edit(to_version=0)
         assert manager.active_keys() == {}
         assert free() == f1 + 2
@@ -121,8 +126,14 @@ def test_batch_and_method_options_are_checked(tiny_llama, serve) -> None:
 TINY_GATED = {**TINY, "n_layers": 1, "gate_threshold": 0.6, "v_lr": 0.2, "v_num_grad_steps": 20}
 
 
-def test_gated_edits_leave_the_weights_alone_and_revert_and_restart_exactly(tokenizer, serve, tmp_path) -> None:
+@pytest.mark.parametrize("min_cosine", [None, 0.5], ids=["threshold", "and-cosine"])
+def test_gated_edits_leave_the_weights_alone_and_revert_and_restart_exactly(
+    tokenizer, serve, tmp_path, min_cosine
+) -> None:
     from tests.conftest import make_tiny
+
+    hparams = TINY_GATED if min_cosine is None else {**TINY_GATED, "gate_min_cosine": min_cosine}
+    fmt = 3 if min_cosine is None else 4
 
     store = tmp_path / "edits"
     loaded = make_tiny("llama", tokenizer)  # a private copy: its projections carry the store's slot hooks
@@ -135,14 +146,16 @@ def test_gated_edits_leave_the_weights_alone_and_revert_and_restart_exactly(toke
             return c.score(prompt, [target], **pin).scores[0].total_logprob
 
         before = score()
-        e = c.apply_edit(*FACTS[0], method="gated", layer=2, hparams=TINY_GATED, **ANY).edit
-        assert e.method == "gated" and e.layers == (2,) and e.header["format_version"] == 3
-        assert [(m["rank"], m["threshold"]) for m in e.header["matrices"]] == [(1, 0.6)]
+        e = c.apply_edit(*FACTS[0], method="gated", layer=2, hparams=hparams, **ANY).edit
+        assert e.method == "gated" and e.layers == (2,) and e.header["format_version"] == fmt
+        assert [(m["rank"], m["threshold"], m.get("min_cosine")) for m in e.header["matrices"]] == [
+            (1, 0.6, min_cosine)
+        ]
         assert weights_digest(loaded.model) == base  # the column is served beside the matrix
         one = score()
         assert one > before
         assert score(edit_version=0) == before  # a pinned read gets version 0's columns: none
-        batch = c.apply_edits(FACTS[1:], method="gated", layer=2, hparams=TINY_GATED, **ANY).edit
+        batch = c.apply_edits(FACTS[1:], method="gated", layer=2, hparams=hparams, **ANY).edit
         assert batch.version == 2 and [m["rank"] for m in batch.header["matrices"]] == [2]
         two = score()
         assert score(edit_version=1) == one
