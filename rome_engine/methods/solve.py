@@ -77,6 +77,8 @@ def gated_column(
 
     k = key.double().reshape(-1, 1)
     cand = others.double().to(k.device) if others is not None and others.shape[1] else None
+    if cand is not None:  # a key stored twice (two edits of one subject) is one constraint
+        cand = torch.unique(cand, dim=1)
     c = shrunk_cov(cov.to(k.device), shrinkage)
     chol, info = torch.linalg.cholesky_ex(c)  # factored once: each solve below is two triangular ones
 
@@ -119,7 +121,10 @@ def gated_column(
             break
         hits = hits[torch.argsort(resp[hits], descending=True)][:room]
         trial = torch.cat([spared, hits])
-        v_new, norm = least_norm(torch.cat([own, cand[:, trial]], dim=1), own.shape[1])
+        try:
+            v_new, norm = least_norm(torch.cat([own, cand[:, trial]], dim=1), own.shape[1])
+        except RuntimeError:  # singular: a key twice (two edits of one subject) or in the own keys' span
+            break
         if not norm <= MAX_SPARE_GROWTH * base_norm:  # (NaN too) the keys are too close to k to spare
             break
         v, spared = v_new, trial

@@ -309,6 +309,12 @@ def test_a_gated_column_fitted_to_every_prompt_answers_in_full_on_each_and_still
     spared_v, spared = gated_column(cov, mean, twin.reshape(-1, 1), 0.15, prompts=prompts)
     assert spared == 1 and abs(float(spared_v @ twin)) < 1e-5
     torch.testing.assert_close(spared_v @ prompts, torch.ones(4), rtol=0, atol=1e-5)
+    # two earlier edits of one subject store the same key twice: one constraint, not a singular system
+    twice, n = gated_column(cov, mean, torch.stack([twin, twin], 1), 0.15, prompts=prompts)
+    assert n == 1 and torch.equal(twice, spared_v)
+    # a key in the span of the own keys cannot be silenced while they answer 1: never an error
+    inside, m = gated_column(cov, mean, prompts[:, :2].mean(1, keepdim=True), 0.15, prompts=prompts)
+    assert m == 0 and torch.equal(inside, v)
 
 
 def test_the_gated_method_answers_in_full_on_the_unprefixed_prompt(tiny_llama: LoadedModel, tmp_path) -> None:
