@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import machine, print_table, write_json  # noqa: E402
+from rome_engine.delta import CosineGate, cosine  # noqa: E402
 from rome_engine.evaluation import load_counterfact  # noqa: E402
 from rome_engine.hooks import Trace, run_until_stopped, stop_after  # noqa: E402
 from rome_engine.loading import LoadedModel, load_model  # noqa: E402
-from rome_engine.methods.memit import resolve_hparams  # noqa: E402
+from rome_engine.methods.memit import cosine_scale, resolve_hparams  # noqa: E402
 from rome_engine.methods.solve import gated_column  # noqa: E402
 from rome_engine.rome import EditRequest, RomeCache  # noqa: E402
 from rome_engine.rome.compute_u import compute_keys, mean_key, right_vector  # noqa: E402
@@ -118,17 +119,12 @@ def cosine_gate(
     para_j: torch.Tensor,
     other_x: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> list[dict]:
-    """A second condition, not served: the column acts only where also cos(D^-1/2 x, D^-1/2 k*) > g,
-    D = diag(C) (the cosine to its own mean key after scaling each input by its spread in C), at the
-    default threshold; per g, the paraphrases and other texts that still fire."""  # fmt: skip
-    scale = torch.diagonal(cov).clamp_min(1e-30).rsqrt()
-    kd = torch.nn.functional.normalize(means * scale, dim=1)  # (N, in)
-
-    def cos(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(x * scale, dim=1) @ kd.T  # (T, N)
-
+    """The cosine condition the method adds with ``gate_min_cosine`` (``delta.CosineGate``, off by
+    default): the column acts only where also cos(D^-1/2 x, D^-1/2 k*) > g, D = diag(C), at the
+    default threshold; per g, the paraphrases and other texts that still fire."""
+    w, s2 = CosineGate(cosine_scale(cov), means.T.contiguous(), 0.0).weights()  # (in, N) each
     para_s = (para_x * v_all[:, para_j].T).sum(1)
-    para_c = (torch.nn.functional.normalize(para_x * scale, dim=1) * kd[para_j]).sum(1)
+    para_c = cosine(para_x.unsqueeze(1), w[:, para_j].T.unsqueeze(2), s2[:, para_j].T.unsqueeze(2)).reshape(-1)
     t = DEFAULT_THRESHOLD
     rows = []
     for g in (None, *COSINES):
@@ -136,7 +132,7 @@ def cosine_gate(
         for x, mine in other_x:
             hit = x @ v_all > t
             if g is not None:
-                hit &= cos(x) > g
+                hit &= cosine(x, w, s2) > g
             fired += bool(hit[:, ~mine].any())
         para = para_s > t if g is None else (para_s > t) & (para_c > g)
         rows.append(

@@ -148,17 +148,10 @@ class LowRankFactor:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """What the factor adds to the projection's output for inputs x (..., in): (..., out) float32.
 
-        Plain: (x @ v) @ u.T. Gated: phi(x @ v) @ u.T (``gate``)."""
-        x = x.float()
-        s = x @ self.v.to(x.device)
+        Plain: (x @ v) @ u.T. Gated: as ``GatedSlots`` serves it (the one place the gate is applied)."""
         if self.gated:
-            s = gate(s, self.threshold)
-        if self.cosine_gate is not None:
-            w, s2 = self.cosine_gate.to(x.device).weights()
-            s = torch.where(
-                cosine(x, w, s2) > self.cosine_gate.min_cosine, s, torch.zeros((), dtype=s.dtype, device=s.device)
-            )
-        return s @ self.u.to(x.device).T
+            return GatedSlots.of([self], x.device).apply(x)
+        return (x.float() @ self.v.to(x.device)) @ self.u.to(x.device).T
 
     def cpu(self) -> LowRankFactor:
         """The same factor as float32 tensors on the CPU (how layers store it)."""

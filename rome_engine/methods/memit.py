@@ -53,7 +53,7 @@ from .projection import (
     projector,
 )
 from .result import LayerInfo, MethodResult, RequestInfo
-from .solve import CovRidge, gated_column, memit_factor, projected_factor, written_share
+from .solve import CovRidge, cov_solver, gated_column, memit_factor, projected_factor, written_share
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,13 @@ def compute_gated(
     progress: ProgressFn | None = None,
 ) -> MethodResult:
     """The gated update of ``requests`` at one layer (the model's ROME layer): per fact j, ROME's
-    rank-one column u_j = z_j - h_j, v_j = C^-1 k_j / (k_j^T C^-1 k_j), served as a gated factor
-    (``delta``): it adds u_j s only where s = v_j . x > ``gate_threshold``, so inputs the edit was
-    not written for (s ~ 0.01-0.1 on ordinary text) get exactly nothing. With ``gate_spare=1`` (off
-    by default) v_j is also silent on the ``prior_keys`` (the active edits' keys, as for the projected
-    mode) it would respond to: a twin subject's edit does not overwrite an earlier one. Weights unchanged."""
+    rank-one column u_j = z_j - h_j with v_j the least-C-norm vector answering 1 at the key of every
+    prompt z_j was trained on (``gate_fit_prompts``; 0: ROME's v_j = C^-1 k_j / (k_j^T C^-1 k_j)),
+    served as a gated factor (``delta``): it adds u_j s only where s = v_j . x > ``gate_threshold``,
+    so inputs the edit was not written for get exactly nothing. With ``gate_spare`` (the default)
+    v_j is also silent on the ``prior_keys`` (the active edits' keys, as for the projected mode) it
+    would respond to: a twin subject's edit does not overwrite an earlier one. ``gate_min_cosine``
+    adds ``delta.CosineGate``. Weights unchanged."""
     return _compute(loaded, requests, cache, "gated", prior_keys or {}, overrides, progress)
 
 
@@ -276,6 +278,7 @@ def _memit_solver(cov: torch.Tensor, hp: MemitHParams) -> tuple[Solver, None]:
 @torch.no_grad()
 def _gated_solver(cov: torch.Tensor, hp: MemitHParams, prior: PriorKeys | None) -> tuple[Solver, None]:
     earlier = prior_matrix(prior) if hp.gate_spare else None
+    cov_solve = cov_solver(cov, hp.cov_shrinkage)  # C factored once for all the batch's columns
 
     def solve(resid: torch.Tensor, k: torch.Tensor, prompts: Sequence[torch.Tensor]) -> Factor:
         # each fact its own column: v_j . k = 1 at its mean key k_j, or (gate_fit_prompts) at the key of
@@ -288,7 +291,7 @@ def _gated_solver(cov: torch.Tensor, hp: MemitHParams, prior: PriorKeys | None) 
             others = [x for x in (earlier, k[:, :j], k[:, j + 1 :]) if x is not None and x.shape[1]]
             cand = torch.cat([x.to(k.device).float() for x in others], dim=1) if hp.gate_spare and others else None
             fit = prompts[j].T.to(k.device) if hp.gate_fit_prompts else None
-            v, spared = gated_column(cov, k[:, j], cand, hp.gate_threshold / 2, hp.cov_shrinkage, fit)
+            v, spared = gated_column(cov_solve, k[:, j], cand, hp.gate_threshold / 2, prompts=fit)
             if spared:
                 log.info("gated column %d spares %d other key(s)", j, spared)
             cols.append(v)

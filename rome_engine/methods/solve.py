@@ -50,9 +50,24 @@ MAX_SPARE_GROWTH = 4.0  # sparing may make v's C-norm (v^T C v) at most this man
 MAX_FIT_GROWTH = 3.0  # fitting every prompt's key may make v's C-norm at most this many times the mean key's
 
 
+CovSolve = Callable[[torch.Tensor], torch.Tensor]  # M (in, n) float64 -> C'^-1 M
+
+
+def cov_solver(cov: torch.Tensor, shrinkage: float = 0.0) -> CovSolve:
+    """M -> C'^-1 M with C' = ``shrunk_cov(cov, shrinkage)`` (as ``solve_cov`` solves it), C'
+    factored once (Cholesky; a plain solve where C' is not positive definite in floating point)."""
+    from ..rome.compute_u import shrunk_cov
+
+    c = shrunk_cov(cov, shrinkage)
+    chol, info = torch.linalg.cholesky_ex(c)
+    if int(info) == 0:
+        return lambda m: torch.cholesky_solve(m.to(c.device), chol)
+    return lambda m: torch.linalg.solve(c, m.to(c.device))
+
+
 @torch.no_grad()
 def gated_column(
-    cov: torch.Tensor,
+    cov: torch.Tensor | CovSolve,
     key: torch.Tensor,
     others: torch.Tensor | None,
     respond_below: float,
@@ -72,22 +87,17 @@ def gated_column(
     Not spared: a key within cosine SAME_SUBJECT_COSINE of the own keys' mean (the same subject: an
     edit of it answers there too, as ROME's does), and keys whose constraint would grow v's C-norm
     (v^T C v, the response to ordinary text) past MAX_SPARE_GROWTH times the unspared v's.
-    One own key and ``others`` None: ROME's v."""
-    from ..rome.compute_u import shrunk_cov  # C with ROME's shrinkage, as solve_cov solves it
-
+    One own key and ``others`` None: ROME's v. ``cov``: C, or a ``cov_solver`` of it (``shrinkage``
+    then unused) for a caller that solves several columns with one C."""
     k = key.double().reshape(-1, 1)
     cand = others.double().to(k.device) if others is not None and others.shape[1] else None
     if cand is not None:  # a key stored twice (two edits of one subject) is one constraint
         cand = torch.unique(cand, dim=1)
-    c = shrunk_cov(cov.to(k.device), shrinkage)
-    chol, info = torch.linalg.cholesky_ex(c)  # factored once: each solve below is two triangular ones
-
-    def cov_solve(mat: torch.Tensor) -> torch.Tensor:
-        return torch.cholesky_solve(mat, chol) if int(info) == 0 else torch.linalg.solve(c, mat)
+    cov_solve = cov_solver(cov.to(k.device), shrinkage) if isinstance(cov, torch.Tensor) else cov
 
     def least_norm(mat: torch.Tensor, m: int) -> tuple[torch.Tensor, float]:
         # v = C^-1 M (M^T C^-1 M)^-1 t, t = 1 on the first m columns (own keys), 0 on the rest
-        cinv_m = cov_solve(mat)  # (in, m + s)
+        cinv_m = cov_solve(mat).to(mat.device)  # (in, m + s)
         gram = mat.T @ cinv_m  # M^T C^-1 M, symmetric positive definite for independent keys
         t = torch.zeros(mat.shape[1], 1, dtype=torch.float64, device=mat.device)
         t[:m] = 1.0
